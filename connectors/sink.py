@@ -1,0 +1,259 @@
+"""The warehouse sink: consume destination topics, insert exactly-once batches, commit.
+
+Exactly-once rows come from deterministic batches. Before inserting offsets a..b of a
+partition, the sink commits offset a with the metadata `pending:b`; then it inserts
+with the token `topic:partition:a:b`; then it commits b+1. A sink that crashes in
+between finds `pending:b` on restart, rebuilds exactly a..b, and inserts it again with
+the same token, which ClickHouse's insert deduplication turns into a no-op.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from connectors.clickhouse import COLUMN_NAMES, Warehouse
+from ops.settings import KafkaSettings, WarehouseSettings
+from schemas.codec import AvroCodec
+from schemas.errors import DestinationUnavailable, SchemaError
+
+log = structlog.get_logger("sluice.sink")
+
+PENDING = "pending:"
+FLUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class SinkMetrics:
+    """Rows written, batches, flush latency and errors, by destination."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.rows = Counter(
+            "sluice_sink_rows_total", "Rows inserted.", ["destination"], registry=self.registry
+        )
+        self.batches = Counter(
+            "sluice_sink_batches_total",
+            "Batches inserted.",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "sluice_sink_errors_total",
+            "Failures by class.",
+            ["destination", "error"],
+            registry=self.registry,
+        )
+        self.flush_seconds = Histogram(
+            "sluice_sink_flush_seconds",
+            "Time to insert a batch and commit it.",
+            ["destination"],
+            buckets=FLUSH_BUCKETS,
+            registry=self.registry,
+        )
+
+
+@dataclass
+class _Buffer:
+    """The open batch of one partition."""
+
+    topic: str
+    partition: int
+    columns: list[list[Any]] = field(default_factory=lambda: [[] for _ in COLUMN_NAMES])
+    first: int = -1
+    last: int = -1
+    opened: float = 0.0
+    # Set after a restart: the batch must end exactly here to repeat its token.
+    pending_end: int | None = None
+    rejected: int = 0
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+    def reset(self) -> None:
+        self.columns = [[] for _ in COLUMN_NAMES]
+        self.first = self.last = -1
+        self.pending_end = None
+
+
+@dataclass(frozen=True)
+class SinkTarget:
+    """A destination topic and the table its events land in."""
+
+    destination: str
+    topic: str
+    table: str
+
+
+class WarehouseSink:
+    """Consumes destination topics into the warehouse until `stop()`."""
+
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        targets: list[SinkTarget],
+        kafka: KafkaSettings,
+        settings: WarehouseSettings,
+        codec: AvroCodec,
+        metrics: SinkMetrics | None = None,
+    ) -> None:
+        self.warehouse = warehouse
+        self.targets = {t.topic: t for t in targets}
+        self.settings = settings
+        self.codec = codec
+        self.metrics = metrics or SinkMetrics()
+        self._stop = threading.Event()
+        self._buffers: dict[tuple[str, int], _Buffer] = {}
+        self._consumer = Consumer(
+            kafka.client_config()
+            | {
+                "group.id": settings.consumer_group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "partition.assignment.strategy": "cooperative-sticky",
+            }
+        )
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Create the tables and consume in a background thread."""
+        for target in self.targets.values():
+            self.warehouse.ensure_table(target.table)
+        self._consumer.subscribe(
+            list(self.targets), on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+        self.thread = threading.Thread(target=self._run, name="warehouse-sink", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Flush open batches, commit, leave the group."""
+        self._stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        committed = consumer.committed(partitions, timeout=30)
+        for tp in committed:
+            buf = _Buffer(tp.topic, tp.partition)
+            meta = tp.metadata or ""
+            if meta.startswith(PENDING):
+                buf.pending_end = int(meta.removeprefix(PENDING))
+                log.info(
+                    "resuming a pending batch",
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    start=tp.offset,
+                    end=buf.pending_end,
+                )
+            self._buffers[(tp.topic, tp.partition)] = buf
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Uncommitted rows are simply dropped: the next owner reads them again from the
+        # committed offset, and a pending marker makes it rebuild the same batch.
+        for tp in partitions:
+            self._buffers.pop((tp.topic, tp.partition), None)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                messages = self._consumer.consume(2000, timeout=0.2)
+                for msg in messages:
+                    self._add(msg)
+                self._flush_due(force=False)
+            self._flush_due(force=True)
+        except Exception:
+            log.exception("sink stopped by an error")
+            raise
+        finally:
+            self._consumer.close()
+
+    def _add(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consume error", error=err.str())
+            return
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        if topic is None or partition is None or offset is None:
+            return
+        buf = self._buffers.get((topic, partition))
+        if buf is None:
+            return
+        if buf.first < 0:
+            buf.first = offset
+            buf.opened = time.monotonic()
+        buf.last = offset
+        try:
+            event = self.codec.decode(msg.value() or b"")
+        except SchemaError as exc:
+            # The processor only routes records that decoded; count what still cannot.
+            buf.rejected += 1
+            self.metrics.errors.labels(self.targets[topic].destination, "SchemaError").inc()
+            log.error(
+                "undecodable record skipped",
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                error=str(exc),
+            )
+        else:
+            cols = buf.columns
+            for i, name in enumerate(COLUMN_NAMES[:-3]):
+                cols[i].append(event[name])
+            cols[-3].append(topic)
+            cols[-2].append(partition)
+            cols[-1].append(offset)
+        if buf.pending_end is not None and offset >= buf.pending_end:
+            self._flush(buf)
+
+    def _flush_due(self, force: bool) -> None:
+        now = time.monotonic()
+        for buf in list(self._buffers.values()):
+            if buf.first < 0 or buf.pending_end is not None:
+                continue
+            if (
+                force
+                or len(buf) >= self.settings.batch_rows
+                or now - buf.opened >= self.settings.batch_seconds
+            ):
+                self._flush(buf)
+
+    def _flush(self, buf: _Buffer) -> None:
+        target = self.targets[buf.topic]
+        token = f"{buf.topic}:{buf.partition}:{buf.first}:{buf.last}"
+        started = time.monotonic()
+        delay = 0.5
+        while True:
+            try:
+                self._commit(buf, buf.first, f"{PENDING}{buf.last}")
+                if len(buf):
+                    self.warehouse.insert_events(target.table, buf.columns, token)
+                self._commit(buf, buf.last + 1, "")
+                break
+            except (DestinationUnavailable, KafkaException) as exc:
+                # Nothing is committed past the batch: keep trying, slowing only this sink.
+                self.metrics.errors.labels(target.destination, type(exc).__name__).inc()
+                log.warning(
+                    "flush failed; retrying",
+                    table=target.table,
+                    token=token,
+                    error=str(exc),
+                    retry_in=delay,
+                )
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, 30.0)
+        self.metrics.rows.labels(target.destination).inc(len(buf))
+        self.metrics.batches.labels(target.destination).inc()
+        self.metrics.flush_seconds.labels(target.destination).observe(time.monotonic() - started)
+        buf.reset()
+
+    def _commit(self, buf: _Buffer, offset: int, metadata: str) -> None:
+        tp = TopicPartition(buf.topic, buf.partition, offset, metadata=metadata)
+        self._consumer.commit(offsets=[tp], asynchronous=False)

@@ -1,0 +1,262 @@
+"""The gateway's aiohttp application: ingestion routes, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.auth import WriteKeys, basic_username
+from gateway.envelope import InvalidEvent, build_event, partition_key
+from gateway.metrics import GatewayMetrics
+from ops.config import PipelineConfig, Source
+from ops.producer import EventProducer, Headers, Record
+from ops.settings import GatewaySettings, KafkaSettings
+from ops.topics import Topics
+from schemas.codec import AvroCodec, event_codec
+from schemas.errors import BrokerUnavailable, SchemaError
+
+log = structlog.get_logger("sluice.gateway")
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+PRODUCER = web.AppKey("producer", EventProducer)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+KEYS = web.AppKey("write_keys", WriteKeys)
+CODEC = web.AppKey("codec", AvroCodec)
+TOPICS = web.AppKey("topics", Topics)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: dict[str, Any], status: int = 200, **headers: str) -> web.Response:
+    """A JSON response serialised with orjson."""
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _error(status: int, reason: str, **headers: str) -> web.HTTPException:
+    exc = web.HTTPException(
+        text=orjson.dumps({"error": reason}).decode(),
+        content_type="application/json",
+        headers=headers,
+    )
+    exc.set_status(status)
+    return exc
+
+
+@web.middleware
+async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts requests by route and status, and turns every error into a JSON body."""
+    metrics = request.app[METRICS]
+    route = (
+        request.match_info.route.resource.canonical if request.match_info.route.resource else "-"
+    )
+    metrics.in_flight.inc()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.content_type != "application/json":
+            reason = exc.reason if exc.status >= 400 else ""
+            if status == 413:
+                reason = "request body too large"
+            if reason:
+                exc.text = orjson.dumps({"error": reason}).decode()
+                exc.content_type = "application/json"
+        raise
+    finally:
+        metrics.in_flight.dec()
+        metrics.requests.labels(route, str(status)).inc()
+
+
+async def _body(request: web.Request, limit: int) -> Any:
+    """The request's JSON, gunzipped with the decoded size bounded while inflating."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _error(413, f"request body exceeds {limit} bytes") from None
+    encoding = request.headers.get("Content-Encoding", "").lower()
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            raw = inflater.decompress(raw, limit + 1)
+        except zlib.error:
+            raise _error(400, "body is not valid gzip") from None
+        if len(raw) > limit or inflater.unconsumed_tail:
+            raise _error(413, f"decompressed body exceeds {limit} bytes")
+    elif encoding not in ("", "identity"):
+        raise _error(415, f"unsupported Content-Encoding {encoding!r}")
+    request.app[METRICS].payload_bytes.observe(len(raw))
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _error(400, f"body is not valid JSON: {exc}") from None
+
+
+def _authenticate(request: web.Request, body: Any) -> Source:
+    key = basic_username(request.headers.get("Authorization"))
+    if key is None and isinstance(body, dict):
+        body_key = body.get("writeKey")
+        key = body_key if isinstance(body_key, str) else None
+    source = request.app[KEYS].source_for(key)
+    if source is None:
+        raise _error(
+            401, "unknown or missing write key", **{"WWW-Authenticate": 'Basic realm="sluice"'}
+        )
+    return source
+
+
+async def handle_batch(request: web.Request) -> web.Response:
+    """`POST /v1/batch`: many messages; valid ones are accepted, invalid ones reported."""
+    body = await _body(request, request.app[SETTINGS].max_request_bytes)
+    source = _authenticate(request, body)
+    if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
+        raise _error(400, "body must be an object with a 'batch' array")
+    return await _accept(request, source, body["batch"], None)
+
+
+def single(default_type: str) -> Handler:
+    """A handler for `/v1/<type>`: one message whose type defaults to the route's."""
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await _body(request, request.app[SETTINGS].max_request_bytes)
+        source = _authenticate(request, body)
+        return await _accept(request, source, [body], default_type)
+
+    return handle
+
+
+async def _accept(
+    request: web.Request, source: Source, messages: list[Any], default_type: str | None
+) -> web.Response:
+    app = request.app
+    settings, metrics, codec, topics = app[SETTINGS], app[METRICS], app[CODEC], app[TOPICS]
+    received_at = int(time.time() * 1000)
+    accepted: list[Record] = []
+    rejected: list[dict[str, Any]] = []
+    rejected_records: list[Record] = []
+    for index, msg in enumerate(messages):
+        try:
+            event = build_event(msg, source.id, received_at, default_type)
+            value = codec.encode(event)
+            if len(value) > settings.max_event_bytes:
+                raise InvalidEvent(f"event exceeds {settings.max_event_bytes} bytes")
+        except (InvalidEvent, SchemaError) as exc:
+            reason = str(exc)
+            rejected.append({"index": index, "reason": reason})
+            rejected_records.append(
+                _rejected_record(source.id, msg, reason, settings.max_event_bytes)
+            )
+            continue
+        accepted.append((partition_key(event), value, None))
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(
+            app[PRODUCER].send_batch(topics.ingest, accepted),
+            app[PRODUCER].send_batch(topics.rejected, rejected_records),
+        )
+    except BrokerUnavailable as exc:
+        metrics.events.labels(source.id, "failed").inc(len(messages))
+        log.warning("produce failed", source=source.id, events=len(messages), error=str(exc))
+        raise _error(
+            503, "the event log is unavailable; retry later", **{"Retry-After": "1"}
+        ) from None
+    metrics.produce_seconds.observe(time.perf_counter() - started)
+    metrics.events.labels(source.id, "accepted").inc(len(accepted))
+    if rejected:
+        metrics.events.labels(source.id, "rejected").inc(len(rejected))
+    status = 400 if rejected and not accepted else 200
+    return json_response({"accepted": len(accepted), "rejected": rejected}, status=status)
+
+
+def _rejected_record(source_id: str, msg: Any, reason: str, limit: int) -> Record:
+    raw = orjson.dumps(msg)
+    if len(raw) > limit:
+        raw = raw[:limit]
+    headers: Headers = [
+        ("sluice.reason", reason.encode()),
+        ("sluice.stage", b"gateway"),
+        ("sluice.source", source_id.encode()),
+    ]
+    return (source_id.encode(), raw, headers)
+
+
+async def handle_health(_request: web.Request) -> web.Response:
+    """`GET /health`: the process is up."""
+    return json_response({"status": "ok"})
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    """`GET /ready`: the broker answers; 503 otherwise."""
+    loop = asyncio.get_running_loop()
+    ok = await loop.run_in_executor(None, request.app[PRODUCER].reachable)
+    if not ok:
+        return json_response({"status": "broker unreachable"}, status=503)
+    return json_response({"status": "ready"})
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    """`GET /metrics`: Prometheus text format."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _producer_ctx(
+    kafka: KafkaSettings, settings: GatewaySettings
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        producer = EventProducer(kafka, settings.produce_timeout_s, settings.linger_ms)
+        app[PRODUCER] = producer
+        yield
+        left = await asyncio.get_running_loop().run_in_executor(None, producer.close)
+        if left:
+            log.error("records not delivered at shutdown", count=left)
+
+    return ctx
+
+
+def create_app(
+    settings: GatewaySettings, kafka: KafkaSettings, cfg: PipelineConfig
+) -> web.Application:
+    """The gateway app; the producer opens with the app and flushes when it closes."""
+    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[_observe])
+    app[SETTINGS] = settings
+    app[METRICS] = GatewayMetrics()
+    app[KEYS] = WriteKeys(cfg)
+    app[CODEC] = event_codec()
+    app[TOPICS] = Topics(kafka.topic_prefix)
+    app.cleanup_ctx.append(_producer_ctx(kafka, settings))
+    app.router.add_post("/v1/batch", handle_batch)
+    for etype in ("track", "identify", "page", "screen", "group", "alias"):
+        app.router.add_post(f"/v1/{etype}", single(etype))
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/ready", handle_ready)
+    app.router.add_get("/metrics", handle_metrics)
+    return app
+
+
+def run(settings: GatewaySettings, kafka: KafkaSettings, cfg: PipelineConfig) -> None:
+    """Serve until SIGTERM/SIGINT; in-flight requests finish and the producer flushes."""
+    import uvloop  # noqa: PLC0415 - only the served process needs it
+
+    web.run_app(
+        create_app(settings, kafka, cfg),
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        shutdown_timeout=settings.produce_timeout_s + 5,
+        print=lambda *_: None,
+        loop=uvloop.new_event_loop(),
+    )
+    log.info("gateway stopped")

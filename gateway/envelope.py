@@ -1,0 +1,115 @@
+"""Turn an SDK message (Segment/RudderStack HTTP API shape) into the Avro event envelope."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias", "webhook"})
+_EMPTY = "{}"
+
+
+class InvalidEvent(ValueError):
+    """The message cannot become an event; the text is the reason shown to the client."""
+
+
+def _ms(value: Any, field: str) -> int | None:
+    """Epoch milliseconds from an ISO-8601 string (or a number of ms); None when absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidEvent(f"{field} must be an ISO-8601 timestamp")
+    if isinstance(value, int | float):
+        return int(value)
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{field} must be an ISO-8601 timestamp")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidEvent(f"{field} is not an ISO-8601 timestamp: {value[:40]!r}") from None
+    if parsed.tzinfo is None:
+        # SDKs send UTC; a timestamp without an offset is read as UTC, as Segment does.
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+def _obj(msg: dict[str, Any], field: str) -> str:
+    value = msg.get(field)
+    if value is None:
+        return _EMPTY
+    if not isinstance(value, dict):
+        raise InvalidEvent(f"{field} must be an object")
+    return orjson.dumps(value).decode() if value else _EMPTY
+
+
+def _opt_str(msg: dict[str, Any], field: str) -> str | None:
+    value = msg.get(field)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise InvalidEvent(f"{field} must be a string")
+
+
+def build_event(
+    msg: Any, source_id: str, received_at_ms: int, default_type: str | None = None
+) -> dict[str, Any]:
+    """Validate one message and build its envelope record; InvalidEvent says why not.
+
+    The event time is corrected for client clock skew the way Segment and RudderStack
+    do it: ``timestamp = receivedAt - (sentAt - originalTimestamp)``.
+    """
+    if not isinstance(msg, dict):
+        raise InvalidEvent("an event must be a JSON object")
+    etype = msg.get("type") or default_type
+    if etype not in EVENT_TYPES:
+        raise InvalidEvent(f"type must be one of {', '.join(sorted(EVENT_TYPES))}")
+    user_id = _opt_str(msg, "userId")
+    anonymous_id = _opt_str(msg, "anonymousId")
+    if user_id is None and anonymous_id is None and etype != "webhook":
+        raise InvalidEvent("userId or anonymousId is required")
+    name = _opt_str(msg, "event") if etype == "track" else _opt_str(msg, "name")
+    if etype == "track" and not name:
+        raise InvalidEvent("track events need an event name")
+    group_id = _opt_str(msg, "groupId")
+    if etype == "group" and not group_id:
+        raise InvalidEvent("group events need a groupId")
+    previous_id = _opt_str(msg, "previousId")
+    if etype == "alias" and not previous_id:
+        raise InvalidEvent("alias events need a previousId")
+    original = _ms(msg.get("originalTimestamp") or msg.get("timestamp"), "timestamp")
+    sent_at = _ms(msg.get("sentAt"), "sentAt")
+    if original is not None and sent_at is not None:
+        timestamp = received_at_ms - (sent_at - original)
+    else:
+        timestamp = original if original is not None else received_at_ms
+    message_id = _opt_str(msg, "messageId")
+    return {
+        "event_id": message_id or str(uuid.uuid4()),
+        "source_id": source_id,
+        "type": etype,
+        "event": name,
+        "user_id": user_id,
+        "anonymous_id": anonymous_id,
+        "timestamp": timestamp,
+        "received_at": received_at_ms,
+        "sent_at": sent_at,
+        "original_timestamp": original,
+        "properties": _obj(msg, "properties"),
+        "traits": _obj(msg, "traits"),
+        "context": _obj(msg, "context"),
+        "integrations": _obj(msg, "integrations"),
+        "group_id": group_id,
+        "previous_id": previous_id,
+    }
+
+
+def partition_key(event: dict[str, Any]) -> bytes:
+    """`source_id:user` so that one user's events stay in order on one partition."""
+    user = event["user_id"] or event["anonymous_id"] or event["event_id"]
+    return f"{event['source_id']}:{user}".encode()

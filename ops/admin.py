@@ -1,0 +1,102 @@
+"""Topic provisioning against the broker: create what is missing, align what drifted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+)
+
+from ops.settings import KafkaSettings
+from ops.topics import TopicSpec
+from schemas.errors import SluiceError
+
+
+class TopicError(SluiceError):
+    """A topic could not be created or changed."""
+
+
+@dataclass(frozen=True)
+class TopicChange:
+    """What `apply_topics` did to one topic."""
+
+    topic: str
+    action: str  # created | updated | unchanged
+    detail: str = ""
+
+
+def admin_client(kafka: KafkaSettings) -> AdminClient:
+    """An admin client for the configured cluster."""
+    return AdminClient(kafka.client_config())
+
+
+def apply_topics(
+    specs: list[TopicSpec],
+    kafka: KafkaSettings,
+    timeout: float = 30.0,
+    on_change: Callable[[TopicChange], None] | None = None,
+) -> list[TopicChange]:
+    """Make the cluster hold every topic in `specs`; safe to run again and again."""
+    admin = admin_client(kafka)
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise TopicError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}") from exc
+    changes: list[TopicChange] = []
+    missing = [s for s in specs if s.name not in existing]
+    if missing:
+        futures = admin.create_topics(
+            [
+                NewTopic(s.name, s.partitions, s.replication_factor, config=s.config)
+                for s in missing
+            ],
+            operation_timeout=timeout,
+            request_timeout=timeout,
+        )
+        for name, fut in futures.items():
+            try:
+                fut.result()
+            except KafkaException as exc:
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                    raise TopicError(f"cannot create topic {name}: {exc}") from exc
+            changes.append(TopicChange(name, "created"))
+    for spec in specs:
+        if spec.name in existing:
+            changes.append(_align(admin, spec, len(existing[spec.name].partitions), timeout))
+    if on_change:
+        for change in changes:
+            on_change(change)
+    return changes
+
+
+def _align(admin: AdminClient, spec: TopicSpec, partitions: int, timeout: float) -> TopicChange:
+    details: list[str] = []
+    if partitions < spec.partitions:
+        fut = admin.create_partitions([NewPartitions(spec.name, spec.partitions)])[spec.name]
+        fut.result(timeout)
+        details.append(f"partitions {partitions} -> {spec.partitions}")
+    resource = ConfigResource(ConfigResource.Type.TOPIC, spec.name)
+    current = admin.describe_configs([resource])[resource].result(timeout)
+    drift = {k: v for k, v in spec.config.items() if k not in current or current[k].value != v}
+    if drift:
+        resource = ConfigResource(
+            ConfigResource.Type.TOPIC,
+            spec.name,
+            incremental_configs=[
+                ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                for k, v in drift.items()
+            ],
+        )
+        admin.incremental_alter_configs([resource])[resource].result(timeout)
+        details.append(", ".join(f"{k}={v}" for k, v in drift.items()))
+    if details:
+        return TopicChange(spec.name, "updated", "; ".join(details))
+    return TopicChange(spec.name, "unchanged")

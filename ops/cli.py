@@ -1,0 +1,249 @@
+"""The `sluice` command line: broker, topics, services, queries and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from ops.config import PipelineConfig, load_config
+from ops.settings import (
+    AppSettings,
+    GatewaySettings,
+    KafkaSettings,
+    WarehouseSettings,
+    WorkerSettings,
+)
+from schemas.errors import SluiceError
+
+app = typer.Typer(
+    name="sluice",
+    help="Sluice: a Kafka-native event and job pipeline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+topics_app = typer.Typer(help="Create and align the topics the config needs.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="Pipeline YAML (default: SLUICE_CONFIG_FILE or sluice.yaml)."
+    ),
+]
+
+
+def fail(reason: str) -> NoReturn:
+    """Print a one-line reason to stderr and exit 1."""
+    err.print(f"[red]error:[/red] {reason}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _config(path: Path | None) -> PipelineConfig:
+    try:
+        return load_config(path or AppSettings().config_file)
+    except SluiceError as exc:
+        fail(str(exc))
+
+
+def _setup_logging() -> None:
+    from ops.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging(AppSettings().log_level)
+
+
+@topics_app.command("apply")
+def topics_apply(config: ConfigOption = None) -> None:
+    """Create missing topics and align partitions and configs; safe to repeat."""
+    from ops.admin import apply_topics  # noqa: PLC0415
+    from ops.topics import required_topics  # noqa: PLC0415
+
+    cfg = _config(config)
+    kafka = KafkaSettings()
+    try:
+        changes = apply_topics(required_topics(cfg, kafka), kafka)
+    except SluiceError as exc:
+        fail(str(exc))
+    for change in changes:
+        colour = {"created": "green", "updated": "yellow"}.get(change.action, "dim")
+        detail = f" ({change.detail})" if change.detail else ""
+        out.print(f"[{colour}]{change.action:9}[/{colour}] {change.topic}{detail}", highlight=False)
+
+
+@app.command()
+def gateway(config: ConfigOption = None) -> None:
+    """Run the HTTP ingestion gateway in the foreground."""
+    from gateway.app import run  # noqa: PLC0415
+
+    cfg = _config(config)
+    _setup_logging()
+    run(GatewaySettings(), KafkaSettings(), cfg)
+
+
+@app.command()
+def worker(config: ConfigOption = None) -> None:
+    """Run a stream-processing worker (Faust) in the foreground."""
+    from ops.topics import Topics  # noqa: PLC0415
+    from schemas.codec import event_codec  # noqa: PLC0415
+    from streams.agents import run  # noqa: PLC0415
+    from streams.processor import Router  # noqa: PLC0415
+
+    cfg = _config(config)
+    _setup_logging()
+    kafka = KafkaSettings()
+    run(WorkerSettings(), kafka, Router(cfg, Topics(kafka.topic_prefix), event_codec()))
+
+
+@app.command()
+def sink(config: ConfigOption = None) -> None:
+    """Run the warehouse sink (it owns an embedded warehouse) in the foreground."""
+    from connectors.service import run  # noqa: PLC0415
+
+    cfg = _config(config)
+    _setup_logging()
+    try:
+        run(WarehouseSettings(), KafkaSettings(), cfg)
+    except SluiceError as exc:
+        fail(str(exc))
+
+
+def query_warehouse(sql: str, settings: WarehouseSettings) -> tuple[list[str], list[list[Any]]]:
+    """Run a read-only query: through the sink process in embedded mode, directly otherwise."""
+    if not settings.dsn.startswith("chdb:"):
+        from connectors.clickhouse import Warehouse  # noqa: PLC0415
+
+        warehouse = Warehouse(settings)
+        try:
+            result = warehouse.query(sql)
+        finally:
+            warehouse.close()
+        return result.columns, result.rows
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    url = f"http://{settings.query_host}:{settings.query_port}/query"
+    req = urllib.request.Request(
+        url, data=orjson.dumps({"sql": sql}), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+            body = orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise SluiceError(orjson.loads(exc.read()).get("error", str(exc))) from None
+    except OSError as exc:
+        raise SluiceError(
+            f"no sink answers at {url} ({exc}); the sink process owns the embedded warehouse: "
+            "start it with `sluice sink` or `make demo`"
+        ) from None
+    return body["columns"], body["rows"]
+
+
+def print_rows(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+    """Print a result as a table."""
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    out.print(table)
+
+
+@app.command()
+def sql(
+    query: Annotated[
+        str, typer.Argument(help="One read-only statement, e.g. SELECT count() FROM events.")
+    ],
+    json: Annotated[
+        bool, typer.Option("--json", help="Print JSON lines instead of a table.")
+    ] = False,
+) -> None:
+    """Query the warehouse."""
+    try:
+        columns, rows = query_warehouse(query, WarehouseSettings())
+    except SluiceError as exc:
+        fail(str(exc))
+    if json:
+        for row in rows:
+            out.print_json(orjson.dumps(dict(zip(columns, row, strict=True)), default=str).decode())
+    else:
+        print_rows(columns, rows)
+
+
+@app.command()
+def send(
+    count: Annotated[int, typer.Option(help="How many sample events.")] = 1000,
+    batch: Annotated[int, typer.Option(help="Events per request.")] = 100,
+    write_key: Annotated[str, typer.Option(help="The source's write key.")] = "demo-write-key",
+    url: Annotated[str | None, typer.Option(help="Gateway URL (default from settings).")] = None,
+) -> None:
+    """Send sample events to the gateway's /v1/batch."""
+    from ops.traffic import sample_events, send_batches  # noqa: PLC0415
+
+    gw = GatewaySettings()
+    target = url or f"http://{gw.host}:{gw.port}"
+    events = sample_events(count)
+    with Progress(console=err) as progress:
+        task = progress.add_task("sending", total=count)
+        try:
+            report = asyncio.run(
+                send_batches(
+                    target,
+                    write_key,
+                    events,
+                    batch,
+                    on_progress=lambda n: progress.advance(task, n),
+                )
+            )
+        except OSError as exc:
+            fail(f"cannot reach the gateway at {target}: {exc}")
+    out.print(
+        f"accepted {report.accepted}, rejected {report.rejected}, failed requests {report.failed_requests}"
+    )
+    if report.failed_requests or report.accepted == 0:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    stop: Annotated[
+        bool, typer.Option("--stop", help="Stop the demo's services and the broker.")
+    ] = False,
+    events: Annotated[int, typer.Option(help="How many sample events to send.")] = 200,
+) -> None:
+    """Start broker, gateway, worker and sink, send sample traffic and show warehouse rows."""
+    from ops.demo import run_demo, stop_demo  # noqa: PLC0415
+
+    try:
+        if stop:
+            stop_demo(out)
+        else:
+            run_demo(out, events)
+    except SluiceError as exc:
+        fail(str(exc))
+
+
+def _mount_kafka() -> None:
+    from ops.cli_kafka import kafka_app  # noqa: PLC0415
+
+    app.add_typer(kafka_app, name="kafka", help="Run a local single-node Apache Kafka broker.")
+
+
+_mount_kafka()
+
+
+def main() -> None:
+    """Entry point of the `sluice` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The pipeline configuration: sources (write keys) and destinations, from one YAML file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from schemas.errors import ConfigError
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_TIER = re.compile(r"^(\d+)(ms|s|m|h)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def tier_seconds(tier: str) -> float:
+    """The delay of a retry tier written like ``5s``, ``1m`` or ``500ms``."""
+    match = _TIER.match(tier)
+    if not match:
+        raise ValueError(f"retry tier {tier!r} is not like 500ms, 5s, 1m or 2h")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Model):
+    """Where events come from: one or more write keys that map to a source id."""
+
+    id: Annotated[str, Field(pattern=ID_PATTERN)]
+    name: str = ""
+    write_keys: Annotated[tuple[str, ...], Field(min_length=1)]
+    enabled: bool = True
+
+
+class RetryPolicy(_Model):
+    """How a destination retries: delay tiers and the limits after which a record goes to DLQ."""
+
+    tiers: tuple[str, ...] = ("5s", "1m", "10m")
+    max_attempts: int = Field(default=5, ge=1)
+    max_age_s: float = Field(default=24 * 3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _tiers_parse(self) -> RetryPolicy:
+        for tier in self.tiers:
+            tier_seconds(tier)
+        return self
+
+
+class Destination(_Model):
+    """Where events go: a connector type, its settings and the sources routed to it."""
+
+    id: Annotated[str, Field(pattern=ID_PATTERN)]
+    type: Literal["clickhouse", "webhook"]
+    sources: tuple[str, ...] = ()
+    enabled: bool = True
+    retry: RetryPolicy = RetryPolicy()
+    settings: dict[str, object] = Field(default_factory=dict)
+
+
+class PipelineConfig(_Model):
+    """The whole pipeline: every source and destination."""
+
+    sources: tuple[Source, ...] = ()
+    destinations: tuple[Destination, ...] = ()
+
+    @model_validator(mode="after")
+    def _references(self) -> PipelineConfig:
+        source_ids = [s.id for s in self.sources]
+        _unique("source", source_ids)
+        _unique("destination", [d.id for d in self.destinations])
+        _unique("write key", [k for s in self.sources for k in s.write_keys])
+        for dest in self.destinations:
+            unknown = sorted(set(dest.sources) - set(source_ids))
+            if unknown:
+                raise ValueError(f"destination {dest.id!r} names unknown sources {unknown}")
+        return self
+
+    def write_keys(self) -> dict[str, Source]:
+        """Every write key of an enabled source, mapped to its source."""
+        return {k: s for s in self.sources if s.enabled for k in s.write_keys}
+
+    def routes(self) -> dict[str, tuple[str, ...]]:
+        """Source id -> ids of the enabled destinations it feeds."""
+        table: dict[str, list[str]] = {s.id: [] for s in self.sources}
+        for dest in self.destinations:
+            if dest.enabled:
+                for src in dest.sources:
+                    table[src].append(dest.id)
+        return {k: tuple(v) for k, v in table.items()}
+
+    def destination(self, dest_id: str) -> Destination:
+        """The destination named `dest_id`; ConfigError when there is none."""
+        for dest in self.destinations:
+            if dest.id == dest_id:
+                return dest
+        raise ConfigError(f"no destination {dest_id!r} in the config")
+
+
+def _unique(what: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"duplicate {what} {value!r}")
+        seen.add(value)
+
+
+def parse_config(text: str, origin: str = "<config>") -> PipelineConfig:
+    """Parse and validate YAML text; ConfigError with a readable reason when it is invalid."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{origin}: {reasons}") from exc
+
+
+def load_config(path: Path) -> PipelineConfig:
+    """Read and validate the YAML file at `path`."""
+    try:
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    return parse_config(text, str(path))

@@ -1,0 +1,122 @@
+"""`sluice demo`: the whole local pipeline with sample traffic, left running for a look."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from rich.console import Console
+
+from ops.config import load_config
+from ops.services import Service, ServiceError
+from ops.settings import (
+    AppSettings,
+    BrokerSettings,
+    GatewaySettings,
+    KafkaSettings,
+    WarehouseSettings,
+)
+from schemas.errors import SluiceError
+
+RUN_DIR = Path(".sluice") / "run"
+SERVICES = ("sink", "worker", "gateway")
+
+
+def _wait_http(url: str, service: Service, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.pid() is None:
+            raise ServiceError(f"{service.name} exited; its log says:\n{service.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own loopback URL
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise ServiceError(
+        f"{service.name} did not answer {url} within {timeout:.0f}s; see {service.log_file}"
+    )
+
+
+def run_demo(out: Console, count: int) -> None:
+    """Start everything, send `count` sample events, print what landed in the warehouse."""
+    from ops.admin import apply_topics  # noqa: PLC0415
+    from ops.cli import print_rows, query_warehouse  # noqa: PLC0415
+    from ops.kafka_broker import start_broker  # noqa: PLC0415
+    from ops.topics import required_topics  # noqa: PLC0415
+    from ops.traffic import sample_events, send_batches  # noqa: PLC0415
+
+    app_settings, kafka, gw, wh = (
+        AppSettings(),
+        KafkaSettings(),
+        GatewaySettings(),
+        WarehouseSettings(),
+    )
+    cfg = load_config(app_settings.config_file)
+    start_broker(BrokerSettings(), out)
+    created = [
+        c for c in apply_topics(required_topics(cfg, kafka), kafka) if c.action != "unchanged"
+    ]
+    out.print(f"topics ready ({len(created)} created or updated)")
+    services = {name: Service(name, RUN_DIR) for name in SERVICES}
+    for name, service in services.items():
+        pid = service.start([name])
+        out.print(f"{name:8} running, pid {pid}, log {service.log_file}")
+    _wait_http(f"http://{wh.query_host}:{wh.query_port}/health", services["sink"], 60)
+    _wait_http(f"http://{gw.host}:{gw.port}/ready", services["gateway"], 60)
+
+    key = cfg.sources[0].write_keys[0]
+    before = _count(wh)
+    out.print(f"sending {count} sample events to http://{gw.host}:{gw.port}/v1/batch ...")
+    report = asyncio.run(send_batches(f"http://{gw.host}:{gw.port}", key, sample_events(count), 50))
+    out.print(f"gateway accepted {report.accepted}, rejected {report.rejected}")
+    if report.accepted != count:
+        raise SluiceError(f"the gateway accepted {report.accepted} of {count} events")
+    deadline = time.monotonic() + 90
+    with out.status("waiting for the rows to land in the warehouse ..."):
+        while _count(wh) < before + count:
+            if time.monotonic() > deadline:
+                raise SluiceError(
+                    f"only {_count(wh) - before} of {count} events reached the warehouse in 90s; "
+                    f"see the logs in {RUN_DIR}"
+                )
+            time.sleep(0.5)
+    cols, rows = query_warehouse(
+        "SELECT type, count() AS events, uniqExact(user_id) AS users FROM events GROUP BY type "
+        "ORDER BY events DESC",
+        wh,
+    )
+    print_rows(cols, rows, title="Warehouse: events by type")
+    cols, rows = query_warehouse(
+        "SELECT timestamp, type, event, user_id, properties FROM events "
+        "ORDER BY received_at DESC, timestamp DESC LIMIT 8",
+        wh,
+    )
+    print_rows(cols, rows, title="Warehouse: latest events")
+    out.print(
+        "\nThe broker, gateway, worker and sink keep running. Try:\n"
+        '  .venv/bin/sluice sql "SELECT event, count() FROM events GROUP BY event"\n'
+        "  .venv/bin/sluice send --count 1000\n"
+        "Stop everything with: make stop"
+    )
+
+
+def _count(wh: WarehouseSettings) -> int:
+    from ops.cli import query_warehouse  # noqa: PLC0415
+
+    _, rows = query_warehouse("SELECT count() FROM events", wh)
+    return int(rows[0][0])
+
+
+def stop_demo(out: Console) -> None:
+    """Stop the demo's services (gracefully), then the broker."""
+    from ops.kafka_broker import stop_broker  # noqa: PLC0415
+
+    for name in reversed(SERVICES):
+        stopped = Service(name, RUN_DIR).stop()
+        out.print(f"{name:8} {'stopped' if stopped else 'was not running'}")
+    stop_broker(BrokerSettings(), out)
