@@ -1,0 +1,130 @@
+"""Test harness: a whole pipeline (gateway, worker, sink) as real processes on a real broker."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ops.services import Service
+
+CONFIG = """
+sources:
+  - id: test-src
+    write_keys: [{key}]
+destinations:
+  - id: warehouse
+    type: clickhouse
+    sources: [test-src]
+    retry: {{tiers: [1s, 3s], max_attempts: 3}}
+"""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 30) -> Any:
+    """GET (or POST `body`) and decode the JSON answer; raises on non-2xx."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+@dataclass
+class Pipeline:
+    """Gateway, worker and sink of one test, with their own topics, group ids and warehouse."""
+
+    root: Path
+    bootstrap: str
+    prefix: str
+    write_key: str = "test-key"
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.gateway_port = free_port()
+        self.query_port = free_port()
+        config = self.root / "sluice.yaml"
+        config.write_text(CONFIG.format(key=self.write_key))
+        self.env = {
+            "SLUICE_CONFIG_FILE": str(config),
+            "SLUICE_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "SLUICE_KAFKA_TOPIC_PREFIX": self.prefix,
+            "SLUICE_GATEWAY_PORT": str(self.gateway_port),
+            "SLUICE_WORKER_APP_ID": f"{self.prefix}-processor",
+            "SLUICE_WORKER_DATA_DIR": str(self.root / "worker"),
+            "SLUICE_WAREHOUSE_DSN": f"chdb://{self.root / 'warehouse'}",
+            "SLUICE_WAREHOUSE_QUERY_PORT": str(self.query_port),
+            "SLUICE_WAREHOUSE_CONSUMER_GROUP": f"{self.prefix}-sink",
+            "SLUICE_WAREHOUSE_BATCH_SECONDS": "0.5",
+            **self.env,
+        }
+        self.services = {
+            name: Service(name, self.root / "run") for name in ("gateway", "worker", "sink")
+        }
+
+    @property
+    def gateway_url(self) -> str:
+        """Base URL of the gateway."""
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def start(self, *names: str) -> None:
+        """Start services (all by default) and wait until the HTTP ones answer."""
+        for name in names or tuple(self.services):
+            self.services[name].start([name], self.env)
+        if not names or "sink" in names:
+            self._wait(f"http://127.0.0.1:{self.query_port}/health", "sink")
+        if not names or "gateway" in names:
+            self._wait(f"{self.gateway_url}/health", "gateway")
+
+    def stop(self, *names: str) -> None:
+        """SIGTERM services (all by default) and wait for them to exit."""
+        for name in names or tuple(self.services):
+            self.services[name].stop(timeout=60)
+
+    def pid(self, name: str) -> int:
+        """The pid of a running service."""
+        pid = self.services[name].pid()
+        assert pid is not None, f"{name} is not running:\n{self.services[name].tail()}"
+        return pid
+
+    def _wait(self, url: str, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.services[name].pid() is None:
+                raise AssertionError(f"{name} exited:\n{self.services[name].tail(40)}")
+            try:
+                http_json(url, timeout=2)
+                return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        raise AssertionError(f"{name} did not answer {url}:\n{self.services[name].tail(40)}")
+
+    def query(self, sql: str) -> list[list[Any]]:
+        """Rows of a read-only query, through the sink's query endpoint."""
+        body = http_json(f"http://127.0.0.1:{self.query_port}/query", {"sql": sql})
+        rows: list[list[Any]] = body["rows"]
+        return rows
+
+    def wait_rows(self, expected: int, timeout: float = 120) -> int:
+        """Wait until the events table holds `expected` rows (or time runs out); the count."""
+        deadline = time.monotonic() + timeout
+        count = -1
+        while time.monotonic() < deadline:
+            count = int(self.query("SELECT count() FROM events")[0][0])
+            if count >= expected:
+                # A little longer, so that rows arriving late (duplicates) are seen too.
+                time.sleep(1.5)
+                return int(self.query("SELECT count() FROM events")[0][0])
+            time.sleep(0.5)
+        return count

@@ -1,0 +1,57 @@
+"""The gateway's message validation and envelope building."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.envelope import InvalidEvent, build_event, partition_key
+from schemas.codec import event_codec
+
+RECEIVED = 1_700_000_010_000
+
+
+def test_track_event_is_skew_corrected_and_keyed_by_user() -> None:
+    msg = {
+        "type": "track",
+        "event": "Order Completed",
+        "userId": "u1",
+        "messageId": "m-1",
+        "timestamp": "2023-11-14T22:13:20.000Z",  # 1_700_000_000_000
+        "sentAt": "2023-11-14T22:13:25.000Z",  # client clock: sent 5 s after the event
+        "properties": {"total": 12.5},
+    }
+    event = build_event(msg, "web", RECEIVED)
+    assert event["event_id"] == "m-1"
+    assert event["timestamp"] == RECEIVED - 5000
+    assert event["original_timestamp"] == 1_700_000_000_000
+    assert event["properties"] == '{"total":12.5}'
+    assert partition_key(event) == b"web:u1"
+    assert event_codec().decode(event_codec().encode(event))["event"] == "Order Completed"
+
+
+def test_default_type_from_route_and_generated_id() -> None:
+    event = build_event({"anonymousId": "a1", "name": "Home"}, "web", RECEIVED, "page")
+    assert event["type"] == "page"
+    assert event["event"] == "Home"
+    assert len(event["event_id"]) == 36
+    assert event["timestamp"] == RECEIVED
+    assert partition_key(event) == b"web:a1"
+
+
+@pytest.mark.parametrize(
+    ("msg", "reason"),
+    [
+        ([], "JSON object"),
+        ({"type": "nope", "userId": "u"}, "type must be"),
+        ({"type": "track", "event": "x"}, "userId or anonymousId"),
+        ({"type": "track", "userId": "u"}, "event name"),
+        ({"type": "group", "userId": "u"}, "groupId"),
+        ({"type": "alias", "userId": "u"}, "previousId"),
+        ({"type": "identify", "userId": "u", "traits": [1]}, "traits must be an object"),
+        ({"type": "identify", "userId": "u", "timestamp": "yesterday"}, "ISO-8601"),
+        ({"type": "identify", "userId": {"a": 1}}, "userId must be a string"),
+    ],
+)
+def test_invalid_messages_say_why(msg: object, reason: str) -> None:
+    with pytest.raises(InvalidEvent, match=reason):
+        build_event(msg, "web", RECEIVED)

@@ -1,0 +1,152 @@
+"""The gateway over real HTTP against the real broker: statuses, bodies, and what lands on topics."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from confluent_kafka import Consumer
+
+from gateway.app import create_app
+from ops.admin import apply_topics
+from ops.config import parse_config
+from ops.settings import GatewaySettings, KafkaSettings
+from ops.topics import Topics, required_topics
+from ops.traffic import basic_auth
+from schemas.codec import event_codec
+
+pytestmark = pytest.mark.integration
+
+CONFIG = parse_config(
+    "sources: [{id: web, write_keys: [good-key]}, {id: paused, write_keys: [off-key], enabled: false}]\n"
+    "destinations: [{id: wh, type: clickhouse, sources: [web]}]"
+)
+AUTH = {"Authorization": basic_auth("good-key")}
+
+
+@pytest.fixture
+async def client(kafka: KafkaSettings) -> AsyncIterator[TestClient[Any, Any]]:
+    apply_topics(required_topics(CONFIG, kafka), kafka)
+    settings = GatewaySettings(max_request_bytes=64 * 1024, max_event_bytes=4096)
+    async with TestClient(TestServer(create_app(settings, kafka, CONFIG))) as test_client:
+        yield test_client
+
+
+def read_topic(kafka: KafkaSettings, topic: str, expected: int, timeout: float = 20) -> list[Any]:
+    """Every record of `topic` (waits until `expected` arrived or time runs out)."""
+    consumer = Consumer(
+        kafka.client_config()
+        | {
+            "group.id": f"{topic}-reader",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    records: list[Any] = []
+    try:
+        import time  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout
+        while len(records) < expected and time.monotonic() < deadline:
+            records.extend(m for m in consumer.consume(100, timeout=0.5) if m.error() is None)
+        # Anything beyond `expected` would be a duplicate: look a little longer.
+        records.extend(m for m in consumer.consume(100, timeout=1.0) if m.error() is None)
+    finally:
+        consumer.close()
+    return records
+
+
+async def test_batch_accepts_valid_reports_invalid_and_records_rejections(
+    client: TestClient[Any, Any], kafka: KafkaSettings
+) -> None:
+    batch = [
+        {"type": "track", "event": "Signed Up", "userId": "u1", "messageId": "m1"},
+        {"type": "track", "userId": "u1"},
+        {"type": "identify", "anonymousId": "a9", "messageId": "m2", "traits": {"plan": "pro"}},
+    ]
+    resp = await client.post("/v1/batch", json={"batch": batch}, headers=AUTH)
+    assert resp.status == 200
+    body = await resp.json()
+    assert body == {
+        "accepted": 2,
+        "rejected": [{"index": 1, "reason": "track events need an event name"}],
+    }
+
+    topics = Topics(kafka.topic_prefix)
+    landed = read_topic(kafka, topics.ingest, 2)
+    assert len(landed) == 2
+    by_id = {event_codec().decode(m.value())["event_id"]: m for m in landed}
+    assert by_id["m1"].key() == b"web:u1"
+    assert by_id["m2"].key() == b"web:a9"
+    rejected = read_topic(kafka, topics.rejected, 1)
+    assert len(rejected) == 1
+    headers = dict(rejected[0].headers())
+    assert headers["sluice.reason"] == b"track events need an event name"
+    assert headers["sluice.stage"] == b"gateway"
+    assert orjson.loads(rejected[0].value()) == batch[1]
+
+
+async def test_single_event_routes_and_write_key_in_body(
+    client: TestClient[Any, Any], kafka: KafkaSettings
+) -> None:
+    resp = await client.post(
+        "/v1/track", json={"writeKey": "good-key", "userId": "u", "event": "E"}
+    )
+    assert resp.status == 200
+    assert (await resp.json())["accepted"] == 1
+    [record] = read_topic(kafka, Topics(kafka.topic_prefix).ingest, 1)
+    assert event_codec().decode(record.value())["type"] == "track"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "reason"),
+    [
+        ({}, b'{"batch": []}', 401, "write key"),
+        ({"Authorization": basic_auth("bad")}, b'{"batch": []}', 401, "write key"),
+        ({"Authorization": basic_auth("off-key")}, b'{"batch": []}', 401, "write key"),
+        (AUTH, b'{"batch": [', 400, "not valid JSON"),
+        (AUTH, b'{"batch": "x"}', 400, "'batch' array"),
+        (AUTH, b'{"batch": [{"type": "track"}]}', 400, ""),
+        (AUTH, b"[" * 70_000, 413, "request body exceeds"),
+    ],
+)
+async def test_bad_requests_get_their_status_and_produce_nothing(
+    client: TestClient[Any, Any],
+    kafka: KafkaSettings,
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
+    reason: str,
+) -> None:
+    resp = await client.post("/v1/batch", data=body, headers=headers)
+    assert resp.status == status
+    assert reason in (await resp.json()).get("error", "")
+    assert read_topic(kafka, Topics(kafka.topic_prefix).ingest, 0, timeout=1) == []
+
+
+async def test_gzip_bomb_is_refused_without_inflating_it(client: TestClient[Any, Any]) -> None:
+    bomb = gzip.compress(b'{"batch": [' + b" " * 50_000_000 + b"]}")
+    assert len(bomb) < 64 * 1024
+    resp = await client.post("/v1/batch", data=bomb, headers={**AUTH, "Content-Encoding": "gzip"})
+    assert resp.status == 413
+    assert "request body exceeds 65536 bytes" in (await resp.json())["error"]
+
+
+async def test_gzip_body_is_accepted(client: TestClient[Any, Any]) -> None:
+    body = gzip.compress(orjson.dumps({"batch": [{"type": "page", "userId": "u", "name": "Home"}]}))
+    resp = await client.post("/v1/batch", data=body, headers={**AUTH, "Content-Encoding": "gzip"})
+    assert resp.status == 200
+    assert (await resp.json())["accepted"] == 1
+
+
+async def test_health_ready_and_metrics(client: TestClient[Any, Any]) -> None:
+    assert (await client.get("/health")).status == 200
+    assert (await client.get("/ready")).status == 200
+    await client.post("/v1/track", json={"userId": "u", "event": "E"}, headers=AUTH)
+    text = await (await client.get("/metrics")).text()
+    assert 'sluice_gateway_events_total{outcome="accepted",source="web"} 1.0' in text
