@@ -57,10 +57,13 @@ async def test_worker_stopped_mid_stream_loses_and_duplicates_nothing(pipeline: 
     pipeline.start()
     events = sample_events(count, seed=11)
     sent = 0
+    a_third_sent = asyncio.Event()
 
     def progress(n: int) -> None:
         nonlocal sent
         sent += n
+        if sent >= count // 3:
+            a_third_sent.set()
 
     sender = asyncio.create_task(
         send_batches(
@@ -72,8 +75,7 @@ async def test_worker_stopped_mid_stream_loses_and_duplicates_nothing(pipeline: 
             on_progress=progress,
         )
     )
-    while sent < count // 3:
-        await asyncio.sleep(0.05)
+    await a_third_sent.wait()
     old_pid = pipeline.pid("worker")
     await asyncio.to_thread(pipeline.stop, "worker")
     stopped_at = sent
