@@ -20,6 +20,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
+from ops.services import alive, spawn_detached
 from ops.settings import BrokerSettings
 from schemas.errors import SluiceError
 
@@ -246,26 +247,19 @@ def start_broker(settings: BrokerSettings, console: Console | None = None) -> in
             raise BrokerError(
                 f"formatting Kafka storage failed: {(fmt.stderr or fmt.stdout).strip()[-300:]}"
             )
-    with (state / "broker.out").open("ab") as out:
-        proc = subprocess.Popen(  # noqa: S603
-            [*java, "kafka.Kafka", str(props)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    _pid_file(settings).write_text(str(proc.pid))
+    pid = spawn_detached([*java, "kafka.Kafka", str(props)], state / "broker.out")
+    _pid_file(settings).write_text(str(pid))
     with console.status(f"starting Kafka {settings.version} on {bootstrap(settings)} ..."):
         deadline = time.monotonic() + settings.start_timeout_s
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
+            if not alive(pid):
                 _pid_file(settings).unlink(missing_ok=True)
-                raise BrokerError(f"the broker exited with {proc.returncode}: {_last_error(state)}")
+                raise BrokerError(f"the broker exited: {_last_error(state)}")
             if wait_for_broker(bootstrap(settings), 1.0):
                 console.print(
-                    f"kafka    running, pid {proc.pid}, {bootstrap(settings)}, log {state / 'broker.log'}"
+                    f"kafka    running, pid {pid}, {bootstrap(settings)}, log {state / 'broker.log'}"
                 )
-                return proc.pid
+                return pid
     stop_broker(settings, console)
     raise BrokerError(
         f"the broker did not answer within {settings.start_timeout_s:.0f}s; see {state / 'broker.log'}"
@@ -295,27 +289,14 @@ def stop_broker(
         return False
     os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         time.sleep(0.1)
-    if _alive(pid):
+    if alive(pid):
         os.killpg(pid, signal.SIGKILL)
-        while _alive(pid):
+        while alive(pid):
             time.sleep(0.1)
     _pid_file(settings).unlink(missing_ok=True)
     console.print(f"kafka    stopped (pid {pid})")
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     return True
 
 

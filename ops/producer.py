@@ -7,6 +7,7 @@ resolve its asyncio future once, so the per-event path creates no task and no fu
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -72,6 +73,8 @@ class EventProducer:
             "queue.buffering.max.messages": 500_000,
             "compression.type": "lz4",
             "socket.connection.setup.timeout.ms": max(1000, int(timeout_s * 1000)),
+            # librdkafka's own log lines go through Python logging, not straight to stderr.
+            "logger": logging.getLogger("sluice.kafka"),
         }
         conf.update(extra)
         self.timeout_s = timeout_s

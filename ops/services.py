@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -52,17 +51,11 @@ class Service:
         if running is not None:
             return running
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as out:
-            proc = subprocess.Popen(  # noqa: S603 - argv is ours, no shell
-                [sys.executable, "-m", "ops.cli", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
-                start_new_session=True,
-            )
-        self.pid_file.write_text(str(proc.pid))
-        return proc.pid
+        pid = spawn_detached(
+            [sys.executable, "-m", "ops.cli", *args], self.log_file, {**os.environ, **(env or {})}
+        )
+        self.pid_file.write_text(str(pid))
+        return pid
 
     def stop(self, timeout: float = 30.0) -> bool:
         """SIGTERM, wait up to `timeout`, then SIGKILL; False when it was not running."""
@@ -86,6 +79,30 @@ class Service:
             return "\n".join(self.log_file.read_text("utf-8", "replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def spawn_detached(argv: list[str], log_file: Path, env: Mapping[str, str] | None = None) -> int:
+    """Start `argv` in a session of its own, output appended to `log_file`; returns the pid.
+
+    The caller tracks the process by pid (files), so no Popen object is kept around.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    return os.posix_spawn(
+        argv[0],
+        argv,
+        dict(env if env is not None else os.environ),
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, str(log_file), flags, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ],
+        setsid=True,
+    )
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (reaping it first if it is our exited child)."""
+    return _alive(pid)
 
 
 def _alive(pid: int) -> bool:
