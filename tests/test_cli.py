@@ -1,0 +1,84 @@
+"""The `sluice` CLI: help, one-line failures with non-zero exits, idempotent topic creation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ops.cli import app
+from ops.kafka_broker import BrokerError, server_properties, start_broker
+from ops.settings import BrokerSettings, KafkaSettings
+from tests.pipeline import CONFIG, free_port
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("kafka", "topics", "gateway", "worker", "sink", "sql", "send", "demo"):
+        assert command in result.output
+
+
+def test_sql_without_a_sink_fails_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_WAREHOUSE_QUERY_PORT", str(free_port()))
+    result = runner.invoke(app, ["sql", "SELECT 1"])
+    assert result.exit_code == 1
+    assert "no sink answers" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_invalid_config_fails_with_the_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("destinations: [{id: d, type: clickhouse, sources: [ghost]}]")
+    result = runner.invoke(app, ["topics", "apply", "--config", str(bad)])
+    assert result.exit_code == 1
+    assert "unknown sources ['ghost']" in result.output
+
+
+@pytest.mark.integration
+def test_topics_apply_creates_then_changes_nothing(
+    tmp_path: Path, kafka: KafkaSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "sluice.yaml"
+    config.write_text(CONFIG.format(key="k"))
+    monkeypatch.setenv("SLUICE_KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap_servers)
+    monkeypatch.setenv("SLUICE_KAFKA_TOPIC_PREFIX", kafka.topic_prefix)
+    first = runner.invoke(app, ["topics", "apply", "--config", str(config)])
+    assert first.exit_code == 0, first.output
+    assert first.output.count("created") == 9
+    assert f"{kafka.topic_prefix}.dest.warehouse.retry.3s" in first.output
+    second = runner.invoke(app, ["topics", "apply", "--config", str(config)])
+    assert second.exit_code == 0
+    assert second.output.count("unchanged") == 9
+
+
+def test_broker_properties_use_the_configured_ports_and_folder(tmp_path: Path) -> None:
+    settings = BrokerSettings(port=19001, controller_port=19002, state_dir=tmp_path)
+    props = server_properties(settings)
+    assert "listeners=PLAINTEXT://127.0.0.1:19001,CONTROLLER://127.0.0.1:19002" in props
+    assert f"log.dirs={tmp_path.resolve() / 'data'}" in props
+    assert "process.roles=broker,controller" in props
+
+
+def test_missing_java_or_maven_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ops.kafka_broker.shutil.which", lambda _tool: None)
+    empty_cache = BrokerSettings(cache_dir=tmp_path / "cache", state_dir=tmp_path / "state")
+    with pytest.raises(BrokerError, match="Maven is required"):
+        start_broker(empty_cache)
+    (tmp_path / "cache" / "2.13-3.9.1").mkdir(parents=True)
+    (tmp_path / "cache" / "2.13-3.9.1" / "complete").write_text("3.9.1")
+    with pytest.raises(BrokerError, match="Java 17\\+ is required"):
+        start_broker(empty_cache)
+
+
+def test_kafka_status_of_a_stopped_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_BROKER_STATE_DIR", str(tmp_path))
+    result = runner.invoke(app, ["kafka", "status"])
+    assert result.exit_code == 3
+    assert "not running" in result.output
+    stop = runner.invoke(app, ["kafka", "stop"])
+    assert stop.exit_code == 0
+    assert "was not running" in stop.output

@@ -1,0 +1,57 @@
+"""docker-compose.kafka.yml: the services exist, images are pinned, settings names are real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ops.settings import env_names
+
+COMPOSE = Path(__file__).parent.parent / "docker-compose.kafka.yml"
+
+
+def _services() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())["services"]
+    return services
+
+
+def test_the_stack_has_broker_warehouse_and_every_sluice_role() -> None:
+    services = _services()
+    assert {"kafka", "clickhouse", "topics", "gateway", "worker", "sink"} <= set(services)
+    commands = {name: services[name]["command"] for name in ("topics", "gateway", "worker", "sink")}
+    assert commands == {
+        "topics": ["topics", "apply"],
+        "gateway": ["gateway"],
+        "worker": ["worker"],
+        "sink": ["sink"],
+    }
+
+
+def test_images_are_pinned() -> None:
+    for name, service in _services().items():
+        image = service.get("image")
+        assert image, f"{name} has no image"
+        repo, _, tag = image.rpartition(":")
+        assert repo, f"{name}: {image} has no tag"
+        assert tag not in ("", "latest"), f"{name}: {image} is not pinned"
+
+
+def test_sluice_environment_names_match_the_settings_models() -> None:
+    known = env_names()
+    for name, service in _services().items():
+        env = service.get("environment") or {}
+        unknown = {k for k in env if k.startswith("SLUICE_") and k not in known}
+        assert not unknown, f"{name} sets unknown settings {unknown}"
+
+
+def test_sluice_services_reach_the_broker_and_warehouse_by_service_name() -> None:
+    services = _services()
+    kafka_listeners = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    for name in ("topics", "gateway", "worker", "sink"):
+        bootstrap = services[name]["environment"]["SLUICE_KAFKA_BOOTSTRAP_SERVERS"]
+        assert f"INTERNAL://{bootstrap}" in kafka_listeners
+        assert services[name]["depends_on"]
+    assert services["sink"]["environment"]["SLUICE_WAREHOUSE_DSN"] == "http://clickhouse:8123"
+    assert services["gateway"]["environment"]["SLUICE_GATEWAY_HOST"] == "0.0.0.0"
