@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -12,9 +13,11 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.auth import WriteKeys, basic_username
-from gateway.envelope import InvalidEvent, build_event, partition_key
+from gateway.auth import SourceTable, basic_username
+from gateway.envelope import InvalidEvent, build_event, parse_timestamp, partition_key
+from gateway.limits import too_deep
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import openapi_document
 from ops.config import PipelineConfig, Source
 from ops.producer import EventProducer, Headers, Record
 from ops.settings import GatewaySettings, KafkaSettings
@@ -27,7 +30,7 @@ log = structlog.get_logger("sluice.gateway")
 SETTINGS = web.AppKey("settings", GatewaySettings)
 PRODUCER = web.AppKey("producer", EventProducer)
 METRICS = web.AppKey("metrics", GatewayMetrics)
-KEYS = web.AppKey("write_keys", WriteKeys)
+SOURCES = web.AppKey("sources", SourceTable)
 CODEC = web.AppKey("codec", AvroCodec)
 TOPICS = web.AppKey("topics", Topics)
 
@@ -91,9 +94,13 @@ async def _body(request: web.Request, limit: int) -> Any:
         raise _error(413, f"request body exceeds {limit} bytes") from None
     request.app[METRICS].payload_bytes.observe(len(raw))
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _error(400, f"body is not valid JSON: {exc}") from None
+    depth = request.app[SETTINGS].max_json_depth
+    if too_deep(body, depth):
+        raise _error(400, f"JSON nests deeper than {depth} levels")
+    return body
 
 
 def _authenticate(request: web.Request, body: Any) -> Source:
@@ -101,7 +108,10 @@ def _authenticate(request: web.Request, body: Any) -> Source:
     if key is None and isinstance(body, dict):
         body_key = body.get("writeKey")
         key = body_key if isinstance(body_key, str) else None
-    source = request.app[KEYS].source_for(key)
+    if key is None:
+        # Webhook senders often cannot set headers: `?writeKey=` as RudderStack allows.
+        key = request.query.get("writeKey")
+    source = request.app[SOURCES].source_for(key)
     if source is None:
         raise _error(
             401, "unknown or missing write key", **{"WWW-Authenticate": 'Basic realm="sluice"'}
@@ -115,7 +125,19 @@ async def handle_batch(request: web.Request) -> web.Response:
     source = _authenticate(request, body)
     if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
         raise _error(400, "body must be an object with a 'batch' array")
-    return await _accept(request, source, body["batch"], None)
+    messages = body["batch"]
+    sent_at = body.get("sentAt")
+    if sent_at is not None:
+        # A batch-level sentAt (as Segment's SDKs send it) corrects every message's skew.
+        try:
+            parse_timestamp(sent_at, "sentAt")
+        except InvalidEvent as exc:
+            raise _error(400, str(exc)) from None
+        messages = [
+            {**m, "sentAt": sent_at} if isinstance(m, dict) and "sentAt" not in m else m
+            for m in messages
+        ]
+    return await _accept(request, source, messages, None)
 
 
 def single(default_type: str) -> Handler:
@@ -129,11 +151,46 @@ def single(default_type: str) -> Handler:
     return handle
 
 
+async def handle_webhook(request: web.Request) -> web.Response:
+    """`POST /v1/webhook`: any JSON body becomes one `webhook` event of the key's source."""
+    body = await _body(request, request.app[SETTINGS].max_request_bytes)
+    source = _authenticate(request, body)
+    if isinstance(body, dict):
+        body.pop("writeKey", None)
+    message = {
+        "type": "webhook",
+        "messageId": request.headers.get("X-Message-Id") or request.headers.get("Idempotency-Key"),
+        "anonymousId": request.headers.get("X-Anonymous-Id"),
+        "properties": body if isinstance(body, dict) else {"payload": body},
+        "context": {
+            "webhook": {"path": request.path, "userAgent": request.headers.get("User-Agent")}
+        },
+    }
+    return await _accept(request, source, [message], "webhook")
+
+
+def _rate_limit(request: web.Request, source: Source, count: int) -> None:
+    bucket = request.app[SOURCES].bucket(source.id)
+    if bucket is None:
+        return
+    wait = bucket.take(count)
+    if wait == 0:
+        return
+    request.app[METRICS].events.labels(source.id, "rate_limited").inc(count)
+    if wait == float("inf"):
+        reason = f"{count} events exceed the source's burst of {bucket.capacity:.0f}; send fewer per request"
+        raise _error(429, reason, **{"Retry-After": "1"})
+    raise _error(
+        429, "rate limit exceeded for this source", **{"Retry-After": str(max(1, math.ceil(wait)))}
+    )
+
+
 async def _accept(
     request: web.Request, source: Source, messages: list[Any], default_type: str | None
 ) -> web.Response:
     app = request.app
     settings, metrics, codec, topics = app[SETTINGS], app[METRICS], app[CODEC], app[TOPICS]
+    _rate_limit(request, source, len(messages))
     received_at = int(time.time() * 1000)
     accepted: list[Record] = []
     rejected: list[dict[str, Any]] = []
@@ -198,6 +255,11 @@ async def handle_ready(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
+async def handle_openapi(_request: web.Request) -> web.Response:
+    """`GET /openapi.json`: the API description."""
+    return json_response(openapi_document())
+
+
 async def handle_metrics(request: web.Request) -> web.Response:
     """`GET /metrics`: Prometheus text format."""
     body = generate_latest(request.app[METRICS].registry)
@@ -225,13 +287,15 @@ def create_app(
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[_observe])
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
-    app[KEYS] = WriteKeys(cfg)
+    app[SOURCES] = SourceTable(cfg)
     app[CODEC] = event_codec()
     app[TOPICS] = Topics(kafka.topic_prefix)
     app.cleanup_ctx.append(_producer_ctx(kafka, settings))
     app.router.add_post("/v1/batch", handle_batch)
     for etype in ("track", "identify", "page", "screen", "group", "alias"):
         app.router.add_post(f"/v1/{etype}", single(etype))
+    app.router.add_post("/v1/webhook", handle_webhook)
+    app.router.add_get("/openapi.json", handle_openapi)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/ready", handle_ready)
     app.router.add_get("/metrics", handle_metrics)

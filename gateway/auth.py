@@ -7,16 +7,38 @@ import binascii
 import hashlib
 import hmac
 
+from gateway.limits import TokenBucket
 from ops.config import PipelineConfig, Source
 
 
-class WriteKeys:
-    """Looks up a source by write key without comparing secrets char by char."""
+class SourceTable:
+    """Sources by write key, and their rate limiters; `update` swaps in a new config."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
+        self._by_digest: dict[bytes, tuple[str, Source]] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self.update(cfg)
+
+    def update(self, cfg: PipelineConfig) -> None:
+        """Use `cfg` from now on; buckets of sources whose limit did not change keep their state."""
         # Keyed by digest: the dict probe compares hashes, and the final check is
         # constant-time, so response timing says nothing about the key's characters.
         self._by_digest = {_digest(k): (k, s) for k, s in cfg.write_keys().items()}
+        buckets: dict[str, TokenBucket] = {}
+        for source in cfg.sources:
+            if source.rate_limit is None:
+                continue
+            old = self._buckets.get(source.id)
+            same = old is not None and (old.rate, old.capacity) == (
+                source.rate_limit.events_per_s,
+                source.rate_limit.capacity,
+            )
+            buckets[source.id] = old if same and old else TokenBucket(source.rate_limit)
+        self._buckets = buckets
+
+    def bucket(self, source_id: str) -> TokenBucket | None:
+        """The rate limiter of a source, if it has a limit."""
+        return self._buckets.get(source_id)
 
     def source_for(self, key: str | None) -> Source | None:
         """The enabled source that owns `key`, or None."""

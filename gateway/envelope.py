@@ -16,7 +16,7 @@ class InvalidEvent(ValueError):
     """The message cannot become an event; the text is the reason shown to the client."""
 
 
-def _ms(value: Any, field: str) -> int | None:
+def parse_timestamp(value: Any, field: str) -> int | None:
     """Epoch milliseconds from an ISO-8601 string (or a number of ms); None when absent."""
     if value is None or value == "":
         return None
@@ -67,7 +67,7 @@ def build_event(
     if not isinstance(msg, dict):
         raise InvalidEvent("an event must be a JSON object")
     etype = msg.get("type") or default_type
-    if etype not in EVENT_TYPES:
+    if not isinstance(etype, str) or etype not in EVENT_TYPES:
         raise InvalidEvent(f"type must be one of {', '.join(sorted(EVENT_TYPES))}")
     user_id = _opt_str(msg, "userId")
     anonymous_id = _opt_str(msg, "anonymousId")
@@ -82,8 +82,8 @@ def build_event(
     previous_id = _opt_str(msg, "previousId")
     if etype == "alias" and not previous_id:
         raise InvalidEvent("alias events need a previousId")
-    original = _ms(msg.get("originalTimestamp") or msg.get("timestamp"), "timestamp")
-    sent_at = _ms(msg.get("sentAt"), "sentAt")
+    original = parse_timestamp(msg.get("originalTimestamp") or msg.get("timestamp"), "timestamp")
+    sent_at = parse_timestamp(msg.get("sentAt"), "sentAt")
     if original is not None and sent_at is not None:
         timestamp = received_at_ms - (sent_at - original)
     else:

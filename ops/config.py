@@ -28,6 +28,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RateLimit(_Model):
+    """A token bucket: `events_per_s` sustained, up to `burst` at once."""
+
+    events_per_s: float = Field(gt=0)
+    burst: int = Field(default=0, ge=0)
+
+    @property
+    def capacity(self) -> float:
+        """The bucket's size: `burst`, or one second's worth of events."""
+        return float(self.burst) if self.burst else self.events_per_s
+
+
 class Source(_Model):
     """Where events come from: one or more write keys that map to a source id."""
 
@@ -35,6 +47,7 @@ class Source(_Model):
     name: str = ""
     write_keys: Annotated[tuple[str, ...], Field(min_length=1)]
     enabled: bool = True
+    rate_limit: RateLimit | None = None
 
 
 class RetryPolicy(_Model):

@@ -66,6 +66,7 @@ class GatewaySettings(BaseSettings):
     port: int = 8080
     max_request_bytes: int = 500 * 1024
     max_event_bytes: int = 32 * 1024
+    max_json_depth: int = 32
     produce_timeout_s: float = 5.0
     linger_ms: int = 5
 

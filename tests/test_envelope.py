@@ -43,6 +43,7 @@ def test_default_type_from_route_and_generated_id() -> None:
     [
         ([], "JSON object"),
         ({"type": "nope", "userId": "u"}, "type must be"),
+        ({"type": [None], "userId": "u"}, "type must be"),
         ({"type": "track", "event": "x"}, "userId or anonymousId"),
         ({"type": "track", "userId": "u"}, "event name"),
         ({"type": "group", "userId": "u"}, "groupId"),

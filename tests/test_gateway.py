@@ -22,7 +22,8 @@ from schemas.codec import event_codec
 pytestmark = pytest.mark.integration
 
 CONFIG = parse_config(
-    "sources: [{id: web, write_keys: [good-key]}, {id: paused, write_keys: [off-key], enabled: false}]\n"
+    "sources: [{id: web, write_keys: [good-key]}, {id: paused, write_keys: [off-key], enabled: false},"
+    " {id: slow, write_keys: [slow-key], rate_limit: {events_per_s: 2, burst: 5}}]\n"
     "destinations: [{id: wh, type: clickhouse, sources: [web]}]"
 )
 AUTH = {"Authorization": basic_auth("good-key")}
@@ -113,6 +114,19 @@ async def test_single_event_routes_and_write_key_in_body(
         (AUTH, b'{"batch": "x"}', 400, "'batch' array"),
         (AUTH, b'{"batch": [{"type": "track"}]}', 400, ""),
         (AUTH, b"[" * 70_000, 413, "request body exceeds"),
+        (
+            AUTH,
+            b'{"batch": [{"type": "track", "userId": "u", "event": "\xff"}]}',
+            400,
+            "not valid JSON",
+        ),
+        (
+            AUTH,
+            b'{"batch": [{"properties": ' + b'{"a": ' * 40 + b"1" + b"}" * 41 + b"]}",
+            400,
+            "deeper than 32",
+        ),
+        (AUTH, b'{"batch": [], "sentAt": "soon"}', 400, "sentAt is not an ISO-8601"),
     ],
 )
 async def test_bad_requests_get_their_status_and_produce_nothing(
@@ -150,3 +164,51 @@ async def test_health_ready_and_metrics(client: TestClient[Any, Any]) -> None:
     await client.post("/v1/track", json={"userId": "u", "event": "E"}, headers=AUTH)
     text = await (await client.get("/metrics")).text()
     assert 'sluice_gateway_events_total{outcome="accepted",source="web"} 1.0' in text
+
+
+async def test_webhook_wraps_any_json_with_key_in_query(
+    client: TestClient[Any, Any], kafka: KafkaSettings
+) -> None:
+    payload = {"action": "opened", "number": 7, "nested": {"ok": True}}
+    resp = await client.post(
+        "/v1/webhook?writeKey=good-key", json=payload, headers={"X-Message-Id": "hook-1"}
+    )
+    assert resp.status == 200
+    [record] = read_topic(kafka, Topics(kafka.topic_prefix).ingest, 1)
+    event = event_codec().decode(record.value())
+    assert (event["type"], event["event_id"], event["source_id"]) == ("webhook", "hook-1", "web")
+    assert orjson.loads(event["properties"]) == payload
+    assert record.key() == b"web:hook-1"
+
+
+async def test_batch_sent_at_corrects_every_message(
+    client: TestClient[Any, Any], kafka: KafkaSettings
+) -> None:
+    batch = {
+        "sentAt": "2030-01-01T00:00:10.000Z",
+        "batch": [
+            {"type": "track", "event": "E", "userId": "u", "timestamp": "2030-01-01T00:00:00.000Z"}
+        ],
+    }
+    assert (await client.post("/v1/batch", json=batch, headers=AUTH)).status == 200
+    [record] = read_topic(kafka, Topics(kafka.topic_prefix).ingest, 1)
+    event = event_codec().decode(record.value())
+    # The client's clock ran 10 s between the event and sending: the event happened 10 s
+    # before the gateway received it, whatever the client's clock said.
+    assert (event["received_at"] - event["timestamp"]).total_seconds() == 10
+
+
+async def test_rate_limited_source_gets_429_and_produces_nothing_more(
+    client: TestClient[Any, Any], kafka: KafkaSettings
+) -> None:
+    slow = {"Authorization": basic_auth("slow-key")}
+    batch = {"batch": [{"type": "track", "event": "E", "userId": "u"}] * 5}
+    assert (await client.post("/v1/batch", json=batch, headers=slow)).status == 200
+    limited = await client.post("/v1/batch", json=batch, headers=slow)
+    assert limited.status == 429
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert "rate limit" in (await limited.json())["error"]
+    too_big = await client.post("/v1/batch", json={"batch": batch["batch"] * 2}, headers=slow)
+    assert too_big.status == 429
+    assert "exceed the source's burst of 5" in (await too_big.json())["error"]
+    assert len(read_topic(kafka, Topics(kafka.topic_prefix).ingest, 5)) == 5

@@ -1,0 +1,142 @@
+"""The gateway's OpenAPI 3.0 document, served at `/openapi.json`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.envelope import EVENT_TYPES
+
+_TS = {"type": "string", "format": "date-time"}
+_OBJ = {"type": "object", "additionalProperties": True}
+
+MESSAGE: dict[str, Any] = {
+    "type": "object",
+    "description": "A Segment/RudderStack message. userId or anonymousId is required.",
+    "properties": {
+        "type": {"type": "string", "enum": sorted(EVENT_TYPES - {"webhook"})},
+        "messageId": {"type": "string"},
+        "userId": {"type": "string"},
+        "anonymousId": {"type": "string"},
+        "event": {"type": "string", "description": "track: the event name"},
+        "name": {"type": "string", "description": "page/screen: the name"},
+        "groupId": {"type": "string"},
+        "previousId": {"type": "string"},
+        "properties": _OBJ,
+        "traits": _OBJ,
+        "context": _OBJ,
+        "integrations": _OBJ,
+        "timestamp": _TS,
+        "originalTimestamp": _TS,
+        "sentAt": _TS,
+    },
+    "additionalProperties": True,
+}
+
+_ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}},
+    "required": ["error"],
+}
+_ACCEPTED = {
+    "type": "object",
+    "properties": {
+        "accepted": {"type": "integer", "minimum": 0},
+        "rejected": {
+            "type": "array",
+            "description": "Invalid messages by index; every other message was accepted.",
+            "items": {
+                "type": "object",
+                "properties": {"index": {"type": "integer"}, "reason": {"type": "string"}},
+                "required": ["index", "reason"],
+            },
+        },
+    },
+    "required": ["accepted", "rejected"],
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Malformed JSON, too deeply nested, or every event invalid",
+        401: "Unknown, disabled or missing write key",
+        413: "Body (after decompression) over the limit",
+        429: "The source's rate limit; see Retry-After",
+        503: "Kafka did not confirm the write; retry after Retry-After",
+    }
+    responses = {str(c): _json(_ERROR, text[c]) for c in codes}
+    if 400 in codes:
+        # A batch whose every event is invalid answers 400 with the per-event reasons.
+        responses["400"] = _json({"anyOf": [_ERROR, _ACCEPTED]}, text[400])
+    return responses
+
+
+def _ingest(summary: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"writeKey": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "responses": {
+                "200": _json(_ACCEPTED, "Every accepted event is durable in Kafka"),
+                **_errors(400, 401, 413, 429, 503),
+            },
+        }
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole OpenAPI document of the gateway."""
+    paths: dict[str, Any] = {
+        "/v1/batch": _ingest(
+            "Many messages of any type",
+            {
+                "type": "object",
+                "properties": {
+                    "batch": {"type": "array", "items": MESSAGE},
+                    "writeKey": {"type": "string"},
+                    "sentAt": _TS,
+                },
+                "required": ["batch"],
+            },
+        ),
+        "/v1/webhook": _ingest("Any JSON body, wrapped as a webhook event of the source", _OBJ),
+    }
+    for etype in ("track", "identify", "page", "screen", "group", "alias"):
+        paths[f"/v1/{etype}"] = _ingest(f"One {etype} message", MESSAGE)
+    ok = {"200": _json({"type": "object"}, "OK")}
+    paths["/health"] = {"get": {"summary": "The process is up", "responses": ok}}
+    paths["/ready"] = {
+        "get": {
+            "summary": "Kafka answers",
+            "responses": {**ok, "503": _json({"type": "object"}, "Kafka unreachable")},
+        }
+    }
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics",
+            "responses": {
+                "200": {
+                    "description": "Prometheus text",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Sluice gateway", "version": "0.1.0"},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "writeKey": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "The write key as the username, an empty password",
+                }
+            }
+        },
+    }
