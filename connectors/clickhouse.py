@@ -81,6 +81,44 @@ def events_table_ddl(table: str) -> str:
     )
 
 
+def table_ddl(
+    table: str,
+    columns: Sequence[tuple[str, str]],
+    order_by: str,
+    version: str | None = None,
+    replacing: bool = True,
+) -> str:
+    """DDL of a layout table with insert deduplication on a single node."""
+    if not _IDENT.match(table):
+        raise SluiceError(f"invalid table name {table!r}")
+    cols = ",\n  ".join(f"`{name}` {ctype}" for name, ctype in columns)
+    engine = f"ReplacingMergeTree({version or ''})" if replacing else "MergeTree"
+    return (
+        f"CREATE TABLE IF NOT EXISTS `{table}` (\n  {cols}\n)\nENGINE = {engine}\n"
+        f"ORDER BY {order_by}\nSETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
+    )
+
+
+OFFSETS_TABLE = "_sluice_offsets"
+OFFSETS_COLUMNS = (
+    ("topic", "String"),
+    ("partition", "UInt32"),
+    ("first", "UInt64"),
+    ("last", "UInt64"),
+    ("loaded_at", "DateTime64(3, 'UTC') DEFAULT now64(3)"),
+)
+DISCARDS_TABLE = "discards"
+DISCARDS_COLUMNS = (
+    ("table_name", "String"),
+    ("column_name", "String"),
+    ("column_type", "String"),
+    ("value", "String"),
+    ("row_id", "String"),
+    ("received_at", "DateTime64(3, 'UTC')"),
+    ("reason", "String"),
+)
+
+
 class Warehouse:
     """One clickhouse-connect client, shared by the sink and the query endpoint."""
 
@@ -99,14 +137,53 @@ class Warehouse:
         with self._lock:
             self._client.command(events_table_ddl(table))
 
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
+        """Run DDL or another statement without a result."""
+        try:
+            with self._lock:
+                self._client.command(sql, parameters=parameters)
+        except (OperationalError, ConnectionError, OSError) as exc:
+            raise DestinationUnavailable(f"warehouse command failed: {exc}") from exc
+
+    def columns(self, table: str) -> dict[str, str]:
+        """Column name -> type of `table` (empty when it does not exist)."""
+        with self._lock:
+            result = self._client.query(
+                "SELECT name, type FROM system.columns "
+                "WHERE database = currentDatabase() AND table = {t:String}",
+                parameters={"t": table},
+            )
+        return {str(name): str(ctype) for name, ctype in result.result_rows}
+
+    def add_columns(self, table: str, columns: dict[str, str]) -> None:
+        """Add columns (a no-op for those that exist already)."""
+        clauses = ", ".join(f"ADD COLUMN IF NOT EXISTS `{n}` {t}" for n, t in columns.items())
+        self.command(f"ALTER TABLE `{table}` {clauses}")
+
+    def loaded_ranges(self, topic: str, partition: int) -> list[tuple[int, int]]:
+        """Offset ranges of `topic`/`partition` that are in the warehouse already."""
+        with self._lock:
+            result = self._client.query(
+                "SELECT first, last FROM `_sluice_offsets` "
+                "WHERE topic = {t:String} AND partition = {p:UInt32} ORDER BY first",
+                parameters={"t": topic, "p": partition},
+            )
+        return [(int(a), int(b)) for a, b in result.result_rows]
+
     def insert_events(self, table: str, columns: Sequence[list[Any]], token: str) -> None:
-        """Insert one column-oriented batch; the same token twice leaves one copy."""
+        """Insert one batch of the raw events table; the same token twice leaves one copy."""
+        self.insert(table, COLUMN_NAMES, columns, token)
+
+    def insert(
+        self, table: str, names: Sequence[str], columns: Sequence[list[Any]], token: str
+    ) -> None:
+        """Insert one column-oriented block; the same token twice leaves one copy."""
         try:
             with self._lock:
                 self._client.insert(
                     table,
                     columns,
-                    column_names=COLUMN_NAMES,
+                    column_names=list(names),
                     column_oriented=True,
                     settings={"insert_deduplication_token": token},
                 )

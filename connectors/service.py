@@ -86,7 +86,8 @@ def sink_targets(
     for dest in cfg.destinations:
         if dest.type == "clickhouse":
             table = str(dest.settings.get("table", settings.table))
-            targets.append(SinkTarget(dest.id, topics.destination(dest.id).main, table))
+            layout = bool(dest.settings.get("layout", True))
+            targets.append(SinkTarget(dest.id, topics.destination(dest.id).main, table, layout))
     return targets
 
 

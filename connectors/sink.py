@@ -9,6 +9,7 @@ the same token, which ClickHouse's insert deduplication turns into a no-op.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from connectors.clickhouse import COLUMN_NAMES, Warehouse
+from connectors.clickhouse import Warehouse
+from connectors.loader import Batch, Loader
 from ops.settings import KafkaSettings, WarehouseSettings
 from schemas.codec import AvroCodec
 from schemas.errors import DestinationUnavailable, SchemaError
@@ -49,6 +51,24 @@ class SinkMetrics:
             ["destination", "error"],
             registry=self.registry,
         )
+        self.deduplicated = Counter(
+            "sluice_sink_deduplicated_records_total",
+            "Records skipped because their offsets are loaded already (replays, redeliveries).",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.new_columns = Counter(
+            "sluice_sink_new_columns_total",
+            "Columns added for new properties.",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.discarded = Counter(
+            "sluice_sink_discarded_values_total",
+            "Values that did not fit their column's type (recorded in `discards`).",
+            ["destination"],
+            registry=self.registry,
+        )
         self.flush_seconds = Histogram(
             "sluice_sink_flush_seconds",
             "Time to insert a batch and commit it.",
@@ -64,30 +84,36 @@ class _Buffer:
 
     topic: str
     partition: int
-    columns: list[list[Any]] = field(default_factory=lambda: [[] for _ in COLUMN_NAMES])
+    events: list[dict[str, Any]] = field(default_factory=list)
     first: int = -1
     last: int = -1
     opened: float = 0.0
     # Set after a restart: the batch must end exactly here to repeat its token.
     pending_end: int | None = None
-    rejected: int = 0
+    # Offset ranges already in the warehouse (a replay skips them), sorted.
+    loaded: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.columns[0])
+        return len(self.events)
+
+    def is_loaded(self, offset: int) -> bool:
+        i = bisect.bisect_right(self.loaded, (offset, 1 << 62)) - 1
+        return i >= 0 and self.loaded[i][0] <= offset <= self.loaded[i][1]
 
     def reset(self) -> None:
-        self.columns = [[] for _ in COLUMN_NAMES]
+        self.events = []
         self.first = self.last = -1
         self.pending_end = None
 
 
 @dataclass(frozen=True)
 class SinkTarget:
-    """A destination topic and the table its events land in."""
+    """A destination topic, the raw table its events land in, and whether to fan out."""
 
     destination: str
     topic: str
     table: str
+    layout: bool = True
 
 
 class WarehouseSink:
@@ -107,6 +133,7 @@ class WarehouseSink:
         self.settings = settings
         self.codec = codec
         self.metrics = metrics or SinkMetrics()
+        self.loader = Loader(warehouse)
         self._stop = threading.Event()
         self._buffers: dict[tuple[str, int], _Buffer] = {}
         self._consumer = Consumer(
@@ -124,7 +151,7 @@ class WarehouseSink:
     def start(self) -> None:
         """Create the tables and consume in a background thread."""
         for target in self.targets.values():
-            self.warehouse.ensure_table(target.table)
+            self.loader.prepare(target.table)
         self._consumer.subscribe(
             list(self.targets), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
@@ -151,6 +178,7 @@ class WarehouseSink:
                     start=tp.offset,
                     end=buf.pending_end,
                 )
+            buf.loaded = _merge(self.warehouse.loaded_ranges(tp.topic, tp.partition))
             self._buffers[(tp.topic, tp.partition)] = buf
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -189,26 +217,26 @@ class WarehouseSink:
             buf.first = offset
             buf.opened = time.monotonic()
         buf.last = offset
-        try:
-            event = self.codec.decode(msg.value() or b"")
-        except SchemaError as exc:
-            # The processor only routes records that decoded; count what still cannot.
-            buf.rejected += 1
-            self.metrics.errors.labels(self.targets[topic].destination, "SchemaError").inc()
-            log.error(
-                "undecodable record skipped",
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                error=str(exc),
-            )
+        destination = self.targets[topic].destination
+        if buf.loaded and buf.is_loaded(offset):
+            # A replay or a second delivery of offsets that are loaded already.
+            self.metrics.deduplicated.labels(destination).inc()
         else:
-            cols = buf.columns
-            for i, name in enumerate(COLUMN_NAMES[:-3]):
-                cols[i].append(event[name])
-            cols[-3].append(topic)
-            cols[-2].append(partition)
-            cols[-1].append(offset)
+            try:
+                event = self.codec.decode(msg.value() or b"")
+            except SchemaError as exc:
+                # The processor only routes records that decoded; count what still cannot.
+                self.metrics.errors.labels(destination, "SchemaError").inc()
+                log.error(
+                    "undecodable record skipped",
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    error=str(exc),
+                )
+            else:
+                event["_topic"], event["_partition"], event["_offset"] = topic, partition, offset
+                buf.events.append(event)
         if buf.pending_end is not None and offset >= buf.pending_end:
             self._flush(buf)
 
@@ -226,14 +254,18 @@ class WarehouseSink:
 
     def _flush(self, buf: _Buffer) -> None:
         target = self.targets[buf.topic]
-        token = f"{buf.topic}:{buf.partition}:{buf.first}:{buf.last}"
+        batch = Batch(buf.topic, buf.partition, buf.first, buf.last, buf.events)
+        token = batch.token
         started = time.monotonic()
         delay = 0.5
         while True:
             try:
                 self._commit(buf, buf.first, f"{PENDING}{buf.last}")
                 if len(buf):
-                    self.warehouse.insert_events(target.table, buf.columns, token)
+                    result = self.loader.load(batch, target.table, target.layout)
+                    self.metrics.new_columns.labels(target.destination).inc(result.new_columns)
+                    self.metrics.discarded.labels(target.destination).inc(result.discarded)
+                    buf.loaded = _merge([*buf.loaded, (buf.first, buf.last)])
                 self._commit(buf, buf.last + 1, "")
                 break
             except (DestinationUnavailable, KafkaException) as exc:
@@ -255,5 +287,17 @@ class WarehouseSink:
         buf.reset()
 
     def _commit(self, buf: _Buffer, offset: int, metadata: str) -> None:
+        # Synchronous: the next step (insert, or the next batch) must not run ahead of it.
         tp = TopicPartition(buf.topic, buf.partition, offset, metadata=metadata)
         self._consumer.commit(offsets=[tp], asynchronous=False)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping ranges, adjacent ones joined."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
