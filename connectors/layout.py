@@ -9,6 +9,7 @@ from the values; the sink adds a column when a new property appears.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ _NAME = re.compile(r"[^a-z0-9_]+")
 MAX_NAME = 120
 
 
+@functools.lru_cache(maxsize=65536)
 def sql_name(raw: str) -> str:
     """A safe lower-case identifier for a table or column made from any string."""
     name = _NAME.sub("_", raw.strip().lower()).strip("_") or "_"
@@ -129,10 +131,16 @@ def layout_rows(events: Iterable[dict[str, Any]]) -> dict[str, TableRows]:
             )
         tables[table].rows.append(row)
 
+    contexts: dict[str, dict[str, Any]] = {}
     for event in events:
         etype = event["type"]
         row = _common(event)
-        flatten(_json(event["context"]), "context_", row)
+        # SDKs send the same context with most events: flatten each distinct one once.
+        context = contexts.get(event["context"])
+        if context is None:
+            context = contexts[event["context"]] = {}
+            flatten(_json(event["context"]), "context_", context)
+        row.update(context)
         props: dict[str, Any] = {}
         if etype in ("track", "page", "screen", "webhook"):
             flatten(_json(event["properties"]), "", props)

@@ -52,28 +52,25 @@ class LoadResult:
     discarded: int = 0
 
 
-def _unwrap(ctype: str) -> str:
-    return (
-        ctype.removeprefix("Nullable(").removesuffix(")")
-        if ctype.startswith("Nullable(")
-        else ctype
-    )
+# Python types that fit a column type as they are; other values are converted or discarded.
+_FITS: dict[str, tuple[type, ...]] = {
+    "String": (str,),
+    "Int64": (int,),
+    "Float64": (float,),
+    "Bool": (bool,),
+}
 
 
-def _coerce(value: Any, ctype: str) -> tuple[bool, Any]:
-    """(fits, value converted to the column's type)."""
-    base = _unwrap(ctype)
-    kind = infer_type(value)
-    if (
-        base == kind
-        or base.startswith(("DateTime64", "LowCardinality"))
-        or base in ("UInt32", "UInt64")
-    ):
-        return True, value
-    if base == "Float64" and kind == "Int64":
+def _base(ctype: str) -> str:
+    return ctype[9:-1] if ctype.startswith("Nullable(") else ctype
+
+
+def _convert(value: Any, base: str) -> tuple[bool, Any]:
+    """(fits, value) for a value whose Python type is not the column's own."""
+    if base == "Float64" and type(value) is int:
         return True, float(value)
     if base == "String":
-        return True, value if isinstance(value, str) else orjson.dumps(value).decode()
+        return True, orjson.dumps(value).decode()
     return False, None
 
 
@@ -157,32 +154,35 @@ class Loader:
             self.warehouse.add_columns(table, new)
             # Another sink may have added one of them first, with its own type: read back.
             known = self._columns[table] = self.warehouse.columns(table)
-        names = [
-            n for n in known if not n.startswith("_") or n in ("_topic", "_partition", "_offset")
-        ]
-        names = [n for n in names if any(n in row for row in rows.rows) or n in dict(rows.fixed)]
+        present: set[str] = set().union(*rows.rows)
+        present.update(name for name, _ in rows.fixed)
+        names = [n for n in known if n in present]
         columns: list[list[Any]] = []
         now = datetime.now(UTC)
         for name in names:
             ctype = known[name]
-            values: list[Any] = []
-            for row in rows.rows:
-                value = row.get(name)
-                if value is not None:
-                    fits, converted = _coerce(value, ctype)
-                    if not fits:
-                        discards.append(
-                            [
-                                table,
-                                name,
-                                ctype,
-                                orjson.dumps(value).decode(),
-                                str(row.get("id", "")),
-                                row.get("received_at", now),
-                                f"a {infer_type(value)} does not fit {ctype}",
-                            ]
-                        )
-                    value = converted
-                values.append(value)
+            fits = _FITS.get(_base(ctype))
+            values = [row.get(name) for row in rows.rows]
+            if fits is None:
+                columns.append(values)  # fixed columns: the envelope's own types
+                continue
+            for i, value in enumerate(values):
+                if value is None or type(value) in fits:
+                    continue
+                ok, converted = _convert(value, _base(ctype))
+                if not ok:
+                    row = rows.rows[i]
+                    discards.append(
+                        [
+                            table,
+                            name,
+                            ctype,
+                            orjson.dumps(value).decode(),
+                            str(row.get("id", "")),
+                            row.get("received_at", now),
+                            f"a {infer_type(value)} does not fit {ctype}",
+                        ]
+                    )
+                values[i] = converted
             columns.append(values)
         return names, columns, len(new)

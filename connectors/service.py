@@ -102,7 +102,9 @@ def create_app(
         loop = asyncio.get_running_loop()
         warehouse = await loop.run_in_executor(None, Warehouse, settings)
         targets = sink_targets(cfg, Topics(kafka.topic_prefix), settings)
-        sink = WarehouseSink(warehouse, targets, kafka, settings, event_codec(), app[METRICS])
+        sink = WarehouseSink(
+            warehouse, targets, kafka, settings, event_codec(logical_types=False), app[METRICS]
+        )
         await loop.run_in_executor(None, sink.start)
         app[WAREHOUSE], app[SINK] = warehouse, sink
         log.info("sink started", targets=[t.topic for t in targets], dsn=settings.dsn)

@@ -33,10 +33,12 @@ def load_schema(name: str) -> dict[str, Any]:
 class AvroCodec:
     """Encodes and decodes one record type, framed with its registered schema id."""
 
-    def __init__(self, schema: dict[str, Any], schema_id: int) -> None:
+    def __init__(self, schema: dict[str, Any], schema_id: int, logical_types: bool = True) -> None:
         self.schema_json = schema
         self.schema_id = schema_id
-        self._parsed = fastavro.parse_schema(schema)
+        # Without logical types, timestamps decode as the epoch-millisecond ints they are on
+        # the wire: what a warehouse insert wants, without building datetimes first.
+        self._parsed = fastavro.parse_schema(schema if logical_types else _plain(schema))
         self._header = _HEADER.pack(MAGIC, schema_id)
         self._writers: dict[int, Any] = {schema_id: self._parsed}
 
@@ -79,6 +81,15 @@ class AvroCodec:
 EVENT_SCHEMA_ID = 1
 
 
-def event_codec() -> AvroCodec:
+def event_codec(logical_types: bool = True) -> AvroCodec:
     """The codec of the event envelope on ingest and destination topics."""
-    return AvroCodec(load_schema("event"), EVENT_SCHEMA_ID)
+    return AvroCodec(load_schema("event"), EVENT_SCHEMA_ID, logical_types)
+
+
+def _plain(schema: Any) -> Any:
+    """`schema` without `logicalType` annotations (the binary encoding is the same)."""
+    if isinstance(schema, dict):
+        return {k: _plain(v) for k, v in schema.items() if k != "logicalType"}
+    if isinstance(schema, list):
+        return [_plain(v) for v in schema]
+    return schema

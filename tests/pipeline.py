@@ -41,6 +41,13 @@ def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 30)
         return json.loads(resp.read())
 
 
+def http_text(url: str, timeout: float = 10) -> str:
+    """The body of a GET as text; raises on non-2xx."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        body: bytes = resp.read()
+        return body.decode()
+
+
 @dataclass
 class Pipeline:
     """Gateway, worker and sink of one test, with their own topics, group ids and warehouse."""
