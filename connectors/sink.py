@@ -144,7 +144,9 @@ class WarehouseSink:
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
                 "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": settings.session_timeout_ms,
             }
+            | _static_membership(settings)
         )
         self.thread: threading.Thread | None = None
 
@@ -290,6 +292,13 @@ class WarehouseSink:
         # Synchronous: the next step (insert, or the next batch) must not run ahead of it.
         tp = TopicPartition(buf.topic, buf.partition, offset, metadata=metadata)
         self._consumer.commit(offsets=[tp], asynchronous=False)
+
+
+def _static_membership(settings: WarehouseSettings) -> dict[str, str]:
+    instance = settings.instance_id
+    if instance is None and settings.dsn.startswith("chdb:"):
+        instance = f"{settings.consumer_group}-embedded"
+    return {"group.instance.id": instance} if instance else {}
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

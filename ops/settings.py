@@ -100,6 +100,11 @@ class WarehouseSettings(BaseSettings):
     query_host: str = "127.0.0.1"
     query_port: int = 8124
     consumer_group: str = "sluice-sink"
+    # Static group membership: a restarted sink takes its partitions back at once instead
+    # of waiting for the old session to time out. Defaults to one id in embedded mode,
+    # where only one sink process can own the warehouse anyway.
+    instance_id: str | None = None
+    session_timeout_ms: int = 10_000
 
 
 class AppSettings(BaseSettings):
