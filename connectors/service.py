@@ -19,8 +19,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from connectors.clickhouse import QueryRefused, Warehouse
+from connectors.delivery import DeliveryMetrics, WebhookDelivery
 from connectors.sink import SinkMetrics, SinkTarget, WarehouseSink
-from ops.config import PipelineConfig
+from ops.config import ClickHouseConfig, PipelineConfig, WebhookConfig
 from ops.settings import KafkaSettings, WarehouseSettings
 from ops.topics import Topics
 from schemas.codec import event_codec
@@ -84,11 +85,36 @@ def sink_targets(
     """One target per ClickHouse destination: its topic and table (`settings.table` by default)."""
     targets = []
     for dest in cfg.destinations:
-        if dest.type == "clickhouse":
+        connector = dest.connector()
+        if isinstance(connector, ClickHouseConfig):
             table = str(dest.settings.get("table", settings.table))
-            layout = bool(dest.settings.get("layout", True))
-            targets.append(SinkTarget(dest.id, topics.destination(dest.id).main, table, layout))
+            targets.append(
+                SinkTarget(dest.id, topics.destination(dest.id).main, table, connector.layout)
+            )
     return targets
+
+
+def webhook_deliveries(
+    cfg: PipelineConfig, kafka: KafkaSettings, settings: WarehouseSettings, metrics: DeliveryMetrics
+) -> list[WebhookDelivery]:
+    """One delivery loop per webhook destination, each in a consumer group of its own."""
+    topics = Topics(kafka.topic_prefix)
+    deliveries = []
+    for dest in cfg.destinations:
+        connector = dest.connector()
+        if isinstance(connector, WebhookConfig) and dest.enabled:
+            deliveries.append(
+                WebhookDelivery(
+                    dest.id,
+                    topics.destination(dest.id, dest.retry.tiers),
+                    connector,
+                    kafka,
+                    f"{settings.consumer_group}-{dest.id}",
+                    event_codec(logical_types=False),
+                    metrics,
+                )
+            )
+    return deliveries
 
 
 def create_app(
@@ -97,6 +123,7 @@ def create_app(
     """The sink process's app: the sink runs from startup to cleanup."""
     app = web.Application()
     app[METRICS] = SinkMetrics()
+    delivery_metrics = DeliveryMetrics(app[METRICS].registry)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -107,8 +134,18 @@ def create_app(
         )
         await loop.run_in_executor(None, sink.start)
         app[WAREHOUSE], app[SINK] = warehouse, sink
-        log.info("sink started", targets=[t.topic for t in targets], dsn=settings.dsn)
+        deliveries = webhook_deliveries(cfg, kafka, settings, delivery_metrics)
+        tasks = [asyncio.create_task(d.run()) for d in deliveries]
+        log.info(
+            "connectors started",
+            targets=[t.topic for t in targets],
+            webhooks=[d.destination for d in deliveries],
+            dsn=settings.dsn,
+        )
         yield
+        for delivery in deliveries:
+            delivery.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await loop.run_in_executor(None, sink.stop)
         await loop.run_in_executor(None, warehouse.close)
         log.info("sink stopped")

@@ -154,6 +154,8 @@ class WarehouseSink:
         """Create the tables and consume in a background thread."""
         for target in self.targets.values():
             self.loader.prepare(target.table)
+        if not self.targets:
+            return
         self._consumer.subscribe(
             list(self.targets), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
@@ -165,6 +167,8 @@ class WarehouseSink:
         self._stop.set()
         if self.thread is not None:
             self.thread.join(timeout)
+        else:
+            self._consumer.close()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         committed = consumer.committed(partitions, timeout=30)

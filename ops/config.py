@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, model_validator
 
 from schemas.errors import ConfigError
 
@@ -64,6 +64,47 @@ class RetryPolicy(_Model):
         return self
 
 
+class WebhookAuth(_Model):
+    """Basic or bearer credentials; values may name environment variables as `${NAME}`."""
+
+    type: Literal["basic", "bearer"]
+    username: str = ""
+    password: str = ""
+    token: str = ""
+
+
+class WebhookRateLimit(_Model):
+    """Requests a second for the whole destination, across all of its delivery processes."""
+
+    requests_per_s: float = Field(gt=0)
+
+
+class Breaker(_Model):
+    """Open after `failures` consecutive failures; probe again after `cooldown_s`."""
+
+    failures: int = Field(default=5, ge=1)
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
+class WebhookConfig(_Model):
+    """The `settings` of a `type: webhook` destination."""
+
+    url: HttpUrl
+    headers: dict[str, str] = Field(default_factory=dict)
+    auth: WebhookAuth | None = None
+    timeout_s: float = Field(default=10.0, gt=0)
+    batch_size: int = Field(default=1, ge=1, le=1000)
+    rate_limit: WebhookRateLimit | None = None
+    breaker: Breaker = Breaker()
+
+
+class ClickHouseConfig(_Model):
+    """The `settings` of a `type: clickhouse` destination."""
+
+    table: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "events"
+    layout: bool = True
+
+
 class Destination(_Model):
     """Where events go: a connector type, its settings and the sources routed to it."""
 
@@ -73,6 +114,17 @@ class Destination(_Model):
     enabled: bool = True
     retry: RetryPolicy = RetryPolicy()
     settings: dict[str, object] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _settings_fit_the_type(self) -> Destination:
+        self.connector()
+        return self
+
+    def connector(self) -> ClickHouseConfig | WebhookConfig:
+        """The validated settings of this destination's connector type."""
+        if self.type == "webhook":
+            return WebhookConfig.model_validate(self.settings)
+        return ClickHouseConfig.model_validate(self.settings)
 
 
 class PipelineConfig(_Model):

@@ -21,7 +21,7 @@ destinations:
   - id: warehouse
     type: clickhouse
     sources: [test-src]
-    retry: {{tiers: [1s, 3s], max_attempts: 3}}
+    retry: {tiers: [1s, 3s], max_attempts: 3}
 """
 
 
@@ -57,12 +57,13 @@ class Pipeline:
     prefix: str
     write_key: str = "test-key"
     env: dict[str, str] = field(default_factory=dict)
+    config: str = CONFIG
 
     def __post_init__(self) -> None:
         self.gateway_port = free_port()
         self.query_port = free_port()
         config = self.root / "sluice.yaml"
-        config.write_text(CONFIG.format(key=self.write_key))
+        config.write_text(self.config.replace("{key}", self.write_key))
         self.env = {
             "SLUICE_CONFIG_FILE": str(config),
             "SLUICE_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,

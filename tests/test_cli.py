@@ -43,7 +43,7 @@ def test_topics_apply_creates_then_changes_nothing(
     tmp_path: Path, kafka: KafkaSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tmp_path / "sluice.yaml"
-    config.write_text(CONFIG.format(key="k"))
+    config.write_text(CONFIG.replace("{key}", "k"))
     monkeypatch.setenv("SLUICE_KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap_servers)
     monkeypatch.setenv("SLUICE_KAFKA_TOPIC_PREFIX", kafka.topic_prefix)
     first = runner.invoke(app, ["topics", "apply", "--config", str(config)])

@@ -1,0 +1,231 @@
+"""Webhook destinations: classification, payloads, and delivery through the real pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from confluent_kafka import Consumer
+
+from connectors.webhook import DeliveryRejected, WebhookClient, payload
+from ops.admin import apply_topics
+from ops.config import WebhookConfig, load_config
+from ops.settings import KafkaSettings
+from ops.topics import required_topics
+from ops.traffic import sample_events, send_batches
+from schemas.errors import DestinationUnavailable
+from tests.pipeline import Pipeline, free_port
+
+STATUS = web.AppKey("status", list[int])
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Any, list[int]]]:
+    """A webhook that answers the status codes it is told to, one per request."""
+    app = web.Application()
+    app[STATUS] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        status = request.app[STATUS].pop(0) if request.app[STATUS] else 200
+        if status == 0:
+            await asyncio.sleep(5)
+        headers = {"Retry-After": "2"} if status == 429 else {}
+        return web.Response(status=status or 200, text="x", headers=headers)
+
+    app.router.add_post("/hook", hook)
+    async with TestServer(app) as server:
+        yield server, app[STATUS]
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "retry_after"),
+    [
+        (200, None, None),
+        (500, DestinationUnavailable, None),
+        (429, DestinationUnavailable, 2.0),
+        (408, DestinationUnavailable, None),
+        (400, DeliveryRejected, None),
+        (404, DeliveryRejected, None),
+        (0, DestinationUnavailable, None),
+    ],
+)
+async def test_responses_are_classified(
+    receiver: tuple[TestServer, list[int]],
+    status: int,
+    error: type[Exception] | None,
+    retry_after: float | None,
+) -> None:
+    server, statuses = receiver
+    statuses.append(status)
+    cfg = WebhookConfig.model_validate({"url": str(server.make_url("/hook")), "timeout_s": 1})
+    event = {
+        "event_id": "e",
+        "type": "track",
+        "event": "E",
+        "user_id": "u",
+        "anonymous_id": None,
+        "timestamp": 0,
+        "received_at": 0,
+        "sent_at": None,
+        "original_timestamp": None,
+        "context": "{}",
+        "properties": '{"a": 1}',
+        "traits": "{}",
+        "source_id": "s",
+        "group_id": None,
+        "previous_id": None,
+    }
+    async with aiohttp.ClientSession() as session:
+        client = WebhookClient(cfg, session)
+        if error is None:
+            await client.send([event])
+            return
+        with pytest.raises(error) as caught:
+            await client.send([event])
+    if retry_after is not None:
+        assert isinstance(caught.value, DestinationUnavailable)
+        assert caught.value.retry_after == retry_after
+
+
+def test_payload_is_segment_shaped() -> None:
+    body = payload(
+        {
+            "event_id": "m1",
+            "type": "track",
+            "event": "Paid",
+            "user_id": "u1",
+            "anonymous_id": None,
+            "timestamp": 1_700_000_000_123,
+            "received_at": 1_700_000_000_500,
+            "sent_at": None,
+            "original_timestamp": None,
+            "context": '{"ip": "1.2.3.4"}',
+            "properties": '{"n": 2}',
+            "traits": "{}",
+            "source_id": "web",
+            "group_id": None,
+            "previous_id": None,
+        }
+    )
+    assert body == {
+        "messageId": "m1",
+        "type": "track",
+        "event": "Paid",
+        "userId": "u1",
+        "timestamp": "2023-11-14T22:13:20.123Z",
+        "receivedAt": "2023-11-14T22:13:20.500Z",
+        "context": {"ip": "1.2.3.4"},
+        "properties": {"n": 2},
+        "sourceId": "web",
+    }
+
+
+WEBHOOK_CONFIG = """
+sources:
+  - id: test-src
+    write_keys: [{key}]
+destinations:
+  - id: hook
+    type: webhook
+    sources: [test-src]
+    settings:
+      url: http://127.0.0.1:PORT/hook
+      rate_limit: {requests_per_s: RATE}
+      breaker: {failures: 3, cooldown_s: 1}
+      timeout_s: 2
+"""
+
+
+@pytest.mark.integration
+async def test_failing_rate_limiting_webhook_gets_every_event_at_the_configured_rate(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    rate, count = 25.0, 150
+    port = free_port()
+    seen: dict[str, int] = {}
+    all_delivered = asyncio.Event()
+    times: list[float] = []
+    requests = 0
+
+    async def hook(request: web.Request) -> web.Response:
+        nonlocal requests
+        requests += 1
+        times.append(time.monotonic())
+        body = orjson.loads(await request.read())
+        if requests <= 6:
+            return web.Response(status=503)  # an outage at the start: the breaker opens
+        if requests % 15 == 0:
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        if body.get("properties", {}).get("poison"):
+            return web.Response(status=422, text="poison")
+        seen[body["messageId"]] = seen.get(body["messageId"], 0) + 1
+        if len(seen) == count - 1:
+            all_delivered.set()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    pipe = Pipeline(
+        tmp_path,
+        broker,
+        prefix,
+        config=WEBHOOK_CONFIG.replace("PORT", str(port)).replace("RATE", str(rate)),
+    )
+    kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
+    apply_topics(required_topics(load_config(Path(pipe.env["SLUICE_CONFIG_FILE"])), kafka), kafka)
+    try:
+        await asyncio.to_thread(pipe.start)
+        events = sample_events(count, seed=5)
+        events[10]["properties"] = {"poison": True}
+        report = await send_batches(pipe.gateway_url, pipe.write_key, events)
+        assert report.accepted == count
+        await asyncio.wait_for(all_delivered.wait(), 90)
+    finally:
+        await asyncio.to_thread(pipe.stop)
+        await runner.cleanup()
+
+    assert set(seen) == {e["messageId"] for e in events} - {events[10]["messageId"]}
+    steady = times[10:]
+    observed = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert observed <= rate * 1.1, f"{observed:.1f} requests/s against a limit of {rate}"
+    dead = _read_all(kafka, f"{prefix}.dest.hook.dlq")
+    assert len(dead) == 1
+    headers = {k: v.decode() for k, v in dead[0]}
+    assert headers["sluice.error.class"] == "DeliveryRejected"
+    assert headers["sluice.error.message"].startswith("HTTP 422")
+    assert headers["sluice.destination"] == "hook"
+    assert headers["sluice.original.topic"] == f"{prefix}.dest.hook"
+    assert {"sluice.original.partition", "sluice.original.offset", "sluice.attempts"} <= set(
+        headers
+    )
+
+
+def _read_all(kafka: KafkaSettings, topic: str) -> list[Any]:
+    consumer = Consumer(
+        kafka.client_config() | {"group.id": f"{topic}-check", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([topic])
+    found = []
+    deadline = time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(100, timeout=0.5):
+                if msg.error() is None:
+                    found.append(msg.headers() or [])
+            if found:
+                deadline = min(deadline, time.monotonic() + 1)
+    finally:
+        consumer.close()
+    return found
