@@ -195,9 +195,10 @@ async def _accept(
     accepted: list[Record] = []
     rejected: list[dict[str, Any]] = []
     rejected_records: list[Record] = []
+    times: dict[Any, int | None] = {}
     for index, msg in enumerate(messages):
         try:
-            event = build_event(msg, source.id, received_at, default_type)
+            event = build_event(msg, source.id, received_at, default_type, times)
             value = codec.encode(event)
             if len(value) > settings.max_event_bytes:
                 raise InvalidEvent(f"event exceeds {settings.max_event_bytes} bytes")

@@ -36,6 +36,15 @@ def parse_timestamp(value: Any, field: str) -> int | None:
     return int(parsed.timestamp() * 1000)
 
 
+def _cached(times: dict[Any, int | None], raw: Any, field: str) -> int | None:
+    if type(raw) is not str:
+        return parse_timestamp(raw, field)
+    if raw in times:
+        return times[raw]
+    parsed = times[raw] = parse_timestamp(raw, field)
+    return parsed
+
+
 def _obj(msg: dict[str, Any], field: str) -> str:
     value = msg.get(field)
     if value is None:
@@ -57,7 +66,11 @@ def _opt_str(msg: dict[str, Any], field: str) -> str | None:
 
 
 def build_event(
-    msg: Any, source_id: str, received_at_ms: int, default_type: str | None = None
+    msg: Any,
+    source_id: str,
+    received_at_ms: int,
+    default_type: str | None = None,
+    times: dict[Any, int | None] | None = None,
 ) -> dict[str, Any]:
     """Validate one message and build its envelope record; InvalidEvent says why not.
 
@@ -82,8 +95,15 @@ def build_event(
     previous_id = _opt_str(msg, "previousId")
     if etype == "alias" and not previous_id:
         raise InvalidEvent("alias events need a previousId")
-    original = parse_timestamp(msg.get("originalTimestamp") or msg.get("timestamp"), "timestamp")
-    sent_at = parse_timestamp(msg.get("sentAt"), "sentAt")
+    original_raw = msg.get("originalTimestamp") or msg.get("timestamp")
+    sent_raw = msg.get("sentAt")
+    if times is None:
+        original = parse_timestamp(original_raw, "timestamp")
+        sent_at = parse_timestamp(sent_raw, "sentAt")
+    else:
+        # One request's messages share sentAt and often timestamps: parse each text once.
+        original = _cached(times, original_raw, "timestamp")
+        sent_at = _cached(times, sent_raw, "sentAt")
     if original is not None and sent_at is not None:
         timestamp = received_at_ms - (sent_at - original)
     else:

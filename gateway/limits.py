@@ -36,13 +36,21 @@ class TokenBucket:
 
 def too_deep(value: Any, limit: int) -> bool:
     """Whether containers in `value` nest deeper than `limit` levels."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
-    return False
+    return not _within(value, limit)
+
+
+def _within(node: Any, remaining: int) -> bool:
+    if remaining <= 0:
+        return False
+    kind = type(node)
+    if kind is dict:
+        children = node.values()
+    elif kind is list:
+        children = node
+    else:
+        return True
+    for child in children:
+        t = type(child)
+        if (t is dict or t is list) and not _within(child, remaining - 1):
+            return False
+    return True

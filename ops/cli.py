@@ -240,6 +240,15 @@ def _mount_kafka() -> None:
 _mount_kafka()
 
 
+def _mount_bench() -> None:
+    from ops.benchmarks import bench_app  # noqa: PLC0415
+
+    app.add_typer(bench_app, name="bench", help="Benchmarks next to same-run baselines.")
+
+
+_mount_bench()
+
+
 def main() -> None:
     """Entry point of the `sluice` console script."""
     app()

@@ -17,6 +17,7 @@ from typing import Any
 import fastavro
 
 from schemas.errors import SchemaError
+from schemas.fastpath import compile_encoder
 
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
@@ -40,6 +41,7 @@ class AvroCodec:
         # the wire: what a warehouse insert wants, without building datetimes first.
         self._parsed = fastavro.parse_schema(schema if logical_types else _plain(schema))
         self._header = _HEADER.pack(MAGIC, schema_id)
+        self._fast = compile_encoder(schema)
         self._writers: dict[int, Any] = {schema_id: self._parsed}
 
     def add_writer_schema(self, schema_id: int, schema: dict[str, Any]) -> None:
@@ -48,6 +50,8 @@ class AvroCodec:
 
     def encode(self, record: dict[str, Any]) -> bytes:
         """Frame and encode one record; raises SchemaError when it does not fit the schema."""
+        if self._fast is not None:
+            return self._header + self._fast(record)
         buf = io.BytesIO()
         buf.write(self._header)
         try:

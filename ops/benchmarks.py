@@ -1,0 +1,272 @@
+"""`sluice bench`: throughput of Sluice's stages, each next to a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ops.settings import KafkaSettings
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against same-run baselines.")
+console = Console()
+
+BENCH_CONFIG = """
+sources:
+  - id: bench
+    write_keys: [bench-key]
+destinations:
+  - id: warehouse
+    type: clickhouse
+    sources: [bench]
+"""
+
+
+def _topics(bootstrap: str) -> tuple[KafkaSettings, Any]:
+    from ops.admin import apply_topics  # noqa: PLC0415
+    from ops.config import parse_config  # noqa: PLC0415
+    from ops.topics import required_topics  # noqa: PLC0415
+
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:8]}")
+    cfg = parse_config(BENCH_CONFIG)
+    apply_topics(required_topics(cfg, kafka), kafka)
+    return kafka, cfg
+
+
+def _envelopes(count: int) -> list[tuple[bytes, bytes]]:
+    from gateway.envelope import build_event, partition_key  # noqa: PLC0415
+    from ops.traffic import sample_events  # noqa: PLC0415
+    from schemas.codec import event_codec  # noqa: PLC0415
+
+    codec, now = event_codec(), int(time.time() * 1000)
+    out = []
+    for msg in sample_events(min(count, 20_000), users=500, seed=1):
+        event = build_event(msg, "bench", now)
+        out.append((partition_key(event), codec.encode(event)))
+    return [out[i % len(out)] for i in range(count)]
+
+
+def raw_producer_rate(
+    kafka: KafkaSettings, topic: str, records: list[tuple[bytes, bytes]]
+) -> float:
+    """Events/s of a bare confluent-kafka producer (idempotent, acks=all, linger 5 ms, lz4)."""
+    from confluent_kafka import Producer  # noqa: PLC0415
+
+    producer = Producer(
+        kafka.client_config()
+        | {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
+    started = time.perf_counter()
+    for i, (key, value) in enumerate(records):
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        if i % 1000 == 0:
+            producer.poll(0)
+    producer.flush(120)
+    return len(records) / (time.perf_counter() - started)
+
+
+def _load(
+    url: str,
+    path: str,
+    bodies: list[bytes],
+    events_per_body: int,
+    connections: int,
+    seconds: float,
+    out: Any,
+) -> None:
+    """Load generator (runs in its own process): posts for `seconds`, reports via `out`."""
+    import aiohttp  # noqa: PLC0415
+    import uvloop  # noqa: PLC0415
+
+    from ops.traffic import basic_auth  # noqa: PLC0415
+
+    async def main() -> dict[str, Any]:
+        headers = {"Authorization": basic_auth("bench-key"), "Content-Type": "application/json"}
+        latencies: list[float] = []
+        failures = 0
+        connector = aiohttp.TCPConnector(limit=connections)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def worker(n: int, until: float, record: bool) -> None:
+                nonlocal failures
+                i = n
+                while time.perf_counter() < until:
+                    started = time.perf_counter()
+                    async with session.post(
+                        url + path, data=bodies[i % len(bodies)], headers=headers
+                    ) as resp:
+                        await resp.read()
+                        if record:
+                            if resp.status == 200:
+                                latencies.append(time.perf_counter() - started)
+                            else:
+                                failures += 1
+                    i += connections
+
+            warm = time.perf_counter() + 2.0
+            await asyncio.gather(*(worker(n, warm, False) for n in range(connections)))
+            started = time.perf_counter()
+            await asyncio.gather(*(worker(n, started + seconds, True) for n in range(connections)))
+            elapsed = time.perf_counter() - started
+        latencies.sort()
+        return {
+            "requests_per_s": len(latencies) / elapsed,
+            "events_per_s": len(latencies) * events_per_body / elapsed,
+            "p50_ms": 1000 * statistics.median(latencies) if latencies else 0.0,
+            "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
+            "failures": failures,
+        }
+
+    out.put(uvloop.run(main()))
+
+
+def _run_load(
+    url: str, path: str, bodies: list[bytes], per_body: int, connections: int, seconds: float
+) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(
+        target=_load, args=(url, path, bodies, per_body, connections, seconds, queue)
+    )
+    proc.start()
+    result: dict[str, Any] = queue.get(timeout=seconds + 120)
+    proc.join()
+    return result
+
+
+@bench_app.command("gateway")
+def bench_gateway(
+    seconds: Annotated[
+        float, typer.Option(help="Measured seconds per mode (after 2 s warm-up).")
+    ] = 10.0,
+    connections: Annotated[int, typer.Option(help="Concurrent HTTP connections.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Events per /v1/batch request.")] = 100,
+    baseline_events: Annotated[
+        int, typer.Option(help="Events for the raw producer baseline.")
+    ] = 500_000,
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results here.")
+    ] = None,
+) -> None:
+    """Gateway events/s and ack latency (batched and single) next to the raw producer."""
+    import socket  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    from ops.services import Service  # noqa: PLC0415
+    from ops.topics import Topics  # noqa: PLC0415
+    from ops.traffic import sample_events  # noqa: PLC0415
+
+    kafka, _ = _topics(bootstrap or KafkaSettings().bootstrap_servers)
+    ingest = Topics(kafka.topic_prefix).ingest
+    results: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "connections": connections,
+        "batch_size": batch_size,
+    }
+    with console.status(f"baseline: raw confluent-kafka producer, {baseline_events:,} events ..."):
+        results["producer_events_per_s"] = raw_producer_rate(
+            kafka, ingest, _envelopes(baseline_events)
+        )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    config = workdir / "sluice.yaml"
+    config.write_text(BENCH_CONFIG)
+    service = Service("gateway", workdir)
+    env = {
+        "SLUICE_CONFIG_FILE": str(config),
+        "SLUICE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "SLUICE_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+        "SLUICE_GATEWAY_PORT": str(port),
+        "SLUICE_LOG_LEVEL": "WARNING",
+    }
+    url = f"http://127.0.0.1:{port}"
+    try:
+        service.start(["gateway"], env)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ready", timeout=2):  # noqa: S310 - loopback
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise typer.Exit(1) from None
+                time.sleep(0.2)
+        events = sample_events(20_000, users=500, seed=2)
+        batches = [
+            orjson.dumps({"batch": events[i : i + batch_size]})
+            for i in range(0, len(events), batch_size)
+        ]
+        singles = [orjson.dumps(e) for e in events[:5000]]
+        with console.status(
+            f"gateway: /v1/batch x{batch_size}, {connections} connections, {seconds:.0f}s ..."
+        ):
+            results["batched"] = _run_load(
+                url, "/v1/batch", batches, batch_size, connections, seconds
+            )
+        with console.status(
+            f"gateway: single events (/v1/track), {connections} connections, {seconds:.0f}s ..."
+        ):
+            results["single"] = _run_load(url, "/v1/track", singles, 1, connections, seconds)
+    finally:
+        service.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    table = Table(title=f"Gateway ingestion ({results['cores']} cores, broker on this machine)")
+    for col in ("setup", "events/s", "requests/s", "p50 ms", "p99 ms", "non-200"):
+        table.add_column(col, justify="right" if col != "setup" else "left")
+    table.add_row(
+        "raw confluent-kafka producer (baseline)",
+        f"{results['producer_events_per_s']:,.0f}",
+        "",
+        "",
+        "",
+        "",
+    )
+    for name, label in (
+        ("batched", f"gateway /v1/batch, {batch_size} events a request"),
+        ("single", "gateway /v1/track, 1 event a request"),
+    ):
+        r = results[name]
+        table.add_row(
+            label,
+            f"{r['events_per_s']:,.0f}",
+            f"{r['requests_per_s']:,.0f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            str(r["failures"]),
+        )
+    console.print(table)
+    ratio = results["batched"]["events_per_s"] / results["producer_events_per_s"]
+    console.print(f"batched gateway / raw producer: {ratio:.2f}")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+    if results["batched"]["failures"] or results["single"]["failures"]:
+        console.print("[red]some requests failed[/red]")
+        raise typer.Exit(1)
