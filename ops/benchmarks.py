@@ -53,10 +53,10 @@ def _envelopes(count: int) -> list[tuple[bytes, bytes]]:
 
     codec, now = event_codec(), int(time.time() * 1000)
     out = []
-    for msg in sample_events(min(count, 20_000), users=500, seed=1):
+    for msg in sample_events(count, users=500, seed=1):
         event = build_event(msg, "bench", now)
         out.append((partition_key(event), codec.encode(event)))
-    return [out[i % len(out)] for i in range(count)]
+    return out
 
 
 def raw_producer_rate(
@@ -270,3 +270,98 @@ def bench_gateway(
     if results["batched"]["failures"] or results["single"]["failures"]:
         console.print("[red]some requests failed[/red]")
         raise typer.Exit(1)
+
+
+@bench_app.command("sink")
+def bench_sink(
+    events: Annotated[int, typer.Option(help="Events to load.")] = 200_000,
+    layout: Annotated[
+        bool, typer.Option(help="Also fan out into the per-type and per-event tables.")
+    ] = True,
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results here.")
+    ] = None,
+) -> None:
+    """Warehouse sink rows/s (Kafka to embedded ClickHouse) next to a bare insert loop."""
+    from confluent_kafka import Producer  # noqa: PLC0415
+
+    from connectors.clickhouse import COLUMN_NAMES, Warehouse, table_ddl  # noqa: PLC0415
+    from connectors.sink import SinkTarget, WarehouseSink  # noqa: PLC0415
+    from ops.settings import WarehouseSettings  # noqa: PLC0415
+    from ops.topics import Topics  # noqa: PLC0415
+    from schemas.codec import event_codec  # noqa: PLC0415
+
+    kafka, _ = _topics(bootstrap or KafkaSettings().bootstrap_servers)
+    topic = Topics(kafka.topic_prefix).destination("warehouse").main
+    records = _envelopes(events)
+    with console.status(f"producing {events:,} events to {topic} ..."):
+        producer = Producer(kafka.client_config() | {"linger.ms": 20, "compression.type": "lz4"})
+        for i, (key, value) in enumerate(records):
+            producer.produce(topic, value, key)
+            if i % 10_000 == 0:
+                producer.poll(0)
+        producer.flush(120)
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-wh-"))
+    settings = WarehouseSettings(
+        dsn=f"chdb://{workdir}", consumer_group=f"{kafka.topic_prefix}-sink"
+    )
+    warehouse = Warehouse(settings)
+    results: dict[str, Any] = {"events": events, "layout": layout, "cores": os.cpu_count()}
+    try:
+        codec = event_codec(logical_types=False)
+        decoded = [codec.decode(v) for _, v in records]
+        for i, e in enumerate(decoded):
+            e["_topic"], e["_partition"], e["_offset"] = topic, 0, i
+        columns = [[e[name] for e in decoded] for name in COLUMN_NAMES]
+        warehouse.command(
+            table_ddl("bare", [(n, t) for n, t in _event_types()], "tuple()", replacing=False)
+        )
+        with console.status("baseline: bare clickhouse-connect inserts, 10,000 rows each ..."):
+            started = time.perf_counter()
+            for i in range(0, events, 10_000):
+                warehouse.insert(
+                    "bare", COLUMN_NAMES, [c[i : i + 10_000] for c in columns], f"bare-{i}"
+                )
+            results["bare_insert_rows_per_s"] = events / (time.perf_counter() - started)
+        sink = WarehouseSink(
+            warehouse, [SinkTarget("warehouse", topic, "events", layout)], kafka, settings, codec
+        )
+        with console.status(
+            f"sink: Kafka -> decode -> {'layout + ' if layout else ''}insert -> commit ..."
+        ):
+            started = time.perf_counter()
+            sink.start()
+            while sink.metrics.rows.labels("warehouse")._value.get() < events:
+                time.sleep(0.05)
+            results["sink_events_per_s"] = events / (time.perf_counter() - started)
+            sink.stop()
+        rows = warehouse.query("SELECT count() FROM events").rows[0][0]
+        if rows != events:
+            console.print(f"[red]expected {events} rows, found {rows}[/red]")
+            raise typer.Exit(1)
+    finally:
+        warehouse.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    table = Table(
+        title=f"Warehouse sink ({results['cores']} cores, embedded ClickHouse, broker on this machine)"
+    )
+    table.add_column("setup")
+    table.add_column("rows/s", justify="right")
+    table.add_row(
+        "bare clickhouse-connect insert loop, 10k rows/insert (baseline)",
+        f"{results['bare_insert_rows_per_s']:,.0f}",
+    )
+    label = (
+        "sink: consume, decode, insert events" + (" + layout tables" if layout else "") + ", commit"
+    )
+    table.add_row(label, f"{results['sink_events_per_s']:,.0f}")
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+def _event_types() -> list[tuple[str, str]]:
+    from connectors.clickhouse import EVENT_COLUMNS  # noqa: PLC0415
+
+    return list(EVENT_COLUMNS)

@@ -17,7 +17,7 @@ from typing import Any
 import fastavro
 
 from schemas.errors import SchemaError
-from schemas.fastpath import compile_encoder
+from schemas.fastpath import compile_decoder, compile_encoder
 
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
@@ -42,6 +42,7 @@ class AvroCodec:
         self._parsed = fastavro.parse_schema(schema if logical_types else _plain(schema))
         self._header = _HEADER.pack(MAGIC, schema_id)
         self._fast = compile_encoder(schema)
+        self._fast_decode = None if logical_types else compile_decoder(schema)
         self._writers: dict[int, Any] = {schema_id: self._parsed}
 
     def add_writer_schema(self, schema_id: int, schema: dict[str, Any]) -> None:
@@ -67,6 +68,8 @@ class AvroCodec:
         magic, schema_id = _HEADER.unpack_from(data)
         if magic != MAGIC:
             raise SchemaError(f"unknown magic byte {magic}")
+        if schema_id == self.schema_id and self._fast_decode is not None:
+            return self._fast_decode(data, _HEADER.size)
         writer = self._writers.get(schema_id)
         if writer is None:
             raise SchemaError(f"unknown schema id {schema_id}")

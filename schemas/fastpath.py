@@ -176,3 +176,121 @@ def compile_encoder(schema: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]
         return b"".join(out)
 
     return encode
+
+
+Reader = Callable[[bytes, int], tuple[Any, int]]
+
+
+def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
+    b = buf[pos]
+    pos += 1
+    if b < 128:
+        return (b >> 1) ^ -(b & 1), pos
+    n = b & 0x7F
+    shift = 7
+    while True:
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if b < 128:
+            return (n >> 1) ^ -(n & 1), pos
+        shift += 7
+
+
+def _read_string(buf: bytes, pos: int) -> tuple[str, int]:
+    size, pos = _read_long(buf, pos)
+    end = pos + size
+    if size < 0 or end > len(buf):
+        raise SchemaError("string runs past the end of the record")
+    return buf[pos:end].decode(), end
+
+
+def _read_bytes(buf: bytes, pos: int) -> tuple[bytes, int]:
+    size, pos = _read_long(buf, pos)
+    end = pos + size
+    if size < 0 or end > len(buf):
+        raise SchemaError("bytes run past the end of the record")
+    return buf[pos:end], end
+
+
+def _read_boolean(buf: bytes, pos: int) -> tuple[bool, int]:
+    return buf[pos] == 1, pos + 1
+
+
+def _read_double(buf: bytes, pos: int) -> tuple[float, int]:
+    return struct.unpack_from("<d", buf, pos)[0], pos + 8
+
+
+def _read_float(buf: bytes, pos: int) -> tuple[float, int]:
+    return struct.unpack_from("<f", buf, pos)[0], pos + 4
+
+
+def _read_null(_buf: bytes, pos: int) -> tuple[None, int]:
+    return None, pos
+
+
+def _reader_of(schema: Any) -> Reader | None:
+    if isinstance(schema, dict):
+        # Logical types decode as their underlying type: epoch-millisecond ints.
+        schema = schema.get("type")
+    return (
+        {
+            "string": _read_string,
+            "bytes": _read_bytes,
+            "long": _read_long,
+            "int": _read_long,
+            "boolean": _read_boolean,
+            "double": _read_double,
+            "float": _read_float,
+            "null": _read_null,
+        }.get(schema)
+        if isinstance(schema, str)
+        else None
+    )
+
+
+def _field_reader(schema: Any) -> Reader | None:
+    if isinstance(schema, list):
+        if len(schema) == 2 and schema[0] == "null":
+            inner = _reader_of(schema[1])
+            if inner is None:
+                return None
+
+            def optional(buf: bytes, pos: int, inner: Reader = inner) -> tuple[Any, int]:
+                branch = buf[pos]
+                if branch == 0:
+                    return None, pos + 1
+                if branch != 2:
+                    raise SchemaError(f"union branch {branch >> 1} out of range")
+                return inner(buf, pos + 1)
+
+            return optional
+        return None
+    return _reader_of(schema)
+
+
+def compile_decoder(schema: dict[str, Any]) -> Callable[[bytes, int], dict[str, Any]] | None:
+    """A decoder for a flat record schema (timestamps as ints), or None when it needs fastavro."""
+    if schema.get("type") != "record":
+        return None
+    fields: list[tuple[str, Reader]] = []
+    for f in schema["fields"]:
+        reader = _field_reader(f["type"])
+        if reader is None:
+            return None
+        fields.append((f["name"], reader))
+
+    def decode(buf: bytes, pos: int) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        try:
+            for name, reader in fields:
+                record[name], pos = reader(buf, pos)
+        except IndexError:
+            raise SchemaError("record body is truncated") from None
+        except UnicodeDecodeError:
+            raise SchemaError("a string is not valid UTF-8") from None
+        if pos != len(buf):
+            raise SchemaError(f"{len(buf) - pos} bytes left after the record")
+        return record
+
+    return decode

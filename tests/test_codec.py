@@ -9,7 +9,7 @@ import pytest
 
 from gateway.envelope import build_event
 from ops.traffic import sample_events
-from schemas.codec import EVENT_SCHEMA_ID, event_codec, load_schema
+from schemas.codec import EVENT_SCHEMA_ID, _plain, event_codec, load_schema
 from schemas.errors import SchemaError
 from schemas.fastpath import compile_encoder
 
@@ -74,3 +74,23 @@ def test_compiled_encoder_reports_the_field() -> None:
         event_codec().encode({**EVENT, "event_id": 7})
     with pytest.raises(SchemaError, match="field 'source_id': expected a string, got nothing"):
         event_codec().encode({"event_id": "x"})
+
+
+def test_compiled_decoder_reads_what_fastavro_reads() -> None:
+    plain = event_codec(logical_types=False)
+    parsed = fastavro.parse_schema(_plain(load_schema("event")))
+    messages = sample_events(300, seed=4)
+    messages[0]["userId"] = "ünïcødé ✓ " * 20
+    for msg in messages:
+        data = event_codec().encode(build_event(msg, "src", 1_700_000_000_000))
+        expected = fastavro.schemaless_reader(io.BytesIO(data[5:]), parsed, parsed)
+        assert plain.decode(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [(b"\x04e1", "truncated"), (b"\x04e1\x02s\x0atrack\x02", "truncated"), (b"\x02\xff", "UTF-8")],
+)
+def test_compiled_decoder_refuses_broken_bodies(body: bytes, reason: str) -> None:
+    with pytest.raises(SchemaError, match=reason):
+        event_codec(logical_types=False).decode(b"\x00\x00\x00\x00\x01" + body)
