@@ -161,7 +161,7 @@ async def test_failing_rate_limiting_webhook_gets_every_event_at_the_configured_
         requests += 1
         times.append(time.monotonic())
         body = orjson.loads(await request.read())
-        if requests <= 6:
+        if requests <= 4:
             return web.Response(status=503)  # an outage at the start: the breaker opens
         if requests % 15 == 0:
             return web.Response(status=429, headers={"Retry-After": "1"})
