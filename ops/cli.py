@@ -240,6 +240,15 @@ def _mount_kafka() -> None:
 _mount_kafka()
 
 
+def _mount_dlq() -> None:
+    from ops.cli_dlq import dlq_app  # noqa: PLC0415
+
+    app.add_typer(dlq_app, name="dlq", help="Inspect and redrive dead-letter queues.")
+
+
+_mount_dlq()
+
+
 def _mount_bench() -> None:
     from ops.benchmarks import bench_app  # noqa: PLC0415
 

@@ -70,6 +70,11 @@ class Topics:
         return f"{self.prefix}.config"
 
     @property
+    def dlq_audit(self) -> str:
+        """One record per DLQ redrive: who, what, when, how many."""
+        return f"{self.prefix}.dlq.audit"
+
+    @property
     def schemas(self) -> str:
         """The built-in schema registry's log (compacted)."""
         return f"{self.prefix}.schemas"
@@ -92,6 +97,7 @@ def required_topics(cfg: PipelineConfig, kafka: KafkaSettings) -> list[TopicSpec
         TopicSpec(topics.jobs_status, parts, rf, compact),
         TopicSpec(topics.config, 1, rf, compact),
         TopicSpec(topics.schemas, 1, rf, compact),
+        TopicSpec(topics.dlq_audit, 1, rf, {"cleanup.policy": "delete", "retention.ms": "-1"}),
     ]
     for dest in cfg.destinations:
         dt = topics.destination(dest.id, dest.retry.tiers)

@@ -48,11 +48,11 @@ def test_topics_apply_creates_then_changes_nothing(
     monkeypatch.setenv("SLUICE_KAFKA_TOPIC_PREFIX", kafka.topic_prefix)
     first = runner.invoke(app, ["topics", "apply", "--config", str(config)])
     assert first.exit_code == 0, first.output
-    assert first.output.count("created") == 9
+    assert first.output.count("created") == 10
     assert f"{kafka.topic_prefix}.dest.warehouse.retry.3s" in first.output
     second = runner.invoke(app, ["topics", "apply", "--config", str(config)])
     assert second.exit_code == 0
-    assert second.output.count("unchanged") == 9
+    assert second.output.count("unchanged") == 10
 
 
 def test_broker_properties_use_the_configured_ports_and_folder(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ def test_required_topics_cover_destination_tiers_and_dlq() -> None:
         "x.jobs.status",
         "x.config",
         "x.schemas",
+        "x.dlq.audit",
         "x.dest.wh",
         "x.dest.wh.retry.5s",
         "x.dest.wh.retry.1m",
