@@ -21,6 +21,9 @@ from rich.table import Table
 
 from ops.settings import KafkaSettings
 
+Bootstrap = Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")]
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results here.")]
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against same-run baselines.")
 console = Console()
 
@@ -168,10 +171,8 @@ def bench_gateway(
     baseline_events: Annotated[
         int, typer.Option(help="Events for the raw producer baseline.")
     ] = 500_000,
-    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the results here.")
-    ] = None,
+    bootstrap: Bootstrap = None,
+    json_out: JsonOut = None,
 ) -> None:
     """Gateway events/s and ack latency (batched and single) next to the raw producer."""
     import socket  # noqa: PLC0415
@@ -278,10 +279,8 @@ def bench_sink(
     layout: Annotated[
         bool, typer.Option(help="Also fan out into the per-type and per-event tables.")
     ] = True,
-    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the results here.")
-    ] = None,
+    bootstrap: Bootstrap = None,
+    json_out: JsonOut = None,
 ) -> None:
     """Warehouse sink rows/s (Kafka to embedded ClickHouse) next to a bare insert loop."""
     from confluent_kafka import Producer  # noqa: PLC0415

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -13,6 +13,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ops.config import PipelineConfig, load_config
+from ops.console import fail
 from ops.settings import (
     AppSettings,
     GatewaySettings,
@@ -40,12 +41,6 @@ ConfigOption = Annotated[
         "--config", "-c", help="Pipeline YAML (default: SLUICE_CONFIG_FILE or sluice.yaml)."
     ),
 ]
-
-
-def fail(reason: str) -> NoReturn:
-    """Print a one-line reason to stderr and exit 1."""
-    err.print(f"[red]error:[/red] {reason}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 def _config(path: Path | None) -> PipelineConfig:

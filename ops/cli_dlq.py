@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ops.console import fail
 from ops.dlq import DlqError, DlqFilter, dead_letters, redrive
 from ops.settings import KafkaSettings
 
@@ -35,12 +36,7 @@ def _ms(value: str | None, name: str) -> int | None:
     try:
         return int(datetime.fromisoformat(value).timestamp() * 1000)
     except ValueError:
-        raise _fail(f"--{name} is not an ISO-8601 time: {value!r}") from None
-
-
-def _fail(reason: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {reason}", highlight=False, soft_wrap=True)
-    return typer.Exit(1)
+        fail(f"--{name} is not an ISO-8601 time: {value!r}")
 
 
 def _filter(
@@ -60,7 +56,7 @@ def list_(
     try:
         records = dead_letters(KafkaSettings(), destination, _filter(error_class, since, until))
     except DlqError as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
     table = Table(title=f"DLQ of {destination}: {len(records)} records", title_justify="left")
     for col in ("ref", "dead-lettered", "error", "message", "attempts", "from"):
         table.add_column(col, overflow="fold")
@@ -85,9 +81,9 @@ def show(
     try:
         records = dead_letters(KafkaSettings(), destination, DlqFilter(refs=frozenset({ref})))
     except DlqError as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
     if not records:
-        raise _fail(f"no record {ref} in the DLQ of {destination}")
+        fail(f"no record {ref} in the DLQ of {destination}")
     rec = records[0]
     from schemas.codec import event_codec  # noqa: PLC0415
 
@@ -131,7 +127,7 @@ def redrive_(
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
         except DlqError as exc:
-            raise _fail(str(exc)) from None
+            fail(str(exc))
     verb = "would redrive" if dry_run else "redrove"
     console.print(
         f"{verb} {report.redriven} of {report.matched} matching records "

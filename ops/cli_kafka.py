@@ -5,16 +5,12 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
+from ops.console import fail
 from ops.kafka_broker import BrokerError, bootstrap, broker_status, start_broker, stop_broker
 from ops.settings import BrokerSettings
 
 kafka_app = typer.Typer(no_args_is_help=True)
 console = Console()
-
-
-def _fail(exc: BrokerError) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-    return typer.Exit(1)
 
 
 @kafka_app.command()
@@ -23,7 +19,7 @@ def start() -> None:
     try:
         start_broker(BrokerSettings(), console)
     except BrokerError as exc:
-        raise _fail(exc) from None
+        fail(str(exc))
 
 
 @kafka_app.command()
@@ -32,7 +28,7 @@ def stop() -> None:
     try:
         stop_broker(BrokerSettings(), console)
     except BrokerError as exc:
-        raise _fail(exc) from None
+        fail(str(exc))
 
 
 @kafka_app.command()

@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from ops.settings import KafkaSettings
-from tests.pipeline import Pipeline
+from tests.pipeline import Pipeline, pipeline_with_topics
 
 BOOTSTRAP = os.environ.get("SLUICE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 
@@ -47,14 +47,7 @@ def kafka(broker: str, prefix: str) -> KafkaSettings:
 @pytest.fixture
 def pipeline(broker: str, prefix: str, tmp_path: Path) -> Iterator[Pipeline]:
     """A pipeline with its topics created; the test starts the services it needs."""
-    from ops.admin import apply_topics  # noqa: PLC0415
-    from ops.config import load_config  # noqa: PLC0415
-    from ops.topics import required_topics  # noqa: PLC0415
-
-    pipe = Pipeline(tmp_path, broker, prefix)
-    kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
-    cfg = load_config(Path(pipe.env["SLUICE_CONFIG_FILE"]))
-    apply_topics(required_topics(cfg, kafka), kafka)
+    pipe = pipeline_with_topics(tmp_path, broker, prefix)
     yield pipe
     for service in pipe.services.values():
         service.stop(timeout=30)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
+from ops.admin import apply_topics
+from ops.config import parse_config
 from ops.services import Service
+from ops.settings import KafkaSettings
+from ops.topics import required_topics
 
 CONFIG = """
 sources:
@@ -136,3 +144,29 @@ class Pipeline:
                 return int(self.query("SELECT count() FROM events")[0][0])
             time.sleep(0.5)
         return count
+
+
+def pipeline_with_topics(root: Path, bootstrap: str, prefix: str, config: str = CONFIG) -> Pipeline:
+    """A Pipeline whose config's topics exist."""
+    pipe = Pipeline(root, bootstrap, prefix, config=config)
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    apply_topics(
+        required_topics(parse_config(config.replace("{key}", pipe.write_key)), kafka), kafka
+    )
+    return pipe
+
+
+@contextlib.asynccontextmanager
+async def webhook_receiver(
+    port: int, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> AsyncIterator[str]:
+    """Serve `handler` at http://127.0.0.1:`port`/hook while the block runs; yields the URL."""
+    app = web.Application()
+    app.router.add_post("/hook", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/hook"
+    finally:
+        await runner.cleanup()

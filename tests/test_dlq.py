@@ -10,14 +10,12 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
-from ops.admin import apply_topics
 from ops.cli import app
-from ops.config import load_config
 from ops.dlq import dead_letters
 from ops.settings import KafkaSettings
-from ops.topics import Topics, required_topics
+from ops.topics import Topics
 from ops.traffic import sample_events, send_batches
-from tests.pipeline import Pipeline, free_port
+from tests.pipeline import free_port, pipeline_with_topics, webhook_receiver
 
 pytestmark = pytest.mark.integration
 
@@ -51,18 +49,12 @@ async def test_redrive_after_the_destination_heals_delivers_every_record_once(
             everything.set()
         return web.Response(status=200)
 
-    web_app = web.Application()
-    web_app.router.add_post("/hook", hook)
-    runner = web.AppRunner(web_app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    pipe = Pipeline(tmp_path, broker, prefix, config=CONFIG.replace("PORT", str(port)))
+    pipe = pipeline_with_topics(tmp_path, broker, prefix, CONFIG.replace("PORT", str(port)))
     kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
-    apply_topics(required_topics(load_config(Path(pipe.env["SLUICE_CONFIG_FILE"])), kafka), kafka)
     monkeypatch.setenv("SLUICE_KAFKA_BOOTSTRAP_SERVERS", broker)
     monkeypatch.setenv("SLUICE_KAFKA_TOPIC_PREFIX", prefix)
     cli = CliRunner()
-    try:
+    async with webhook_receiver(port, hook):
         await asyncio.to_thread(pipe.start)
         events = sample_events(count, seed=21)
         assert (await send_batches(pipe.gateway_url, pipe.write_key, events)).accepted == count
@@ -97,9 +89,7 @@ async def test_redrive_after_the_destination_heals_delivers_every_record_once(
         again = await asyncio.to_thread(cli.invoke, app, ["dlq", "redrive", "hook"])
         assert f"redrove 0 of {count} matching records ({count} already redriven)" in again.output
         await asyncio.sleep(3)
-    finally:
         await asyncio.to_thread(pipe.stop)
-        await runner.cleanup()
 
     assert delivered == {e["messageId"]: 1 for e in events}
     audits = await asyncio.to_thread(_audits, kafka)

@@ -16,13 +16,11 @@ from aiohttp.test_utils import TestServer
 from confluent_kafka import Consumer
 
 from connectors.webhook import DeliveryRejected, WebhookClient, payload
-from ops.admin import apply_topics
-from ops.config import WebhookConfig, load_config
+from ops.config import WebhookConfig
 from ops.settings import KafkaSettings
-from ops.topics import required_topics
 from ops.traffic import sample_events, send_batches
 from schemas.errors import DestinationUnavailable
-from tests.pipeline import Pipeline, free_port
+from tests.pipeline import free_port, pipeline_with_topics, webhook_receiver
 
 STATUS = web.AppKey("status", list[int])
 
@@ -172,29 +170,19 @@ async def test_failing_rate_limiting_webhook_gets_every_event_at_the_configured_
             all_delivered.set()
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    pipe = Pipeline(
-        tmp_path,
-        broker,
-        prefix,
-        config=WEBHOOK_CONFIG.replace("PORT", str(port)).replace("RATE", str(rate)),
-    )
+    config = WEBHOOK_CONFIG.replace("PORT", str(port)).replace("RATE", str(rate))
+    pipe = pipeline_with_topics(tmp_path, broker, prefix, config)
     kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
-    apply_topics(required_topics(load_config(Path(pipe.env["SLUICE_CONFIG_FILE"])), kafka), kafka)
-    try:
+    async with webhook_receiver(port, hook):
         await asyncio.to_thread(pipe.start)
         events = sample_events(count, seed=5)
         events[10]["properties"] = {"poison": True}
         report = await send_batches(pipe.gateway_url, pipe.write_key, events)
         assert report.accepted == count
-        await asyncio.wait_for(all_delivered.wait(), 90)
-    finally:
-        await asyncio.to_thread(pipe.stop)
-        await runner.cleanup()
+        try:
+            await asyncio.wait_for(all_delivered.wait(), 90)
+        finally:
+            await asyncio.to_thread(pipe.stop)
 
     assert set(seen) == {e["messageId"] for e in events} - {events[10]["messageId"]}
     steady = times[10:]
