@@ -364,3 +364,137 @@ def _event_types() -> list[tuple[str, str]]:
     from connectors.clickhouse import EVENT_COLUMNS  # noqa: PLC0415
 
     return list(EVENT_COLUMNS)
+
+
+def _end_offsets(kafka: KafkaSettings, topic: str) -> int:
+    from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
+
+    consumer = Consumer(kafka.client_config() | {"group.id": "sluice-bench-watermarks"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in meta.topics[topic].partitions
+        )
+    finally:
+        consumer.close()
+
+
+def plain_loop_rate(kafka: KafkaSettings, source: str, target: str, count: int) -> float:
+    """Events/s of a bare confluent-kafka loop doing the processor's work (decode, route, produce)."""
+    from confluent_kafka import Consumer, Producer  # noqa: PLC0415
+
+    from schemas.codec import event_codec  # noqa: PLC0415
+
+    codec = event_codec(logical_types=False)
+    consumer = Consumer(
+        kafka.client_config()
+        | {
+            "group.id": f"bench-plain-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    producer = Producer(
+        kafka.client_config() | {"enable.idempotence": True, "acks": "all", "linger.ms": 5}
+    )
+    consumer.subscribe([source])
+    done = 0
+    started = 0.0
+    last_commit = time.monotonic()
+    while done < count:
+        msgs = consumer.consume(1000, timeout=1.0)
+        if msgs and not started:
+            started = time.perf_counter()
+        for msg in msgs:
+            if msg.error() is None:
+                value = msg.value() or b""
+                if codec.decode(value)["source_id"] == "bench":
+                    producer.produce(target, value, msg.key())
+                done += 1
+        producer.poll(0)
+        if time.monotonic() - last_commit > 1.0:
+            producer.flush()
+            consumer.commit(asynchronous=False)
+            last_commit = time.monotonic()
+    producer.flush()
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return count / elapsed
+
+
+@bench_app.command("processor")
+def bench_processor(
+    events: Annotated[int, typer.Option(help="Events to process.")] = 200_000,
+    bootstrap: Bootstrap = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Worker (Faust) events/s from ingest to destination topic, next to a plain confluent-kafka loop."""
+    from confluent_kafka import Producer  # noqa: PLC0415
+
+    from ops.services import Service  # noqa: PLC0415
+    from ops.topics import Topics  # noqa: PLC0415
+
+    kafka, _ = _topics(bootstrap or KafkaSettings().bootstrap_servers)
+    topics = Topics(kafka.topic_prefix)
+    dest = topics.destination("warehouse").main
+    records = _envelopes(events)
+    with console.status(f"producing {events:,} events to {topics.ingest} ..."):
+        producer = Producer(kafka.client_config() | {"linger.ms": 20, "compression.type": "lz4"})
+        for i, (key, value) in enumerate(records):
+            producer.produce(topics.ingest, value, key)
+            if i % 10_000 == 0:
+                producer.poll(0)
+        producer.flush(120)
+    results: dict[str, Any] = {"events": events, "cores": os.cpu_count()}
+    with console.status(
+        "baseline: plain confluent-kafka consume -> decode -> route -> produce loop ..."
+    ):
+        results["plain_loop_events_per_s"] = plain_loop_rate(
+            kafka, topics.ingest, topics.rejected, events
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-worker-"))
+    config = workdir / "sluice.yaml"
+    config.write_text(BENCH_CONFIG)
+    service = Service("worker", workdir)
+    try:
+        with console.status("worker: Faust agent, take_events batches, batch produce ..."):
+            service.start(
+                ["worker"],
+                {
+                    "SLUICE_CONFIG_FILE": str(config),
+                    "SLUICE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+                    "SLUICE_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+                    "SLUICE_WORKER_APP_ID": f"{kafka.topic_prefix}-worker",
+                    "SLUICE_WORKER_DATA_DIR": str(workdir / "data"),
+                },
+            )
+            first = 0.0
+            while True:
+                done = _end_offsets(kafka, dest)
+                if done and not first:
+                    first, base = time.perf_counter(), done
+                if done >= events:
+                    break
+                if service.pid() is None:
+                    console.print(f"[red]the worker exited:[/red]\n{service.tail()}")
+                    raise typer.Exit(1)
+                time.sleep(0.2)
+            results["worker_events_per_s"] = (events - base) / (time.perf_counter() - first)
+    finally:
+        service.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    table = Table(title=f"Processor ({results['cores']} cores, broker on this machine)")
+    table.add_column("setup")
+    table.add_column("events/s", justify="right")
+    table.add_row(
+        "plain confluent-kafka loop: consume, decode, route, produce (baseline)",
+        f"{results['plain_loop_events_per_s']:,.0f}",
+    )
+    table.add_row(
+        "sluice worker (Faust agent, take_events + batch produce, uvloop)",
+        f"{results['worker_events_per_s']:,.0f}",
+    )
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))

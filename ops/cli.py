@@ -95,7 +95,8 @@ def worker(config: ConfigOption = None) -> None:
     cfg = _config(config)
     _setup_logging()
     kafka = KafkaSettings()
-    run(WorkerSettings(), kafka, Router(cfg, Topics(kafka.topic_prefix), event_codec()))
+    codec = event_codec(logical_types=False)  # routing needs no datetimes
+    run(WorkerSettings(), kafka, Router(cfg, Topics(kafka.topic_prefix), codec))
 
 
 @app.command()
