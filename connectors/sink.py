@@ -135,6 +135,7 @@ class WarehouseSink:
         self.metrics = metrics or SinkMetrics()
         self.loader = Loader(warehouse)
         self._stop = threading.Event()
+        self._new_targets: list[SinkTarget] | None = None
         self._buffers: dict[tuple[str, int], _Buffer] = {}
         self._consumer = Consumer(
             kafka.client_config()
@@ -154,21 +155,40 @@ class WarehouseSink:
         """Create the tables and consume in a background thread."""
         for target in self.targets.values():
             self.loader.prepare(target.table)
-        if not self.targets:
-            return
-        self._consumer.subscribe(
-            list(self.targets), on_assign=self._on_assign, on_revoke=self._on_revoke
-        )
+        if self.targets:
+            self._consumer.subscribe(
+                list(self.targets), on_assign=self._on_assign, on_revoke=self._on_revoke
+            )
         self.thread = threading.Thread(target=self._run, name="warehouse-sink", daemon=True)
         self.thread.start()
+
+    def update_targets(self, targets: list[SinkTarget]) -> None:
+        """Consume these targets from now on (a live config change; any thread)."""
+        self._new_targets = targets
+
+    def _retarget(self) -> None:
+        targets, self._new_targets = self._new_targets or [], None
+        new = {t.topic: t for t in targets}
+        if new == self.targets:
+            return
+        for target in new.values():
+            self.loader.prepare(target.table)
+        # Open batches are flushed before the switch so nothing is dropped.
+        self._flush_due(force=True)
+        self.targets = new
+        if new:
+            self._consumer.subscribe(
+                list(new), on_assign=self._on_assign, on_revoke=self._on_revoke
+            )
+        else:
+            self._consumer.unsubscribe()
+        log.info("sink targets changed", topics=list(new))
 
     def stop(self, timeout: float = 30.0) -> None:
         """Flush open batches, commit, leave the group."""
         self._stop.set()
         if self.thread is not None:
             self.thread.join(timeout)
-        else:
-            self._consumer.close()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         committed = consumer.committed(partitions, timeout=30)
@@ -196,6 +216,11 @@ class WarehouseSink:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                if self._new_targets is not None:
+                    self._retarget()
+                if not self.targets:
+                    self._stop.wait(0.2)
+                    continue
                 messages = self._consumer.consume(2000, timeout=0.2)
                 for msg in messages:
                     self._add(msg)

@@ -19,6 +19,7 @@ from gateway.limits import too_deep
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
 from ops.config import PipelineConfig, Source
+from ops.live import ConfigFollower
 from ops.producer import EventProducer, Headers, Record
 from ops.settings import GatewaySettings, KafkaSettings
 from ops.topics import Topics
@@ -281,6 +282,22 @@ def _producer_ctx(
     return ctx
 
 
+def _config_ctx(
+    kafka: KafkaSettings, cfg: PipelineConfig
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        sources = app[SOURCES]
+        follower = ConfigFollower(
+            kafka, cfg, lambda new: loop.call_soon_threadsafe(sources.update, new)
+        )
+        follower.start()
+        yield
+        await loop.run_in_executor(None, follower.stop)
+
+    return ctx
+
+
 def create_app(
     settings: GatewaySettings, kafka: KafkaSettings, cfg: PipelineConfig
 ) -> web.Application:
@@ -292,6 +309,7 @@ def create_app(
     app[CODEC] = event_codec()
     app[TOPICS] = Topics(kafka.topic_prefix)
     app.cleanup_ctx.append(_producer_ctx(kafka, settings))
+    app.cleanup_ctx.append(_config_ctx(kafka, cfg))
     app.router.add_post("/v1/batch", handle_batch)
     for etype in ("track", "identify", "page", "screen", "group", "alias"):
         app.router.add_post(f"/v1/{etype}", single(etype))

@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 topics_app = typer.Typer(help="Create and align the topics the config needs.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+config_app = typer.Typer(help="Validate and apply the pipeline config live.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 out = Console()
 err = Console(stderr=True)
@@ -74,6 +76,33 @@ def topics_apply(config: ConfigOption = None) -> None:
         out.print(f"[{colour}]{change.action:9}[/{colour}] {change.topic}{detail}", highlight=False)
 
 
+@config_app.command("apply")
+def config_apply(
+    path: Annotated[Path, typer.Argument(help="The pipeline YAML to apply.")],
+) -> None:
+    """Validate FILE, create the topics it needs and publish it; running services follow it."""
+    from ops.live import apply_config  # noqa: PLC0415
+
+    cfg = _config(path)
+    try:
+        apply_config(cfg, KafkaSettings())
+    except SluiceError as exc:
+        fail(str(exc))
+    out.print(
+        f"applied {path}: {len(cfg.sources)} sources, {len(cfg.destinations)} destinations; "
+        "gateways, workers and sinks switch to it within seconds"
+    )
+
+
+@config_app.command("check")
+def config_check(
+    path: Annotated[Path, typer.Argument(help="The pipeline YAML to check.")],
+) -> None:
+    """Validate FILE without applying it."""
+    cfg = _config(path)
+    out.print(f"{path} is valid: {len(cfg.sources)} sources, {len(cfg.destinations)} destinations")
+
+
 @app.command()
 def gateway(config: ConfigOption = None) -> None:
     """Run the HTTP ingestion gateway in the foreground."""
@@ -96,7 +125,7 @@ def worker(config: ConfigOption = None) -> None:
     _setup_logging()
     kafka = KafkaSettings()
     codec = event_codec(logical_types=False)  # routing needs no datetimes
-    run(WorkerSettings(), kafka, Router(cfg, Topics(kafka.topic_prefix), codec))
+    run(WorkerSettings(), kafka, Router(cfg, Topics(kafka.topic_prefix), codec), cfg)
 
 
 @app.command()

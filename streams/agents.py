@@ -16,6 +16,8 @@ import faust
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from ops.config import PipelineConfig
+from ops.live import ConfigFollower
 from ops.producer import EventProducer
 from ops.settings import KafkaSettings, WorkerSettings
 from schemas.errors import BrokerUnavailable
@@ -142,7 +144,9 @@ def register(
                 log.error("outputs not delivered at shutdown", count=left)
 
 
-def run(settings: WorkerSettings, kafka: KafkaSettings, router: Router) -> None:
+def run(
+    settings: WorkerSettings, kafka: KafkaSettings, router: Router, cfg: PipelineConfig
+) -> None:
     """Run the worker until SIGTERM/SIGINT; Faust waits for in-flight batches, then commits."""
     import uvloop  # noqa: PLC0415 - only the worker process needs it
 
@@ -150,5 +154,10 @@ def run(settings: WorkerSettings, kafka: KafkaSettings, router: Router) -> None:
     app = create_app(settings, kafka)
     register(app, settings, kafka, router, ProcessorMetrics())
     asyncio.set_event_loop(uvloop.new_event_loop())
+    follower = ConfigFollower(kafka, cfg, router.update)
+    follower.start()
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        follower.stop()

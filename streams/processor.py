@@ -45,8 +45,12 @@ class Router:
     def __init__(self, cfg: PipelineConfig, topics: Topics, codec: AvroCodec) -> None:
         self.topics = topics
         self.codec = codec
+        self.update(cfg)
+
+    def update(self, cfg: PipelineConfig) -> None:
+        """Route by `cfg` from the next batch on (one attribute swap, safe from any thread)."""
         self.routes = {
-            src: tuple((dest, topics.destination(dest).main) for dest in dests)
+            src: tuple((dest, self.topics.destination(dest).main) for dest in dests)
             for src, dests in cfg.routes().items()
         }
 
