@@ -65,6 +65,10 @@ def create_app(settings: WorkerSettings, kafka: KafkaSettings) -> faust.App:
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # A worker that died is noticed in 10 s, not Faust's default 60 s, so its
+        # partitions move to the others quickly.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
         producer_acks=-1,
     )
 
