@@ -92,14 +92,20 @@ def run_demo(out: Console, count: int) -> None:
     )
     print_rows(cols, rows, title="Warehouse: events by type")
     cols, rows = query_warehouse(
-        "SELECT timestamp, type, event, user_id, properties FROM events "
-        "ORDER BY received_at DESC, timestamp DESC LIMIT 8",
+        "SELECT event_text AS event, count() AS events FROM tracks GROUP BY event_text "
+        "ORDER BY events DESC",
         wh,
     )
-    print_rows(cols, rows, title="Warehouse: latest events")
+    print_rows(cols, rows, title="Warehouse: the `tracks` table, one row per track event")
+    cols, rows = query_warehouse(
+        "SELECT formatDateTime(timestamp, '%Y-%m-%d %H:%i:%S') AS time, user_id, price, sku "
+        "FROM order_completed ORDER BY timestamp DESC LIMIT 5",
+        wh,
+    )
+    print_rows(cols, rows, title="Warehouse: `order_completed`, its properties as columns")
     out.print(
         "\nThe broker, gateway, worker and sink keep running. Try:\n"
-        '  .venv/bin/sluice sql "SELECT event, count() FROM events GROUP BY event"\n'
+        '  .venv/bin/sluice sql "SELECT * FROM identifies ORDER BY timestamp DESC LIMIT 5"\n'
         "  .venv/bin/sluice send --count 1000\n"
         "Stop everything with: make stop"
     )
