@@ -56,7 +56,12 @@ class DeliveryMetrics:
 
 
 def dlq_headers(
-    msg: Message, destination: str, error: Exception, attempts: int, first_failure: float
+    msg: Message,
+    destination: str,
+    error: Exception,
+    attempts: int,
+    first_failure: float,
+    stage: str = "delivery",
 ) -> Headers:
     """Error headers that let an operator see why and redrive the record."""
     ts_type, ts = msg.timestamp()
@@ -69,7 +74,7 @@ def dlq_headers(
         ("sluice.original.offset", str(msg.offset()).encode()),
         ("sluice.original.timestamp", str(ts).encode()),
         ("sluice.destination", destination.encode()),
-        ("sluice.stage", b"delivery"),
+        ("sluice.stage", stage.encode()),
         ("sluice.error.class", type(error).__name__.encode()),
         ("sluice.error.message", str(error)[:1000].encode()),
         ("sluice.attempts", str(attempts).encode()),

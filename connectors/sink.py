@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from connectors.clickhouse import Warehouse
+from connectors.delivery import dlq_headers
 from connectors.loader import Batch, Loader
 from ops.settings import KafkaSettings, WarehouseSettings
 from schemas.codec import AvroCodec
@@ -92,6 +93,8 @@ class _Buffer:
     pending_end: int | None = None
     # Offset ranges already in the warehouse (a replay skips them), sorted.
     loaded: list[tuple[int, int]] = field(default_factory=list)
+    # Records that cannot be decoded: dead-lettered before the batch is committed.
+    poison: list[tuple[Message, Exception]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.events)
@@ -102,6 +105,7 @@ class _Buffer:
 
     def reset(self) -> None:
         self.events = []
+        self.poison = []
         self.first = self.last = -1
         self.pending_end = None
 
@@ -114,6 +118,11 @@ class SinkTarget:
     topic: str
     table: str
     layout: bool = True
+
+    @property
+    def dlq(self) -> str:
+        """Where records of this destination that cannot be loaded go."""
+        return f"{self.topic}.dlq"
 
 
 class WarehouseSink:
@@ -137,6 +146,8 @@ class WarehouseSink:
         self._stop = threading.Event()
         self._new_targets: list[SinkTarget] | None = None
         self._buffers: dict[tuple[str, int], _Buffer] = {}
+        self._kafka_conf = kafka.client_config()
+        self._dlq: Producer | None = None
         self._consumer = Consumer(
             kafka.client_config()
             | {
@@ -256,15 +267,10 @@ class WarehouseSink:
             try:
                 event = self.codec.decode(msg.value() or b"")
             except SchemaError as exc:
-                # The processor only routes records that decoded; count what still cannot.
+                # The processor only routes records that decoded; a foreign writer's record
+                # goes to the destination's DLQ with the reason before the batch commits.
                 self.metrics.errors.labels(destination, "SchemaError").inc()
-                log.error(
-                    "undecodable record skipped",
-                    topic=topic,
-                    partition=partition,
-                    offset=offset,
-                    error=str(exc),
-                )
+                buf.poison.append((msg, exc))
             else:
                 event["_topic"], event["_partition"], event["_offset"] = topic, partition, offset
                 buf.events.append(event)
@@ -292,6 +298,8 @@ class WarehouseSink:
         while True:
             try:
                 self._commit(buf, buf.first, f"{PENDING}{buf.last}")
+                if buf.poison:
+                    self._dead_letter(target, buf.poison)
                 if len(buf):
                     result = self.loader.load(batch, target.table, target.layout)
                     self.metrics.new_columns.labels(target.destination).inc(result.new_columns)
@@ -316,6 +324,24 @@ class WarehouseSink:
         self.metrics.batches.labels(target.destination).inc()
         self.metrics.flush_seconds.labels(target.destination).observe(time.monotonic() - started)
         buf.reset()
+
+    def _dead_letter(self, target: SinkTarget, poison: list[tuple[Message, Exception]]) -> None:
+        if self._dlq is None:
+            self._dlq = Producer(self._kafka_conf | {"enable.idempotence": True, "acks": "all"})
+        failed: list[str] = []
+        for msg, exc in poison:
+            self._dlq.produce(
+                target.dlq,
+                msg.value(),
+                msg.key(),
+                headers=dlq_headers(msg, target.destination, exc, 1, time.time(), "sink"),
+                on_delivery=lambda err, _m: failed.append(err.str()) if err else None,
+            )
+        if self._dlq.flush(30) or failed:
+            raise KafkaException(f"dead letters not confirmed: {failed[:1] or 'timeout'}")
+        log.warning(
+            "dead-lettered undecodable records", destination=target.destination, count=len(poison)
+        )
 
     def _commit(self, buf: _Buffer, offset: int, metadata: str) -> None:
         # Synchronous: the next step (insert, or the next batch) must not run ahead of it.

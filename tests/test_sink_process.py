@@ -96,3 +96,33 @@ def test_sink_killed_three_times_then_replayed_loads_every_event_once(pipeline: 
         f'sluice_sink_deduplicated_records_total{{destination="warehouse"}} {float(count)}'
         in metrics
     )
+
+
+def test_undecodable_records_go_to_the_dlq_and_the_rest_loads(pipeline: Pipeline) -> None:
+    from ops.dlq import dead_letters  # noqa: PLC0415
+    from ops.settings import KafkaSettings  # noqa: PLC0415
+
+    topic = f"{pipeline.prefix}.dest.warehouse"
+    codec = event_codec()
+    producer = Producer({"bootstrap.servers": pipeline.bootstrap})
+    received = int(time.time() * 1000)
+    poison = [b"not avro", b"\x00\x00\x00\x00\x01\x04", b"\x00\x00\x00\x03\x09{}"]
+    for i, msg in enumerate(sample_events(50, seed=8)):
+        event = build_event(msg, "test-src", received)
+        producer.produce(topic, codec.encode(event), partition_key(event))
+        if i % 20 == 0:
+            producer.produce(topic, poison[i // 20], b"k")
+    assert producer.flush(30) == 0
+    pipeline.start("sink")
+
+    assert pipeline.wait_rows(50) == 50
+    kafka = KafkaSettings(bootstrap_servers=pipeline.bootstrap, topic_prefix=pipeline.prefix)
+    _wait(lambda: len(dead_letters(kafka, "warehouse")) == 3, 30)
+    letters = dead_letters(kafka, "warehouse")
+    assert sorted(r.value for r in letters) == sorted(poison)
+    for rec in letters:
+        assert rec.headers["sluice.stage"] == "sink"
+        assert rec.headers["sluice.error.class"] == "SchemaError"
+        assert rec.headers["sluice.original.topic"] == topic
+        assert rec.headers["sluice.original.offset"].isdigit()
+    assert _lag(pipeline, topic) == 0
