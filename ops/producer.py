@@ -29,6 +29,9 @@ class _Batch:
     def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
+        # A caller that gave up waiting (timeout) never reads the outcome: read it here so
+        # asyncio does not report an unretrieved exception.
+        self.future.add_done_callback(_consume_outcome)
         self.remaining = count
         self.error: str | None = None
         self.lock = threading.Lock()
@@ -57,6 +60,11 @@ class _Batch:
             self.future.set_result(None)
         else:
             self.future.set_exception(BrokerUnavailable(self.error))
+
+
+def _consume_outcome(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class EventProducer:
