@@ -81,7 +81,8 @@ class WorkerSettings(BaseSettings):
     batch_within_s: float = 0.1
     produce_timeout_s: float = 30.0
     data_dir: Path = Path(".sluice") / "worker"
-    web_port: int = 6066
+    # Prometheus metrics of the worker at http://127.0.0.1:<port>/metrics (0: off).
+    metrics_port: int = 9464
     log_level: str = "WARNING"
 
 

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import faust
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from ops.config import PipelineConfig
 from ops.live import ConfigFollower
@@ -156,7 +156,14 @@ def run(
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, kafka)
-    register(app, settings, kafka, router, ProcessorMetrics())
+    metrics = ProcessorMetrics()
+    register(app, settings, kafka, router, metrics)
+    if settings.metrics_port:
+        try:
+            start_http_server(settings.metrics_port, "127.0.0.1", registry=metrics.registry)
+        except OSError as exc:
+            # A second worker on the same host: it runs, its metrics need another port.
+            log.warning("metrics port taken; set SLUICE_WORKER_METRICS_PORT", error=str(exc))
     asyncio.set_event_loop(uvloop.new_event_loop())
     follower = ConfigFollower(kafka, cfg, router.update)
     follower.start()

@@ -70,6 +70,7 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.gateway_port = free_port()
         self.query_port = free_port()
+        self.worker_metrics_port = free_port()
         config = self.root / "sluice.yaml"
         config.write_text(self.config.replace("{key}", self.write_key))
         self.env = {
@@ -79,6 +80,7 @@ class Pipeline:
             "SLUICE_GATEWAY_PORT": str(self.gateway_port),
             "SLUICE_WORKER_APP_ID": f"{self.prefix}-processor",
             "SLUICE_WORKER_DATA_DIR": str(self.root / "worker"),
+            "SLUICE_WORKER_METRICS_PORT": str(self.worker_metrics_port),
             "SLUICE_WAREHOUSE_DSN": f"chdb://{self.root / 'warehouse'}",
             "SLUICE_WAREHOUSE_QUERY_PORT": str(self.query_port),
             "SLUICE_WAREHOUSE_CONSUMER_GROUP": f"{self.prefix}-sink",

@@ -10,7 +10,7 @@ import pytest
 
 from ops.traffic import sample_events, send_batches
 from tests.conftest import scaled
-from tests.pipeline import Pipeline
+from tests.pipeline import Pipeline, http_text
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +31,11 @@ async def test_batches_land_once_with_their_fields(pipeline: Pipeline) -> None:
     assert await asyncio.to_thread(pipeline.wait_rows, count) == count
     rows = pipeline.query("SELECT count(), uniqExact(event_id) FROM events")
     assert rows == [[count, count]]
+    metrics = http_text(f"http://127.0.0.1:{pipeline.worker_metrics_port}/metrics")
+    assert (
+        f'sluice_processor_events_total{{destination="warehouse",outcome="routed"}} {float(count)}'
+        in metrics
+    )
     landed = {
         r[0]: r[1:]
         for r in pipeline.query(
