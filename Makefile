@@ -5,7 +5,12 @@ BIN := $(VENV)/bin
 SLUICE := $(BIN)/sluice
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo stop test lint typecheck unit broker-up broker-down clean
+# The ingest hot path, compiled to C extensions with mypyc (the same modules run as plain
+# Python when no compiler is at hand). Rebuilt whenever a source changes.
+NATIVE_SRC := gateway/fastpath.py schemas/fastpath.py
+NATIVE := $(VENV)/.native
+
+.PHONY: native install demo stop test lint typecheck unit broker-up broker-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +18,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(NATIVE): $(STAMP) $(NATIVE_SRC)
+	@for src in $(NATIVE_SRC); do \
+		echo "compiling $$src with mypyc"; \
+		$(BIN)/mypyc $$src > $(VENV)/native.log 2>&1 \
+			|| { echo "mypyc failed for $$src (see $(VENV)/native.log); running it as Python"; \
+				rm -f $${src%.py}.*.so $${src%.py}__mypyc.*.so; }; \
+	done
+	touch $@
+
+native: $(NATIVE)
+
+install: $(STAMP) $(NATIVE)
 
 demo: install
 	$(SLUICE) demo

@@ -17,6 +17,7 @@ class SourceTable:
     def __init__(self, cfg: PipelineConfig) -> None:
         self._by_digest: dict[bytes, tuple[str, Source]] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self._headers: dict[str, Source] = {}
         self.update(cfg)
 
     def update(self, cfg: PipelineConfig) -> None:
@@ -24,6 +25,7 @@ class SourceTable:
         # Keyed by digest: the dict probe compares hashes, and the final check is
         # constant-time, so response timing says nothing about the key's characters.
         self._by_digest = {_digest(k): (k, s) for k, s in cfg.write_keys().items()}
+        self._headers = {}
         buckets: dict[str, TokenBucket] = {}
         for source in cfg.sources:
             if source.rate_limit is None:
@@ -48,6 +50,25 @@ class SourceTable:
         if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
             return None
         return found[1]
+
+    def source_for_header(self, header: str) -> Source | None:
+        """The source of a `Basic` Authorization header naming a valid key, or None.
+
+        SDKs send the same header on every request: headers that authenticated are
+        remembered (until the config changes), so most requests skip base64 and hashing.
+        """
+        known = self._headers.get(header)
+        if known is not None:
+            return known
+        source = self.source_for(basic_username(header))
+        if source is not None:
+            if len(self._headers) >= _REMEMBERED_HEADERS:
+                self._headers.clear()
+            self._headers[header] = source
+        return source
+
+
+_REMEMBERED_HEADERS = 1024
 
 
 def _digest(key: str) -> bytes:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias", "webhook"})
 _EMPTY = "{}"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 class InvalidEvent(ValueError):
@@ -33,7 +35,9 @@ def parse_timestamp(value: Any, field: str) -> int | None:
     if parsed.tzinfo is None:
         # SDKs send UTC; a timestamp without an offset is read as UTC, as Segment does.
         parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp() * 1000)
+    # Exact integer arithmetic: `timestamp() * 1000` can land a millisecond short.
+    millis: int = (parsed - _EPOCH) // _MILLISECOND
+    return millis
 
 
 def _cached(times: dict[Any, int | None], raw: Any, field: str) -> int | None:

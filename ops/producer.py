@@ -1,7 +1,10 @@
 """An asyncio-friendly Kafka producer: batches of records confirmed together, one future a batch.
 
-librdkafka is polled in a thread of its own; delivery callbacks count down a batch and
-resolve its asyncio future once, so the per-event path creates no task and no future.
+librdkafka is polled on the event loop of the caller (a timer, every millisecond while
+records are in flight), so delivery callbacks run on the loop's thread: no lock, no
+thread hand-off and no GIL contention with a polling thread. A batch's callbacks count
+it down and resolve its asyncio future once; the per-event path creates no task and no
+future.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from schemas.errors import BrokerUnavailable
 Headers = list[tuple[str, str | bytes | None]]
 Record = tuple[bytes | None, bytes, Headers | None]
 
+_BUSY_POLL_S = 0.001
+_IDLE_POLL_S = 0.1
+
 
 class _Batch:
-    """Counts the delivery reports of one batch; resolves the future on the event loop."""
+    """Counts the delivery reports of one batch; resolves the future when the last arrives."""
 
-    __slots__ = ("error", "future", "lock", "loop", "remaining")
+    __slots__ = ("error", "future", "loop", "remaining")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
         self.loop = loop
@@ -34,24 +40,31 @@ class _Batch:
         self.future.add_done_callback(_consume_outcome)
         self.remaining = count
         self.error: str | None = None
-        self.lock = threading.Lock()
 
     def on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
-        with self.lock:
-            if err is not None and self.error is None:
-                self.error = err.str()
-            self.remaining -= 1
-            done = self.remaining == 0
-        if done:
-            self.loop.call_soon_threadsafe(self._resolve)
+        # Runs inside Producer.poll/flush: on the loop's thread, or on the thread that
+        # flushes at shutdown (then the future is resolved through the loop).
+        if err is not None and self.error is None:
+            self.error = err.str()
+        self.remaining -= 1
+        if self.remaining == 0:
+            self._done()
 
     def cancel_unsent(self, count: int, reason: str) -> None:
-        with self.lock:
-            self.error = self.error or reason
-            self.remaining -= count
-            done = self.remaining == 0
-        if done:
+        self.error = self.error or reason
+        self.remaining -= count
+        if self.remaining == 0:
+            self._done()
+
+    def expire(self) -> None:
+        if not self.future.done():
+            self.future.set_exception(BrokerUnavailable("Kafka did not confirm the write in time"))
+
+    def _done(self) -> None:
+        if threading.get_ident() == _loop_thread(self.loop):
             self._resolve()
+        elif not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._resolve)
 
     def _resolve(self) -> None:
         if self.future.done():
@@ -60,6 +73,13 @@ class _Batch:
             self.future.set_result(None)
         else:
             self.future.set_exception(BrokerUnavailable(self.error))
+
+
+_THREADS: dict[int, int] = {}
+
+
+def _loop_thread(loop: asyncio.AbstractEventLoop) -> int:
+    return _THREADS.get(id(loop), -1)
 
 
 def _consume_outcome(future: asyncio.Future[None]) -> None:
@@ -87,13 +107,34 @@ class EventProducer:
         conf.update(extra)
         self.timeout_s = timeout_s
         self._producer = Producer(conf)
-        self._running = True
-        self._poller = threading.Thread(target=self._poll, name="kafka-producer-poll", daemon=True)
-        self._poller.start()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._busy = False
+        self._closed = False
 
-    def _poll(self) -> None:
-        while self._running:
-            self._producer.poll(0.05)
+    def _poll_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is None:
+            self._loop = loop
+            _THREADS[id(loop)] = threading.get_ident()
+        if self._closed or self._busy:
+            return
+        # Records are now in flight: poll at the busy rate from the next loop iteration.
+        if self._timer is not None:
+            self._timer.cancel()
+        self._busy = True
+        self._timer = loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self._producer.poll(0)
+        assert self._loop is not None
+        if self._closed:
+            self._timer = None
+            return
+        # Every millisecond while records are queued or in flight; slowly when idle (logs).
+        self._busy = len(self._producer) > 0
+        self._timer = self._loop.call_later(
+            _BUSY_POLL_S if self._busy else _IDLE_POLL_S, self._tick
+        )
 
     async def send_batch(self, topic: str, records: Sequence[Record]) -> None:
         """Produce every record and wait for all delivery reports.
@@ -103,19 +144,59 @@ class EventProducer:
         """
         if not records:
             return
-        batch = _Batch(asyncio.get_running_loop(), len(records))
+        loop = asyncio.get_running_loop()
+        batch = _Batch(loop, len(records))
+        if all(headers is None for _, _, headers in records):
+            self._produce_many(topic, records, batch)
+        else:
+            self._produce_each(topic, records, batch)
+        self._poll_on(loop)
+        timeout = loop.call_later(self.timeout_s + 2.0, batch.expire)
+        try:
+            await batch.future
+        finally:
+            timeout.cancel()
+
+    def _produce_many(self, topic: str, records: Sequence[Record], batch: _Batch) -> None:
+        # One call for the whole batch (librdkafka's batch API; it carries no headers).
+        # Records the local queue refused come back marked: serve delivery reports to
+        # make room, then offer those once more.
+        messages: list[dict[str, Any]] = [{"key": key, "value": value} for key, value, _ in records]
+        for attempt in range(2):
+            try:
+                queued = self._producer.produce_batch(
+                    topic, messages, on_delivery=batch.on_delivery
+                )
+            except (BufferError, KafkaException) as exc:
+                batch.cancel_unsent(len(messages), f"producer refused the records: {exc}")
+                return
+            if queued == len(messages):
+                return
+            refused = [m for m in messages if "_error" in m]
+            if attempt == 0:
+                self._producer.poll(0)
+                messages = [{"key": m["key"], "value": m["value"]} for m in refused]
+            else:
+                reason = f"producer refused the record: {refused[0]['_error']}"
+                batch.cancel_unsent(len(refused), reason)
+
+    def _produce_each(self, topic: str, records: Sequence[Record], batch: _Batch) -> None:
         produce = self._producer.produce
         on_delivery = batch.on_delivery
         for i, (key, value, headers) in enumerate(records):
             try:
                 produce(topic, value, key, headers=headers, on_delivery=on_delivery)
-            except (BufferError, KafkaException) as exc:
+            except BufferError:
+                # The local queue is full: serve delivery reports, then try once more.
+                self._producer.poll(0)
+                try:
+                    produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                except (BufferError, KafkaException) as exc:
+                    batch.cancel_unsent(len(records) - i, f"producer refused the record: {exc}")
+                    return
+            except KafkaException as exc:
                 batch.cancel_unsent(len(records) - i, f"producer refused the record: {exc}")
-                break
-        try:
-            await asyncio.wait_for(asyncio.shield(batch.future), self.timeout_s + 2.0)
-        except TimeoutError as exc:
-            raise BrokerUnavailable("Kafka did not confirm the write in time") from exc
+                return
 
     def reachable(self, timeout: float = 2.0) -> bool:
         """Whether the cluster answers a metadata request (blocking; run in an executor)."""
@@ -126,8 +207,11 @@ class EventProducer:
         return True
 
     def close(self, timeout: float = 10.0) -> int:
-        """Deliver what is queued (up to `timeout`), stop polling; returns records left unsent."""
+        """Deliver what is queued (up to `timeout`), stop polling; returns records left unsent.
+
+        Safe to call from an executor thread while the loop runs: delivery reports served
+        here resolve their batches through the loop.
+        """
+        self._closed = True
         left: int = self._producer.flush(timeout)
-        self._running = False
-        self._poller.join(timeout=1.0)
         return left

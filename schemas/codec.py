@@ -45,6 +45,11 @@ class AvroCodec:
         self._fast_decode = None if logical_types else compile_decoder(schema)
         self._writers: dict[int, Any] = {schema_id: self._parsed}
 
+    @property
+    def header(self) -> bytes:
+        """The 5-byte wire-format prefix of every record this codec encodes."""
+        return self._header
+
     def add_writer_schema(self, schema_id: int, schema: dict[str, Any]) -> None:
         """Teach the codec an older writer schema so records framed with it still decode."""
         self._writers[schema_id] = fastavro.parse_schema(schema)

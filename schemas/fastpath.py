@@ -21,28 +21,39 @@ _FLOAT = struct.Struct("<f").pack
 _EPOCH_MS = 1000
 
 
-_BIG: dict[int, bytes] = {}
-
-
-def _varint(n: int) -> bytes:
-    """Zig-zag varint of a signed 64-bit integer, as Avro encodes int and long."""
-    z = (n << 1) ^ (n >> 63)
-    if z < 128:
-        return _SMALL[z]
-    # Timestamps repeat within a request (receivedAt, sentAt): remember recent encodings.
-    cached = _BIG.get(z)
-    if cached is not None:
-        return cached
+def _leb128(z: int) -> bytes:
     out = bytearray()
-    key = z
     while z >= 128:
         out.append((z & 0x7F) | 0x80)
         z >>= 7
     out.append(z)
-    if len(_BIG) > 4096:
-        _BIG.clear()
-    encoded = _BIG[key] = bytes(out)
-    return encoded
+    return bytes(out)
+
+
+# Zig-zagged values below 2**14 take at most two bytes: all of them, precomputed. Larger
+# ones (epoch-millisecond timestamps) are their low 14 bits as two continuation bytes
+# followed by the encoding of the rest, which changes only every few seconds: cached.
+_LOW = 1 << 14
+_SHORT = [_leb128(z) for z in range(_LOW)]
+_LOW_PAIRS = [bytes(((z & 0x7F) | 0x80, (z >> 7) | 0x80)) for z in range(_LOW)]
+_HIGH: dict[int, bytes] = {}
+
+
+def zigzag(n: int) -> bytes:
+    """Zig-zag varint of a signed 64-bit integer, as Avro encodes int and long."""
+    z = (n << 1) ^ (n >> 63)
+    if z < _LOW:
+        return _SHORT[z]
+    high = z >> 14
+    rest = _HIGH.get(high)
+    if rest is None:
+        if len(_HIGH) > 4096:
+            _HIGH.clear()
+        rest = _HIGH[high] = _leb128(high)
+    return _LOW_PAIRS[z & 0x3FFF] + rest
+
+
+_varint = zigzag
 
 
 def _kind(v: Any) -> str:
@@ -55,7 +66,7 @@ def _string(v: Any, out: list[bytes]) -> None:
     data = v.encode()
     size = len(data)
     # A length is never negative: its zig-zag form is 2 * size.
-    out.append(_SMALL[size << 1] if size < 64 else _varint(size))
+    out.append(_SHORT[size << 1] if size < 8192 else _varint(size))
     out.append(data)
 
 

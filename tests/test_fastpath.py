@@ -1,0 +1,234 @@
+"""The gateway's fast path gives exactly the general path's records, or steps aside."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import orjson
+import pytest
+
+import gateway.fastpath
+from gateway.envelope import InvalidEvent, build_event, parse_timestamp, partition_key
+from gateway.fastpath import FastWriter, iso_millis
+from gateway.messages import decode_batch, decode_single
+from ops.traffic import sample_events
+from schemas.codec import event_codec
+
+RECEIVED = 1_795_389_209_123
+CODEC = event_codec()
+JSON_FIELDS = ("properties", "traits", "context", "integrations")
+
+
+def _general(body: dict[str, Any], source: str = "web") -> list[tuple[bytes, dict[str, Any]]]:
+    """What the general path makes of a batch body: (key, decoded envelope) per message."""
+    sent_at = body.get("sentAt")
+    out = []
+    times: dict[Any, int | None] = {}
+    for msg in body["batch"]:
+        if sent_at is not None and "sentAt" not in msg:
+            msg = {**msg, "sentAt": sent_at}  # noqa: PLW2901 - as handle_batch does
+        event = build_event(msg, source, RECEIVED, None, times)
+        out.append((partition_key(event), CODEC.decode(CODEC.encode(event))))
+    return out
+
+
+def _fast(
+    raw: bytes, writer: Any = None, source: str = "web"
+) -> list[tuple[bytes, dict[str, Any]]] | None:
+    decoded = decode_batch(raw)
+    assert decoded is not None, "the body should decode"
+    writer = writer or FastWriter(CODEC, 32 * 1024, 32)
+    records = writer.records(raw, decoded.batch, source, RECEIVED, batch_sent_at=decoded.sentAt)
+    if records is None:
+        return None
+    return [(key, CODEC.decode(value)) for key, value, _ in records]
+
+
+def _comparable(records: list[tuple[bytes, dict[str, Any]]]) -> list[Any]:
+    # The fast path keeps the client's JSON text of object fields: compare them parsed.
+    return [
+        (key, {k: orjson.loads(v) if k in JSON_FIELDS else v for k, v in event.items()})
+        for key, event in records
+    ]
+
+
+VARIANTS: list[dict[str, Any]] = [
+    {"type": "track", "event": "Signed Up", "userId": 42, "timestamp": "2026-02-28T23:59:59.999Z"},
+    {"type": "track", "event": "Paid", "anonymousId": "a-1", "properties": {"amount": 1.5}},
+    {"type": "identify", "userId": "u-1", "traits": {"email": "x@example.com", "tags": ["a"]}},
+    {"type": "page", "userId": "u-2", "name": "Pricing", "timestamp": 1_795_000_000_000},
+    {"type": "screen", "userId": "u-3", "name": "Home", "sentAt": None},
+    {"type": "group", "userId": "u-4", "groupId": "g-1", "traits": {}},
+    {"type": "alias", "userId": "u-5", "previousId": "anon-9", "integrations": {"All": True}},
+    {"type": "track", "event": "Café ☕", "userId": "ü-6", "properties": {"emoji": "😀"}},
+    {
+        "type": "track",
+        "event": "Skewed",
+        "userId": "u-7",
+        "originalTimestamp": "2026-11-22T10:00:00.123456+00:00",
+        "sentAt": "2026-11-22T10:00:05.000+00:00",
+    },
+    {"type": "track", "event": "Offset", "userId": "u-8", "timestamp": "2026-11-22T12:00:00+02:00"},
+    {"type": "track", "event": "Old", "userId": "u-9", "timestamp": "1969-12-31T23:59:59.999Z"},
+    {"type": "track", "event": "Meta", "userId": "u-10", "_metadata": {"bundled": ["Segment.io"]}},
+    {"type": "track", "event": "Extra", "userId": "u-11", "channel": "web", "rudderId": "r"},
+    {"type": "track", "event": "Empty", "userId": "", "anonymousId": "a-12", "messageId": ""},
+]
+
+
+def _with_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"messageId": f"m-{i}", **m} if "messageId" not in m else m for i, m in enumerate(messages)
+    ]
+
+
+@pytest.mark.parametrize("sent_at", [None, "2026-11-22T10:00:09.500Z"])
+def test_same_records_as_the_general_path(sent_at: str | None) -> None:
+    messages = _with_ids(VARIANTS[:-1]) + sample_events(200, users=30, seed=7)
+    body: dict[str, Any] = {"batch": messages}
+    if sent_at:
+        body["sentAt"] = sent_at
+    fast = _fast(orjson.dumps(body))
+    assert fast is not None
+    assert _comparable(fast) == _comparable(_general(body))
+
+
+def test_whitespace_and_generated_ids() -> None:
+    raw = (
+        b'{ "batch" : [ { "type" : "track", "event": "Spaced", "userId": "u",\n'
+        b'  "properties" : { "a" : [ 1, 2 ], "b" : { } } },\n'
+        b'  {"type": "identify", "anonymousId": "a", "traits": null} ] }'
+    )
+    fast = _fast(raw)
+    assert fast is not None
+    (key1, first), (key2, second) = fast
+    assert first["properties"] == '{ "a" : [ 1, 2 ], "b" : { } }'
+    assert orjson.loads(first["properties"]) == {"a": [1, 2], "b": {}}
+    assert second["traits"] == "{}"
+    assert key1 == b"web:u"
+    assert key2 == b"web:a"
+    assert len({first["event_id"], second["event_id"]}) == 2
+    assert all(len(e["event_id"]) == 36 for _, e in fast)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "nope", "userId": "u"},
+        {"type": "track", "event": "x"},
+        {"type": "track", "userId": "u"},
+        {"type": "group", "userId": "u"},
+        {"type": "alias", "userId": "u"},
+        {"type": "identify", "userId": "u", "traits": [1]},
+        {"type": "identify", "userId": "u", "properties": "text"},
+        {"type": "identify", "userId": "u", "timestamp": "yesterday"},
+        {"type": "track", "event": "{braces}", "userId": "u"},
+        {"type": "track", "event": "x", "userId": "u", "unknown": {"nested": 1}},
+        {"type": "track", "event": "x", "userId": "u", "properties": {"big": "x" * 40_000}},
+        {"type": "track", "event": "x", "userId": "u", "properties": {"a": [[[[[[[[[[1]]]]]]]]]]}},
+    ],
+)
+def test_steps_aside_for_anything_the_general_path_must_judge(message: dict[str, Any]) -> None:
+    raw = orjson.dumps({"batch": [{"type": "track", "event": "ok", "userId": "u"}, message]})
+    assert _fast(raw, FastWriter(CODEC, 32 * 1024, 12)) is None
+
+
+def test_steps_aside_for_a_bad_batch_sent_at() -> None:
+    assert _fast(b'{"batch": [], "sentAt": "soon"}') is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"batch": [{"type": "track", "userId": true}]}',
+        b'{"batch": [[]]}',
+        b'{"batch": {}}',
+        b'{"batch": [{"type": "track", "properties": {"s": "\xff"}}]}',
+        b'{"batch": [{"type": "track", "properties": {"s": "\\ud800"}}]}',
+        b'{"batch": [' + b"[" * 5000 + b"]" * 5000 + b"]}",
+        b"not json",
+    ],
+)
+def test_bodies_that_do_not_fit_the_structs_decode_to_none(raw: bytes) -> None:
+    assert decode_batch(raw) is None
+
+
+def test_single_message_bodies() -> None:
+    raw = b'{"userId": 7, "event": "Clicked", "writeKey": "k", "properties": {"x": 1}}'
+    decoded = decode_single(raw)
+    assert decoded is not None
+    assert decoded.writeKey == "k"
+    records = FastWriter(CODEC, 32 * 1024, 32).records(
+        raw, [decoded], "web", RECEIVED, default_type="track"
+    )
+    assert records is not None
+    (key, value, headers) = records[0]
+    event = CODEC.decode(value)
+    assert (key, headers, event["type"], event["user_id"]) == (b"web:7", None, "track", "7")
+    assert event["properties"] == '{"x": 1}'
+
+
+def test_a_schema_it_does_not_know_disables_it() -> None:
+    schema = dict(CODEC.schema_json)
+    schema["fields"] = [*schema["fields"], {"name": "extra", "type": "string", "default": ""}]
+    codec = type(CODEC)(schema, 99)
+    assert not FastWriter(codec, 32 * 1024, 32).enabled
+    raw = orjson.dumps({"batch": [{"type": "track", "event": "x", "userId": "u"}]})
+    assert _fast(raw, FastWriter(codec, 32 * 1024, 32)) is None
+
+
+def test_iso_millis_agrees_with_parse_timestamp() -> None:
+    rng = random.Random(3)
+    start = datetime(1960, 1, 1, tzinfo=UTC)
+    for _ in range(5000):
+        moment = start + timedelta(microseconds=rng.randrange(100 * 365 * 86_400 * 10**6))
+        for text in (
+            moment.isoformat(timespec="milliseconds"),
+            moment.isoformat(timespec="microseconds"),
+            moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        ):
+            assert iso_millis(text) == parse_timestamp(text, "t"), text
+    for text in ("2026-11-22T12:00:00Z", "2026-11-22T12:00:60.000Z", "2026-13-01T00:00:00.000Z"):
+        assert iso_millis(text) is None
+    with pytest.raises(InvalidEvent):
+        parse_timestamp("2026-13-01T00:00:00.000Z", "t")
+
+
+def _pure_python() -> ModuleType:
+    """`gateway/fastpath.py` loaded from its source, even where a compiled build is present."""
+    path = Path(gateway.fastpath.__file__).with_name("fastpath.py")
+    spec = importlib.util.spec_from_file_location("gateway_fastpath_source", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_source_and_compiled_builds_agree() -> None:
+    source = _pure_python()
+    body = {"batch": _with_ids(VARIANTS[:-1]) + sample_events(50, users=5, seed=1)}
+    raw = orjson.dumps(body)
+    expected = _fast(raw)
+    assert expected is not None
+    assert _fast(raw, source.FastWriter(CODEC, 32 * 1024, 32)) == expected
+
+
+@pytest.mark.parametrize("module", ["gateway.fastpath", "schemas.fastpath"])
+def test_compiled_builds_are_not_stale(module: str) -> None:
+    # `make` rebuilds the C extensions when a source changes; a stale one would run old code.
+    loaded = Path(sys.modules[module].__file__ or "")
+    if loaded.suffix != ".so":
+        pytest.skip(f"{module} runs as Python here")
+    stem = loaded.name.split(".")[0]
+    # mypyc builds a small loader and the compiled code (`<module>__mypyc`): the newest counts.
+    built = max(p.stat().st_mtime for p in loaded.parent.glob(f"{stem}*.so"))
+    source = loaded.with_name(f"{stem}.py")
+    assert built >= source.stat().st_mtime, f"run `make native`: {stem} is older than its source"
