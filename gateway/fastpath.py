@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Final
 
 import msgspec
 
@@ -26,45 +26,11 @@ from gateway.envelope import EVENT_TYPES, InvalidEvent, parse_timestamp
 from gateway.messages import NULL, Message, Scalar
 from ops.producer import Record
 from schemas.codec import AvroCodec
-from schemas.fastpath import zigzag
+from schemas.fastpath import EVENT_LAYOUT, encode_event, layout, zigzag
 
-# The envelope layout this writer produces, in schema order; see `_layout`.
-_LAYOUT = (
-    ("event_id", "string"),
-    ("source_id", "string"),
-    ("type", "string"),
-    ("event", "string?"),
-    ("user_id", "string?"),
-    ("anonymous_id", "string?"),
-    ("timestamp", "long"),
-    ("received_at", "long"),
-    ("sent_at", "long?"),
-    ("original_timestamp", "long?"),
-    ("properties", "string"),
-    ("traits", "string"),
-    ("context", "string"),
-    ("integrations", "string"),
-    ("group_id", "string?"),
-    ("previous_id", "string?"),
-)
-
-
-def _kind(schema: Any) -> str:
-    if isinstance(schema, dict):
-        return _kind(schema.get("type"))
-    if isinstance(schema, list) and len(schema) == 2 and schema[0] == "null":
-        return _kind(schema[1]) + "?"
-    return str(schema)
-
-
-def _layout(schema: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    return tuple((f["name"], _kind(f["type"])) for f in schema.get("fields", ()))
-
-
-_ABSENT = b"\x00"  # union branch 0: null
-_PRESENT = b"\x02"  # union branch 1
-_EMPTY_OBJECT = zigzag(2) + b"{}"
-_OPENERS = (b"{", b"[")
+_UNSEEN: Final = object()
+_OBJECT_FIELDS: Final = 4  # properties, traits, context, integrations; then `_metadata`
+_EMPTY: Final = b"{}"
 
 
 def _text(value: Scalar) -> str | None:
@@ -76,79 +42,51 @@ def _text(value: Scalar) -> str | None:
     return str(value)
 
 
-def _opt_string(text: str | None) -> bytes:
-    if text is None:
-        return _ABSENT
-    data = text.encode()
-    return _PRESENT + zigzag(len(data)) + data
+_MINUTES: Final[dict[str, int]] = {}
+# `SS.mmm` -> milliseconds into the minute, for every valid second and millisecond.
+_WITHIN_MINUTE: Final = {
+    f"{s:02d}.{ms:03d}": s * 1000 + ms for s in range(60) for ms in range(1000)
+}
+_UTC_SUFFIXES: Final = ("Z", "+00:00")
 
 
-def _string(text: str) -> bytes:
-    data = text.encode()
-    return zigzag(len(data)) + data
-
-
-def _opt_long(value: int | None) -> bytes:
-    return _ABSENT if value is None else _PRESENT + zigzag(value)
-
-
-_MINUTES: dict[str, int] = {}
-
-
-def iso_millis(text: str) -> int | None:  # noqa: PLR0911 - each None: another shape
+def iso_millis(text: str) -> int | None:
     """Epoch ms of `YYYY-MM-DDTHH:MM:SS.fff[fff]` + `Z` or `+00:00`, as SDKs send it.
 
     The same value `parse_timestamp` gives; None for any other shape (then it decides).
-    The date, hour and minute are parsed once and cached: timestamps of one traffic
-    burst share them.
+    Date, hour and minute are parsed once and cached (timestamps of one traffic burst
+    share them); seconds and milliseconds come from a table.
     """
-    size = len(text)
-    if text[-1:] == "Z":
-        end = size - 1
-    elif text.endswith("+00:00"):
-        end = size - 6
-    else:
+    within = _WITHIN_MINUTE.get(text[17:23])
+    if within is None or text[16:17] != ":":
         return None
-    if end not in (23, 26) or text[16] != ":" or text[19] != ".":
-        return None
-    seconds, millis = text[17:19], text[20:23]
-    if not (seconds.isascii() and seconds.isdigit() and millis.isascii() and millis.isdigit()):
-        return None
-    if end == 26 and not (text[23:26].isascii() and text[23:26].isdigit()):
-        return None
-    second = int(seconds)
-    if second > 59:
-        return None
+    suffix = text[23:]
+    if suffix not in _UTC_SUFFIXES:
+        # Microseconds: three more digits (truncated, as `parse_timestamp` does).
+        micros = suffix[:3]
+        if suffix[3:] not in _UTC_SUFFIXES or not (micros.isascii() and micros.isdigit()):
+            return None
     prefix = text[:16]
     minute = _MINUTES.get(prefix)
     if minute is None:
         try:
-            parsed = datetime.fromisoformat(prefix).replace(tzinfo=UTC)
+            parsed = datetime.fromisoformat(prefix)
         except ValueError:
             return None
+        if parsed.tzinfo is not None or prefix[13] != ":":  # not `…THH:MM`
+            return None
+        parsed = parsed.replace(tzinfo=UTC)
         if len(_MINUTES) > 4096:
             _MINUTES.clear()
         minute = _MINUTES[prefix] = int(parsed.timestamp()) * 1000
-    return minute + second * 1000 + int(millis)
-
-
-def _millis(value: Scalar, times: dict[Scalar, int | None]) -> int | None:
-    """A timestamp field in epoch ms; raises InvalidEvent as `parse_timestamp` does."""
-    if type(value) is str:
-        fast = iso_millis(value)
-        if fast is not None:
-            return fast
-    if value in times:
-        return times[value]
-    parsed = times[value] = parse_timestamp(value, "timestamp")
-    return parsed
+    return minute + within
 
 
 class FastWriter:
     """Builds the ingest records of well-formed messages; None means "take the general path"."""
 
     def __init__(self, codec: AvroCodec, max_event_bytes: int, max_depth: int) -> None:
-        self.enabled = _layout(codec.schema_json) == _LAYOUT
+        self.enabled = layout(codec.schema_json) == EVENT_LAYOUT
         self._header = codec.header
         self._max_event_bytes = max_event_bytes
         self._max_depth = max_depth
@@ -177,22 +115,20 @@ class FastWriter:
         # is left to the general path, which measures the nesting depth precisely.
         expected = 1 if levels == 1 else 2 + len(messages)
         room = self._max_depth - levels
-        times: dict[Scalar, int | None] = {}
-        source = _string(source_id)
-        prefix = source_id + ":"
+        request = _Request(source_id, received_at, default_type, batch_sent_at)
         out: list[Record] = []
         try:
             if batch_sent_at is not None:
-                _millis(batch_sent_at, times)
+                request.millis(batch_sent_at)
             for m in messages:
                 objects: list[bytes] = []
                 for field in (m.properties, m.traits, m.context, m.integrations, m.metadata):
                     if field is NULL:
-                        objects.append(_EMPTY_OBJECT)
+                        objects.append(_EMPTY)
                         continue
                     data = bytes(field)
                     if data == b"null":
-                        objects.append(_EMPTY_OBJECT)
+                        objects.append(_EMPTY)
                         continue
                     if data[0] != 0x7B:  # `{`: these fields are objects
                         return None
@@ -200,10 +136,9 @@ class FastWriter:
                     if nested > room:
                         return None
                     expected += nested
-                    objects.append(_EMPTY_OBJECT if data == b"{}" else zigzag(len(data)) + data)
-                record = self._record(
-                    m, source, prefix, received_at, default_type, batch_sent_at, times, objects
-                )
+                    objects.append(data)
+                del objects[_OBJECT_FIELDS:]  # `_metadata` is checked, not kept
+                record = self._record(m, request, objects)
                 if record is None:
                     return None
                 out.append(record)
@@ -214,18 +149,10 @@ class FastWriter:
         return out
 
     def _record(  # noqa: PLR0911 - each None: the general path decides
-        self,
-        m: Message,
-        source: bytes,
-        prefix: str,
-        received_at: int,
-        default_type: str | None,
-        batch_sent_at: Scalar,
-        times: dict[Scalar, int | None],
-        objects: list[bytes],
+        self, m: Message, request: _Request, objects: list[bytes]
     ) -> Record | None:
         # The checks and values of `envelope.build_event`, in the same order.
-        etype = m.type or default_type
+        etype = m.type or request.default_type
         if etype not in EVENT_TYPES:
             return None
         user_id = _text(m.userId)
@@ -244,35 +171,57 @@ class FastWriter:
         previous_id = _text(m.previousId)
         if etype == "alias" and not previous_id:
             return None
-        original = _millis(m.originalTimestamp or m.timestamp, times)
-        sent_raw = batch_sent_at if m.sentAt is msgspec.UNSET else m.sentAt
-        sent_at = _millis(sent_raw, times)
+        original = request.millis(m.originalTimestamp or m.timestamp)
+        sent_at = request.millis(request.sent_at if m.sentAt is msgspec.UNSET else m.sentAt)
+        received_at = request.received_at
         if original is not None and sent_at is not None:
             timestamp = received_at - (sent_at - original)
         else:
             timestamp = original if original is not None else received_at
         event_id = _text(m.messageId) or str(uuid.uuid4())
-        value = b"".join(
-            (
-                self._header,
-                _string(event_id),
-                source,
-                _string(etype),
-                _opt_string(name),
-                _opt_string(user_id),
-                _opt_string(anonymous_id),
-                zigzag(timestamp),
-                zigzag(received_at),
-                _opt_long(sent_at),
-                _opt_long(original),
-                objects[0],
-                objects[1],
-                objects[2],
-                objects[3],
-                _opt_string(group_id),
-                _opt_string(previous_id),
-            )
+        value = encode_event(
+            self._header,
+            event_id,
+            request.source,
+            etype,
+            name,
+            user_id,
+            anonymous_id,
+            timestamp,
+            request.received_at_avro,
+            sent_at,
+            original,
+            objects,
+            group_id,
+            previous_id,
         )
         if len(value) > self._max_event_bytes:
             return None
-        return ((prefix + (user_id or anonymous_id or event_id)).encode(), value, None)
+        return ((request.prefix + (user_id or anonymous_id or event_id)).encode(), value, None)
+
+
+class _Request:
+    """What all messages of one request share, and the timestamps it already parsed."""
+
+    def __init__(
+        self, source_id: str, received_at: int, default_type: str | None, sent_at: Scalar
+    ) -> None:
+        self.source = source_id.encode()
+        self.prefix = source_id + ":"
+        self.received_at = received_at
+        self.received_at_avro = zigzag(received_at)
+        self.default_type = default_type
+        self.sent_at = sent_at
+        self._times: dict[Scalar, int | None] = {}
+
+    def millis(self, value: Scalar) -> int | None:
+        """A timestamp field in epoch ms; raises InvalidEvent as `parse_timestamp` does."""
+        # sentAt is usually one text for the whole request: look it up before parsing.
+        known = self._times.get(value, _UNSEEN)
+        if known is not _UNSEEN:
+            return known  # type: ignore[return-value]
+        parsed = iso_millis(value) if type(value) is str else None
+        if parsed is None:
+            parsed = parse_timestamp(value, "timestamp")
+        self._times[value] = parsed
+        return parsed

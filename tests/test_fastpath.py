@@ -194,8 +194,16 @@ def test_iso_millis_agrees_with_parse_timestamp() -> None:
             moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         ):
             assert iso_millis(text) == parse_timestamp(text, "t"), text
-    for text in ("2026-11-22T12:00:00Z", "2026-11-22T12:00:60.000Z", "2026-13-01T00:00:00.000Z"):
-        assert iso_millis(text) is None
+    for text in (
+        "2026-11-22T12:00:00Z",
+        "2026-11-22T12:00:60.000Z",
+        "2026-13-01T00:00:00.000Z",
+        "2026-11-22T12+01:00:00.000Z",
+        "2026-11-22T12:00:00.000+01:00",
+        "2026-11-22T12:00:00.000123x+00:00",
+        "",
+    ):
+        assert iso_millis(text) is None, text
     with pytest.raises(InvalidEvent):
         parse_timestamp("2026-13-01T00:00:00.000Z", "t")
 
