@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 # The ingest hot path, compiled to C extensions with mypyc (the same modules run as plain
 # Python when no compiler is at hand). Rebuilt whenever a source changes.
-NATIVE_SRC := gateway/fastpath.py schemas/fastpath.py
+NATIVE_SRC := gateway/fastpath.py schemas/fastpath.py connectors/layout.py connectors/loader.py
 NATIVE := $(VENV)/.native
 
 .PHONY: native install demo stop test lint typecheck unit broker-up broker-down clean
@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-$(NATIVE): $(STAMP) $(NATIVE_SRC)
-	@for src in $(NATIVE_SRC); do \
+$(NATIVE): $(STAMP) $(NATIVE_SRC) Makefile
+	@todo="$(filter %.py,$?)"; \
+	case " $? " in *" $(STAMP) "*|*" Makefile "*) todo="$(NATIVE_SRC)";; esac; \
+	for src in $$todo; do \
 		echo "compiling $$src with mypyc"; \
 		$(BIN)/mypyc $$src > $(VENV)/native.log 2>&1 \
 			|| { echo "mypyc failed for $$src (see $(VENV)/native.log); running it as Python"; \
