@@ -8,7 +8,11 @@ message that is not an object, invalid JSON) decodes to None and takes the gener
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import msgspec
+
+_T = TypeVar("_T")
 
 Scalar = str | int | float | None
 NULL = msgspec.Raw(b"null")
@@ -53,20 +57,19 @@ _SINGLE = msgspec.json.Decoder(Message)
 
 def decode_batch(raw: bytes) -> Batch | None:
     """The body as a batch of well-typed messages, or None (the general path decides)."""
-    if not _utf8(raw):
-        return None
-    try:
-        return _BATCH.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
-        return None
+    return _decode(_BATCH, raw)
 
 
 def decode_single(raw: bytes) -> Message | None:
     """The body as one well-typed message, or None (the general path decides)."""
+    return _decode(_SINGLE, raw)
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], raw: bytes) -> _T | None:
     if not _utf8(raw):
         return None
     try:
-        return _SINGLE.decode(raw)
+        return decoder.decode(raw)
     except (msgspec.DecodeError, RecursionError):
         return None
 
