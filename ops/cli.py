@@ -18,6 +18,7 @@ from ops.settings import (
     AppSettings,
     GatewaySettings,
     KafkaSettings,
+    RegistrySettings,
     WarehouseSettings,
     WorkerSettings,
 )
@@ -111,6 +112,15 @@ def gateway(config: ConfigOption = None) -> None:
     cfg = _config(config)
     _setup_logging()
     run(GatewaySettings(), KafkaSettings(), cfg)
+
+
+@app.command()
+def registry() -> None:
+    """Run the schema registry (Confluent Schema Registry REST API) in the foreground."""
+    from schemas.registry_api import run  # noqa: PLC0415
+
+    _setup_logging()
+    run(RegistrySettings(), KafkaSettings())
 
 
 @app.command()

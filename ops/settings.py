@@ -71,6 +71,15 @@ class GatewaySettings(BaseSettings):
     linger_ms: int = 5
 
 
+class RegistrySettings(BaseSettings):
+    """The built-in schema registry's HTTP API (Confluent Schema Registry compatible)."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_REGISTRY_", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+
+
 class WorkerSettings(BaseSettings):
     """The Faust stream-processing worker."""
 

@@ -1,0 +1,324 @@
+"""The built-in schema registry: Avro schemas by subject and version, with compatibility.
+
+The registry's log is the compacted `sluice.schemas` topic: one record a registered
+version (key `schema/<subject>/<version>`) and one a compatibility setting (key
+`config/<subject>`, or `config/` for the default). Every registry process reads the log
+from the start and follows it; a registration is written to the log first, confirmed by
+Kafka, and applied from there. Ids are global: the same schema text has the same id in
+every subject, as in Confluent's registry. The event envelope is always id 1
+(`EVENT_SCHEMA_ID`), registered under `<prefix>.events.ingest-value` when the log is
+empty, so records framed before the registry existed decode through it.
+
+`RegistryState` is the pure part (no Kafka); `SchemaRegistry` keeps it in the topic.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import avro.errors
+import avro.schema
+import structlog
+from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from ops.settings import KafkaSettings
+from ops.topics import Topics
+from schemas.codec import EVENT_SCHEMA_ID, load_schema
+from schemas.errors import SluiceError
+
+log = structlog.get_logger("sluice.registry")
+
+LEVELS = (
+    "NONE",
+    "BACKWARD",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD",
+    "FORWARD_TRANSITIVE",
+    "FULL",
+    "FULL_TRANSITIVE",
+)
+DEFAULT_LEVEL = "BACKWARD"
+
+
+class RegistryError(SluiceError):
+    """A request the registry refuses, with the HTTP status and Confluent error code."""
+
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def subject_not_found(subject: str) -> RegistryError:
+    """The Confluent error for an unknown subject."""
+    return RegistryError(404, 40401, f"Subject '{subject}' not found.")
+
+
+@dataclass(frozen=True)
+class Version:
+    """One registered version of a subject."""
+
+    subject: str
+    version: int
+    id: int
+    schema: str
+
+    def as_json(self) -> dict[str, Any]:
+        """The REST API's form."""
+        return {
+            "subject": self.subject,
+            "version": self.version,
+            "id": self.id,
+            "schema": self.schema,
+        }
+
+
+def normalise(text: str) -> tuple[str, avro.schema.Schema]:
+    """A schema's compact JSON text and its parsed form; 422 when it is not valid Avro."""
+    try:
+        parsed_json = json.loads(text)
+        parsed = avro.schema.parse(text)
+    except (ValueError, avro.errors.AvroException) as exc:
+        raise RegistryError(422, 42201, f"Invalid schema: {exc}") from None
+    return json.dumps(parsed_json, separators=(",", ":")), parsed
+
+
+def incompatibilities(reader: avro.schema.Schema, writer: avro.schema.Schema) -> list[str]:
+    """Why `reader` cannot read what `writer` wrote; empty when it can."""
+    checker = ReaderWriterCompatibilityChecker()  # type: ignore[no-untyped-call]  # avro: no hints
+    result = checker.get_compatibility(reader, writer)
+    if result.compatibility is SchemaCompatibilityType.compatible:
+        return []
+    kinds = ", ".join(sorted(kind.name.lower() for kind in result.incompatibilities))
+    where = ", ".join(sorted(result.locations))
+    what = ", ".join(sorted(str(m) for m in result.messages))
+    return [f"{kinds} at {where}: {what}"]
+
+
+@dataclass
+class RegistryState:
+    """Subjects, versions, ids and compatibility levels, as the log describes them."""
+
+    subjects: dict[str, list[Version]] = field(default_factory=dict)
+    by_id: dict[int, str] = field(default_factory=dict)
+    levels: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, key: str, value: dict[str, Any]) -> None:
+        """Apply one log record (records are applied in log order)."""
+        if key.startswith("config/"):
+            self.levels[key.removeprefix("config/")] = value["compatibilityLevel"]
+            return
+        version = Version(value["subject"], value["version"], value["id"], value["schema"])
+        versions = self.subjects.setdefault(version.subject, [])
+        if all(v.version != version.version for v in versions):
+            versions.append(version)
+            versions.sort(key=lambda v: v.version)
+        self.by_id.setdefault(version.id, version.schema)
+
+    def level(self, subject: str | None) -> str:
+        """The compatibility level of `subject` (its own, else the default)."""
+        if subject is not None and subject in self.levels:
+            return self.levels[subject]
+        return self.levels.get("", DEFAULT_LEVEL)
+
+    def versions(self, subject: str) -> list[Version]:
+        """The versions of `subject`, oldest first; 404 when there are none."""
+        versions = self.subjects.get(subject)
+        if not versions:
+            raise subject_not_found(subject)
+        return versions
+
+    def version(self, subject: str, version: str) -> Version:
+        """`latest` or a version number of `subject`."""
+        versions = self.versions(subject)
+        if version in ("latest", "-1"):
+            return versions[-1]
+        try:
+            number = int(version)
+        except ValueError:
+            raise RegistryError(422, 42202, f"Invalid version: {version!r}") from None
+        for v in versions:
+            if v.version == number:
+                return v
+        raise RegistryError(404, 40402, f"Version {number} not found.")
+
+    def lookup(self, subject: str, text: str) -> Version:
+        """The version of `subject` that has exactly this schema; 404 when none has."""
+        schema, _ = normalise(text)
+        for v in self.versions(subject):
+            if v.schema == schema:
+                return v
+        raise RegistryError(404, 40403, "Schema not found.")
+
+    def check(self, subject: str, text: str, against: str = "latest") -> list[str]:
+        """Why `text` may not follow `subject`'s `against` version(s); empty when it may."""
+        _, candidate = normalise(text)
+        level = self.level(subject)
+        if level == "NONE" or subject not in self.subjects:
+            return []
+        if level.endswith("_TRANSITIVE"):
+            targets = self.versions(subject)
+        else:
+            targets = [self.version(subject, against)]
+        problems: list[str] = []
+        for target in targets:
+            existing = avro.schema.parse(target.schema)
+            if level.startswith(("BACKWARD", "FULL")):
+                problems += [
+                    f"version {target.version} (backward): {m}"
+                    for m in incompatibilities(candidate, existing)
+                ]
+            if level.startswith(("FORWARD", "FULL")):
+                problems += [
+                    f"version {target.version} (forward): {m}"
+                    for m in incompatibilities(existing, candidate)
+                ]
+        return problems
+
+    def plan(self, subject: str, text: str, wanted_id: int | None = None) -> Version | None:
+        """The version registering `text` under `subject` would create; None if it exists.
+
+        409 when the subject's compatibility level refuses it.
+        """
+        schema, _ = normalise(text)
+        for v in self.subjects.get(subject, []):
+            if v.schema == schema:
+                return None
+        problems = self.check(subject, text)
+        if problems:
+            level = self.level(subject)
+            raise RegistryError(
+                409,
+                40901,
+                f"Schema being registered is incompatible ({level}): {'; '.join(problems)}",
+            )
+        existing_id = next((i for i, s in self.by_id.items() if s == schema), None)
+        schema_id = existing_id or wanted_id or max(self.by_id, default=0) + 1
+        latest = self.subjects.get(subject, [])
+        number = latest[-1].version + 1 if latest else 1
+        return Version(subject, number, schema_id, schema)
+
+
+def _key(version: Version) -> str:
+    return f"schema/{version.subject}/{version.version}"
+
+
+class SchemaRegistry:
+    """`RegistryState` kept in the compacted schemas topic, followed in a thread."""
+
+    def __init__(self, kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
+        self.state = RegistryState()
+        self.topics = Topics(kafka.topic_prefix)
+        self.topic = self.topics.schemas
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._applied = threading.Condition(self._lock)
+        self._offset = -1  # the last offset applied
+        self._stop = threading.Event()
+        self._producer = Producer(
+            kafka.client_config() | {"enable.idempotence": True, "acks": "all"}
+        )
+        self._consumer = Consumer(
+            kafka.client_config()
+            | {
+                "group.id": f"sluice-registry-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        # Watermarks come from a handle of their own: the follower thread owns `_consumer`.
+        self._watermarks = Consumer(kafka.client_config() | {"group.id": "sluice-registry-marks"})
+        self._thread = threading.Thread(target=self._follow, name="registry", daemon=True)
+
+    def start(self) -> None:
+        """Read the log to its end, register the event envelope if the log is empty, follow."""
+        self._consumer.assign([TopicPartition(self.topic, 0, -2)])
+        self._thread.start()
+        self._catch_up()
+        envelope = json.dumps(load_schema("event"))
+        if self.state.by_id.get(EVENT_SCHEMA_ID) is None:
+            self.register(f"{self.topics.ingest}-value", envelope, wanted_id=EVENT_SCHEMA_ID)
+        elif self.state.by_id[EVENT_SCHEMA_ID] != normalise(envelope)[0]:
+            log.warning("schema id 1 is not the event envelope in this registry's log")
+
+    def stop(self) -> None:
+        """Stop following the log."""
+        self._stop.set()
+        self._thread.join(5)
+        self._producer.flush(5)
+        self._watermarks.close()
+
+    def register(self, subject: str, text: str, wanted_id: int | None = None) -> Version:
+        """Register `text` under `subject` (or find it there); returns its version."""
+        with self._lock:
+            planned = self.state.plan(subject, text, wanted_id)
+            if planned is None:
+                return self.state.lookup(subject, text)
+            self._write(_key(planned), planned.as_json())
+        self._catch_up()
+        return self.state.lookup(subject, text)
+
+    def set_level(self, subject: str | None, level: str) -> str:
+        """Set the compatibility level of `subject` (None: the default)."""
+        if level not in LEVELS:
+            raise RegistryError(422, 42203, f"Invalid compatibility level: {level!r}")
+        with self._lock:
+            self._write(f"config/{subject or ''}", {"compatibilityLevel": level})
+        self._catch_up()
+        return level
+
+    def _write(self, key: str, value: dict[str, Any]) -> None:
+        errors: list[str] = []
+        self._producer.produce(
+            self.topic,
+            json.dumps(value).encode(),
+            key.encode(),
+            on_delivery=lambda err, _m: errors.append(err.str()) if err else None,
+        )
+        if self._producer.flush(self.timeout_s) or errors:
+            raise RegistryError(
+                500, 50001, f"the schema log did not confirm the write: {errors[:1] or 'timeout'}"
+            )
+
+    def _catch_up(self) -> None:
+        """Wait until the follower applied everything the log holds now."""
+        _, high = self._watermarks.get_watermark_offsets(
+            TopicPartition(self.topic, 0), timeout=self.timeout_s, cached=False
+        )
+        deadline = time.monotonic() + self.timeout_s
+        with self._applied:
+            while self._offset < high - 1:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RegistryError(500, 50002, "the schema log could not be read in time")
+                self._applied.wait(left)
+
+    def _follow(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for msg in self._consumer.consume(100, timeout=0.2):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("schema log error", error=err.str())
+                        continue
+                    key, value = (msg.key() or b"").decode(), msg.value()
+                    with self._applied:
+                        if value is not None:
+                            try:
+                                self.state.apply(key, json.loads(value))
+                            except (ValueError, KeyError) as exc:
+                                log.error(
+                                    "ignoring a bad schema log record", key=key, error=str(exc)
+                                )
+                        self._offset = msg.offset() or 0
+                        self._applied.notify_all()
+        finally:
+            self._consumer.close()

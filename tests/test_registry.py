@@ -1,0 +1,230 @@
+"""The built-in schema registry: compatibility rules, and Confluent's own clients against it."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from ops.admin import apply_topics
+from ops.config import parse_config
+from ops.services import Service
+from ops.settings import KafkaSettings
+from ops.topics import Topics, required_topics
+from ops.traffic import sample_events
+from schemas.codec import event_codec, load_schema
+from schemas.registry import RegistryError, RegistryState
+from streams.processor import Incoming, Router
+from tests.pipeline import free_port
+
+V1 = {"type": "record", "name": "Order", "fields": [{"name": "id", "type": "string"}]}
+V2 = {
+    "type": "record",
+    "name": "Order",
+    "fields": [
+        {"name": "id", "type": "string"},
+        {"name": "total", "type": "double", "default": 0.0},
+    ],
+}
+# A field without a default that the latest version does not have: a reader with it
+# cannot read what the latest version wrote.
+NO_DEFAULT = {
+    "type": "record",
+    "name": "Order",
+    "fields": [*V2["fields"], {"name": "currency", "type": "string"}],
+}
+EXTRA = {
+    "type": "record",
+    "name": "Order",
+    "fields": [*NO_DEFAULT["fields"], {"name": "note", "type": "string"}],
+}
+
+
+def _register(state: RegistryState, subject: str, schema: dict[str, Any]) -> int:
+    planned = state.plan(subject, json.dumps(schema))
+    if planned is not None:
+        state.apply(f"schema/{subject}/{planned.version}", planned.as_json())
+    return state.lookup(subject, json.dumps(schema)).id
+
+
+def test_versions_ids_and_backward_compatibility() -> None:
+    state = RegistryState()
+    first = _register(state, "orders-value", V1)
+    assert _register(state, "orders-value", V1) == first  # the same schema: no new version
+    second = _register(state, "orders-value", V2)  # a new field with a default: backward-safe
+    assert second != first
+    assert [v.version for v in state.versions("orders-value")] == [1, 2]
+    assert _register(state, "other-value", V1) == first  # ids are global
+    with pytest.raises(RegistryError) as refused:
+        _register(state, "orders-value", NO_DEFAULT)
+    assert refused.value.status == 409
+    assert "reader_field_missing_default_value" in refused.value.message
+    assert "currency" in refused.value.message
+    assert [v.version for v in state.versions("orders-value")] == [1, 2]
+
+
+def test_levels_decide_what_is_compatible() -> None:
+    state = RegistryState()
+    _register(state, "a", V1)
+    state.apply("config/a", {"compatibilityLevel": "NONE"})
+    _register(state, "a", NO_DEFAULT)  # anything goes
+    state.apply("config/a", {"compatibilityLevel": "FORWARD"})
+    # Forward: the latest version must read what the new one writes. An extra field is
+    # fine for it; a missing field it has no default for is not.
+    assert state.check("a", json.dumps(EXTRA)) == []
+    assert "currency" in state.check("a", json.dumps(V1))[0]
+    state.apply("config/", {"compatibilityLevel": "FULL"})
+    assert state.level("b") == "FULL"
+    assert state.level("a") == "FORWARD"
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [("not json", 42201), ('{"type": "record", "name": "X"}', 42201)],
+)
+def test_invalid_schemas_are_refused_with_a_reason(text: str, code: int) -> None:
+    with pytest.raises(RegistryError) as refused:
+        RegistryState().plan("s", text)
+    assert refused.value.code == code
+    assert refused.value.status == 422
+
+
+@pytest.fixture
+def registry(kafka: KafkaSettings, tmp_path: Path) -> Iterator[tuple[str, Service, dict[str, str]]]:
+    cfg = parse_config(
+        "sources: [{id: web, write_keys: [k]}]\n"
+        "destinations: [{id: wh, type: clickhouse, sources: [web]}]"
+    )
+    apply_topics(required_topics(cfg, kafka), kafka)
+    port = free_port()
+    env = {
+        "SLUICE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "SLUICE_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+        "SLUICE_REGISTRY_PORT": str(port),
+    }
+    service = Service("registry", tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    _start(service, env, url)
+    try:
+        yield url, service, env
+    finally:
+        service.stop()
+
+
+def _start(service: Service, env: dict[str, str], url: str) -> None:
+    service.start(["registry"], env)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the registry did not start: {service.log_file.read_text()[-2000:]}")
+            time.sleep(0.3)
+
+
+@pytest.mark.integration
+def test_confluent_clients_use_it(
+    registry: tuple[str, Service, dict[str, str]], kafka: KafkaSettings
+) -> None:
+    url, service, env = registry
+    with SchemaRegistryClient({"url": url}) as client:
+        second = _use_registry(client, kafka)
+    assert _error(f"{url}/subjects/nope/versions") == (404, 40401)
+    assert _error(f"{url}/subjects/x/versions", {"schema": "{oops"}) == (422, 42201)
+    assert _error(f"{url}/schemas/ids/999") == (404, 40403)
+    assert _error(f"{url}/config", {"compatibility": "SOMETIMES"}, "PUT") == (422, 42203)
+    # Restarted, the registry rebuilds the same ids and versions from its log.
+    service.stop()
+    _start(service, env, url)
+    with SchemaRegistryClient({"url": url}) as again:
+        assert again.get_versions("orders-value") == [1, 2]
+        assert again.get_schema(second).schema_str == json.dumps(V2, separators=(",", ":"))
+        assert again.register_schema("orders-value", Schema(json.dumps(V2), "AVRO")) == second
+
+
+def _error(url: str, body: Any = None, method: str | None = None) -> tuple[int, int]:
+    """The HTTP status and Confluent error code of a request that must fail."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+    try:
+        urllib.request.urlopen(req, timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())["error_code"]
+    pytest.fail(f"{url} did not fail")
+
+
+def _use_registry(client: SchemaRegistryClient, kafka: KafkaSettings) -> int:
+    # The envelope is id 1 from the start: records framed before anyone registered decode.
+    envelope = client.get_schema(1).schema_str
+    assert envelope is not None
+    assert json.loads(envelope) == load_schema("event")
+    first = client.register_schema("orders-value", Schema(json.dumps(V1), "AVRO"))
+    second = client.register_schema("orders-value", Schema(json.dumps(V2), "AVRO"))
+    assert first != second
+    assert first not in (1, second)
+    assert client.get_versions("orders-value") == [1, 2]
+    assert client.get_latest_version("orders-value").schema_id == second
+    assert (
+        client.test_compatibility("orders-value", Schema(json.dumps(NO_DEFAULT), "AVRO")) is False
+    )
+    with pytest.raises(SchemaRegistryError) as refused:
+        client.register_schema("orders-value", Schema(json.dumps(NO_DEFAULT), "AVRO"))
+    assert refused.value.http_status_code == 409
+    assert "currency" in refused.value.error_message
+
+    # Records on a destination topic, as the processor routes them, decode with
+    # confluent-kafka's own AvroDeserializer pointed at this registry.
+    topics = Topics(kafka.topic_prefix)
+    dest = topics.destination("wh").main
+    cfg = parse_config(
+        "sources: [{id: web, write_keys: [k]}]\n"
+        "destinations: [{id: wh, type: clickhouse, sources: [web]}]"
+    )
+    codec = event_codec()
+    from gateway.envelope import build_event  # noqa: PLC0415
+
+    events = [build_event(m, "web", 1_795_389_209_123) for m in sample_events(20, seed=4)]
+    incoming = [
+        Incoming(e["user_id"].encode(), codec.encode(e), topics.ingest, 0, i, 0)
+        for i, e in enumerate(events)
+    ]
+    routed = Router(cfg, topics, event_codec(logical_types=False)).route(incoming)
+    producer = Producer(kafka.client_config())
+    for key, value, _ in routed.outputs[dest]:
+        producer.produce(dest, value, key)
+    assert producer.flush(10) == 0
+    consumer = Consumer(
+        kafka.client_config() | {"group.id": f"{dest}-avro", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([dest])
+    decoded: list[Any] = []
+    deserialize = AvroDeserializer(client)
+    deadline = time.monotonic() + 20
+    while len(decoded) < len(events) and time.monotonic() < deadline:
+        for msg in consumer.consume(50, timeout=0.5):
+            if msg.error() is None:
+                decoded.append(
+                    deserialize(msg.value(), SerializationContext(dest, MessageField.VALUE))
+                )
+    consumer.close()
+    by_id = {e["event_id"]: e for e in decoded}
+    assert len(by_id) == len(events)
+    for event in events:
+        assert by_id[event["event_id"]] == codec.decode(codec.encode(event))
+
+    return second
