@@ -472,7 +472,7 @@ def bench_processor(
     config.write_text(BENCH_CONFIG)
     service = Service("worker", workdir)
     try:
-        with console.status("worker: Faust agent, take_events batches, batch produce ..."):
+        with console.status("worker: Faust agent, batches from its channel, batch produce ..."):
             service.start(
                 ["worker"],
                 {
@@ -506,7 +506,7 @@ def bench_processor(
         f"{results['plain_loop_events_per_s']:,.0f}",
     )
     table.add_row(
-        "sluice worker (Faust agent, take_events + batch produce, uvloop)",
+        "sluice worker (Faust agent, batched delivery + batch produce, uvloop)",
         f"{results['worker_events_per_s']:,.0f}",
     )
     console.print(table)

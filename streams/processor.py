@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ops.config import PipelineConfig
 from ops.producer import Headers
@@ -15,9 +16,8 @@ from schemas.codec import AvroCodec
 from schemas.errors import SchemaError
 
 
-@dataclass(frozen=True)
-class Incoming:
-    """One record taken from the ingest topic."""
+class Incoming(NamedTuple):
+    """One record taken from the ingest topic (a tuple: built for every event)."""
 
     key: bytes | None
     value: bytes
