@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -105,6 +106,69 @@ class ClickHouseConfig(_Model):
     layout: bool = True
 
 
+class PropertyRule(_Model):
+    """A predicate on one property: `{property: plan, op: eq, value: pro}`.
+
+    `property` is a dotted path into the event's properties (or traits for identify
+    events); `exists` needs no value, `in` takes a list.
+    """
+
+    property: Annotated[str, Field(min_length=1)]
+    op: Literal["eq", "ne", "gt", "gte", "lt", "lte", "in", "exists"]
+    value: object = None
+
+    @model_validator(mode="after")
+    def _value_fits_the_op(self) -> PropertyRule:
+        if self.op == "in" and not isinstance(self.value, list):
+            raise ValueError(f"rule on {self.property!r}: `in` needs a list value")
+        if self.op in ("gt", "gte", "lt", "lte") and (
+            isinstance(self.value, bool) or not isinstance(self.value, int | float | str)
+        ):
+            raise ValueError(f"rule on {self.property!r}: `{self.op}` needs a number or a string")
+        return self
+
+
+class EventFilter(_Model):
+    """Which events a destination takes: by type, by name, by property predicates.
+
+    Empty allow-lists allow everything; deny-lists win over allow-lists; every `where`
+    rule must hold.
+    """
+
+    allow_types: tuple[str, ...] = ()
+    deny_types: tuple[str, ...] = ()
+    allow_events: tuple[str, ...] = ()
+    deny_events: tuple[str, ...] = ()
+    where: tuple[PropertyRule, ...] = ()
+
+
+class Transform(_Model):
+    """A user function `transform(event) -> event | list[event] | None`, by import path."""
+
+    function: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")]
+    timeout_s: float = Field(default=1.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _function_exists(self) -> Transform:
+        resolve_function(self.function)
+        return self
+
+
+def resolve_function(path: str) -> object:
+    """The callable at `package.module:function` (or `package.module.function`)."""
+    module_name, sep, name = path.partition(":")
+    if not sep:
+        module_name, _, name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any failure to import the module makes the config invalid
+        raise ValueError(f"transform {path!r}: cannot import {module_name!r}: {exc}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"transform {path!r}: {module_name!r} has no function {name!r}")
+    return function
+
+
 class Destination(_Model):
     """Where events go: a connector type, its settings and the sources routed to it."""
 
@@ -113,6 +177,8 @@ class Destination(_Model):
     sources: tuple[str, ...] = ()
     enabled: bool = True
     retry: RetryPolicy = RetryPolicy()
+    filter: EventFilter = EventFilter()
+    transform: Transform | None = None
     settings: dict[str, object] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -39,7 +39,8 @@ class ProcessorMetrics:
         self.registry = registry or CollectorRegistry()
         self.events = Counter(
             "sluice_processor_events_total",
-            "Events by destination and outcome (routed, rejected, unrouted).",
+            "Events by destination and outcome: routed (records written), filtered, dropped"
+            " (by a transform), failed (to the DLQ); rejected and unrouted have no destination.",
             ["destination", "outcome"],
             registry=self.registry,
         )
@@ -170,8 +171,14 @@ def register(
                         for topic, records in routed.outputs.items()
                     )
                 )
-                for dest, count in routed.delivered.items():
-                    metrics.events.labels(dest, "routed").inc(count)
+                for outcome, counts in (
+                    ("routed", routed.delivered),
+                    ("filtered", routed.filtered),
+                    ("dropped", routed.dropped),
+                    ("failed", routed.failed),
+                ):
+                    for dest, count in counts.items():
+                        metrics.events.labels(dest, outcome).inc(count)
                 if routed.rejected:
                     metrics.events.labels("", "rejected").inc(routed.rejected)
                 if routed.unrouted:

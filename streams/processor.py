@@ -5,15 +5,18 @@ No Faust here: the agent hands batches in and produces what comes out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
-from ops.config import PipelineConfig
+from ops.config import EventFilter, PipelineConfig, resolve_function
 from ops.producer import Headers
 from ops.topics import Topics
 from schemas.codec import AvroCodec
 from schemas.errors import SchemaError
+from streams.rules import TransformFn, for_user, from_user, passes, time_limits
 
 
 class Incoming(NamedTuple):
@@ -35,8 +38,35 @@ class Routed:
         default_factory=dict
     )
     delivered: dict[str, int] = field(default_factory=dict)
+    filtered: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
     unrouted: int = 0
+
+
+@dataclass(frozen=True)
+class Route:
+    """One destination of a source: its topics, filter and transform."""
+
+    destination: str
+    topic: str
+    dlq: str
+    filter: EventFilter
+    transform: TransformFn | None = None
+    timeout_s: float = 1.0
+
+    @property
+    def plain(self) -> bool:
+        """Nothing to check or change: the record is forwarded as it came."""
+        return self.transform is None and self.filter == _NO_FILTER
+
+
+_NO_FILTER = EventFilter()
+
+
+def _bump(counts: dict[str, int], key: str, by: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + by
 
 
 class Router:
@@ -49,42 +79,97 @@ class Router:
 
     def update(self, cfg: PipelineConfig) -> None:
         """Route by `cfg` from the next batch on (one attribute swap, safe from any thread)."""
-        self.routes = {
-            src: tuple((dest, self.topics.destination(dest).main) for dest in dests)
-            for src, dests in cfg.routes().items()
-        }
+        by_id: dict[str, Route] = {}
+        for dest in cfg.destinations:
+            dt = self.topics.destination(dest.id)
+            fn = None
+            if dest.transform is not None:
+                fn = cast(TransformFn, resolve_function(dest.transform.function))
+            by_id[dest.id] = Route(
+                dest.id,
+                dt.main,
+                dt.dlq,
+                dest.filter,
+                fn,
+                dest.transform.timeout_s if dest.transform else 1.0,
+            )
+        self.routes = {src: tuple(by_id[d] for d in dests) for src, dests in cfg.routes().items()}
 
     def route(self, batch: Sequence[Incoming]) -> Routed:
         """Decode each record, copy it to each destination of its source, reject what fails."""
         out = Routed()
         outputs = out.outputs
-        for rec in batch:
-            try:
-                event = self.codec.decode(rec.value)
-            except SchemaError as exc:
-                outputs.setdefault(self.topics.rejected, []).append(
-                    (rec.key, rec.value, _rejection_headers(rec, str(exc)))
-                )
-                out.rejected += 1
-                continue
-            dests = self.routes.get(event["source_id"], ())
-            if not dests:
-                out.unrouted += 1
-                continue
-            for dest, topic in dests:
-                # The envelope is forwarded as it came: no re-encoding on the hot path.
-                outputs.setdefault(topic, []).append((rec.key, rec.value, None))
-                out.delivered[dest] = out.delivered.get(dest, 0) + 1
+        routes = self.routes
+        with time_limits() as call:
+            for rec in batch:
+                try:
+                    event = self.codec.decode(rec.value)
+                except SchemaError as exc:
+                    outputs.setdefault(self.topics.rejected, []).append(
+                        (rec.key, rec.value, _failure_headers(rec, "processor", exc))
+                    )
+                    out.rejected += 1
+                    continue
+                dests = routes.get(event["source_id"], ())
+                if not dests:
+                    out.unrouted += 1
+                    continue
+                for route in dests:
+                    if route.plain:
+                        # The envelope is forwarded as it came: no re-encoding on the hot path.
+                        outputs.setdefault(route.topic, []).append((rec.key, rec.value, None))
+                        _bump(out.delivered, route.destination)
+                    elif not passes(route.filter, event):
+                        _bump(out.filtered, route.destination)
+                    elif route.transform is None:
+                        outputs.setdefault(route.topic, []).append((rec.key, rec.value, None))
+                        _bump(out.delivered, route.destination)
+                    else:
+                        self._transform(rec, event, route, call, out)
         return out
 
+    def _transform(
+        self,
+        rec: Incoming,
+        event: dict[str, Any],
+        route: Route,
+        call: Callable[[TransformFn, dict[str, Any], float], Any],
+        out: Routed,
+    ) -> None:
+        assert route.transform is not None
+        try:
+            results = from_user(call(route.transform, for_user(event), route.timeout_s))
+            values = [self.codec.encode(e) for e in results]
+        except Exception as exc:  # a user function may raise anything: it goes to the DLQ
+            headers = _failure_headers(rec, "transform", exc, route.destination)
+            headers.append(("sluice.error.traceback", traceback.format_exc()[-8000:].encode()))
+            out.outputs.setdefault(route.dlq, []).append((rec.key, rec.value, headers))
+            _bump(out.failed, route.destination)
+            return
+        if not values:
+            _bump(out.dropped, route.destination)
+        for value in values:
+            out.outputs.setdefault(route.topic, []).append((rec.key, value, None))
+        _bump(out.delivered, route.destination, len(values))
 
-def _rejection_headers(rec: Incoming, reason: str) -> Headers:
-    return [
-        ("sluice.reason", reason.encode()),
-        ("sluice.stage", b"processor"),
-        ("sluice.error.class", b"SchemaError"),
+
+def _failure_headers(
+    rec: Incoming, stage: str, error: Exception, destination: str | None = None
+) -> Headers:
+    now = str(int(time.time() * 1000)).encode()
+    headers: Headers = [
+        ("sluice.reason", str(error)[:1000].encode()),
+        ("sluice.stage", stage.encode()),
+        ("sluice.error.class", type(error).__name__.encode()),
+        ("sluice.error.message", str(error)[:1000].encode()),
         ("sluice.original.topic", rec.topic.encode()),
         ("sluice.original.partition", str(rec.partition).encode()),
         ("sluice.original.offset", str(rec.offset).encode()),
         ("sluice.original.timestamp", str(rec.timestamp_ms).encode()),
+        ("sluice.attempts", b"1"),
+        ("sluice.first.failure", now),
+        ("sluice.last.failure", now),
     ]
+    if destination is not None:
+        headers.append(("sluice.destination", destination.encode()))
+    return headers

@@ -1,0 +1,136 @@
+"""Per-destination filters and user transforms, applied by the processor.
+
+A transform is a plain function `transform(event) -> event | list[event] | None` named in
+the config (`transform: {function: "package.module:function", timeout_s: 1}`). It gets the
+envelope as a dict: timestamps in epoch milliseconds, `properties`, `traits`, `context`
+and `integrations` as dicts. None drops the event, a list fans it out (give each copy
+its own `event_id`, or the warehouse keeps one), and an exception or running past the
+time limit sends the event to the destination's DLQ with the traceback in a header.
+"""
+
+from __future__ import annotations
+
+import operator
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+
+from ops.config import EventFilter, PropertyRule
+
+JSON_FIELDS = ("properties", "traits", "context", "integrations")
+TransformFn = Callable[[dict[str, Any]], Any]
+_MISSING = object()
+
+
+class TransformTimeout(Exception):
+    """The transform ran past its time limit."""
+
+
+class TransformResultError(TypeError):
+    """The transform returned something that is not an event, a list of events or None."""
+
+
+def passes(rule: EventFilter, event: dict[str, Any]) -> bool:
+    """Whether `event` (decoded envelope, JSON fields as text) gets past `rule`."""
+    etype, name = event["type"], event["event"]
+    if (rule.allow_types and etype not in rule.allow_types) or etype in rule.deny_types:
+        return False
+    if (rule.allow_events and name not in rule.allow_events) or name in rule.deny_events:
+        return False
+    if not rule.where:
+        return True
+    try:
+        fields = orjson.loads(event["traits" if etype == "identify" else "properties"])
+    except orjson.JSONDecodeError:
+        return False
+    return all(_holds(r, _lookup(fields, r.property)) for r in rule.where)
+
+
+def _lookup(fields: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(fields, dict) or part not in fields:
+            return _MISSING
+        fields = fields[part]
+    return fields
+
+
+_COMPARE: dict[str, Callable[[Any, Any], Any]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "gt": operator.gt,
+    "gte": operator.ge,
+    "lt": operator.lt,
+    "lte": operator.le,
+    "in": lambda value, allowed: value in allowed,
+}
+
+
+def _holds(rule: PropertyRule, value: Any) -> bool:
+    if rule.op == "exists":
+        return value is not _MISSING
+    if value is _MISSING:
+        return rule.op == "ne"
+    try:
+        return bool(_COMPARE[rule.op](value, rule.value))
+    except TypeError:
+        return False  # a string compared with a number: the rule does not hold
+
+
+def for_user(event: dict[str, Any]) -> dict[str, Any]:
+    """The envelope as a transform sees it: JSON fields as dicts."""
+    return {k: orjson.loads(v) if k in JSON_FIELDS else v for k, v in event.items()}
+
+
+def from_user(result: Any) -> list[dict[str, Any]]:
+    """A transform's result as envelopes to encode (JSON fields back to text)."""
+    if result is None:
+        return []
+    items = result if isinstance(result, list) else [result]
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise TransformResultError(
+                f"a transform returns an event dict, a list of them or None, not {type(item).__name__}"
+            )
+        out.append(
+            {
+                k: orjson.dumps(v).decode() if k in JSON_FIELDS and not isinstance(v, str) else v
+                for k, v in item.items()
+            }
+        )
+    return out
+
+
+@contextmanager
+def time_limits() -> Iterator[Callable[[TransformFn, dict[str, Any], float], Any]]:
+    """A caller of transforms that stops each one at its time limit.
+
+    On the main thread (where the worker's event loop runs) a SIGALRM timer interrupts
+    the transform; elsewhere the limit cannot be enforced and the call simply runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda fn, event, _timeout: fn(event)
+        return
+
+    def on_alarm(_signum: int, _frame: object) -> None:
+        raise TransformTimeout("the transform ran past its time limit")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+
+    def call(fn: TransformFn, event: dict[str, Any], timeout: float) -> Any:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return fn(event)
+        except TransformTimeout:
+            raise TransformTimeout(f"the transform ran past its {timeout:g} s limit") from None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    try:
+        yield call
+    finally:
+        signal.signal(signal.SIGALRM, previous)

@@ -1,0 +1,180 @@
+"""Per-destination filters and transforms in the processor: records, counts and DLQ entries."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.envelope import build_event
+from ops.config import parse_config
+from ops.topics import Topics
+from schemas.codec import event_codec
+from schemas.errors import ConfigError
+from streams.processor import Incoming, Router
+
+TOPICS = Topics("t")
+CODEC = event_codec(logical_types=False)
+MESSAGES: list[dict[str, Any]] = [
+    {
+        "type": "track",
+        "event": "Order Completed",
+        "userId": "u1",
+        "messageId": "t1",
+        "properties": {"total": 120, "plan": "pro", "cart": {"items": 3}},
+    },
+    {
+        "type": "track",
+        "event": "Order Completed",
+        "userId": "u2",
+        "messageId": "t2",
+        "properties": {"total": 15, "plan": "free"},
+    },
+    {
+        "type": "track",
+        "event": "Product Viewed",
+        "userId": "u1",
+        "messageId": "t3",
+        "properties": {"sku": "A"},
+    },
+    {"type": "page", "userId": "u3", "name": "Home", "messageId": "p1"},
+    {"type": "identify", "userId": "u1", "messageId": "i1", "traits": {"plan": "pro"}},
+]
+
+
+def _router(destination: str) -> Router:
+    cfg = parse_config(f"sources: [{{id: web, write_keys: [k]}}]\ndestinations: [{destination}]")
+    return Router(cfg, TOPICS, CODEC)
+
+
+def _batch() -> list[Incoming]:
+    out = []
+    for i, msg in enumerate(MESSAGES):
+        event = build_event(msg, "web", 1_795_389_209_000)
+        out.append(
+            Incoming(msg["userId"].encode(), CODEC.encode(event), "t.events.ingest", 0, i, 7)
+        )
+    return out
+
+
+def _events(records: list[Any]) -> list[dict[str, Any]]:
+    return [CODEC.decode(value) for _, value, _ in records]
+
+
+def _headers(record: Any) -> dict[str, str]:
+    return {k: v.decode() for k, v in record[2]}
+
+
+def test_filters_by_type_name_and_properties() -> None:
+    router = _router(
+        "{id: d, type: clickhouse, sources: [web], filter: {allow_types: [track, identify],"
+        " deny_events: [Product Viewed], where: [{property: plan, op: eq, value: pro},"
+        " {property: cart.items, op: gte, value: 2}]}}"
+    )
+    routed = router.route(_batch())
+    # t1 passes everything; t2 fails the plan rule, t3 is a denied name, p1 a denied type,
+    # i1 (identify: rules read traits) has no cart.
+    assert [e["event_id"] for e in _events(routed.outputs[TOPICS.destination("d").main])] == ["t1"]
+    assert routed.delivered == {"d": 1}
+    assert routed.filtered == {"d": 4}
+
+
+def test_a_fan_out_transform_writes_both_records() -> None:
+    routed = _router(
+        "{id: d, type: clickhouse, sources: [web], filter: {allow_types: [track]},"
+        " transform: {function: 'tests.transforms:fan_out'}}"
+    ).route(_batch())
+    events = _events(routed.outputs[TOPICS.destination("d").main])
+    assert [e["event_id"] for e in events] == ["t1", "t1-copy", "t2", "t2-copy", "t3", "t3-copy"]
+    assert orjson.loads(events[1]["properties"])["copied"] is True
+    assert "copied" not in orjson.loads(events[0]["properties"])
+    assert routed.delivered == {"d": 6}
+    assert routed.filtered == {"d": 2}
+
+
+def test_a_dropping_transform_counts_what_it_dropped() -> None:
+    routed = _router(
+        "{id: d, type: clickhouse, sources: [web], transform: {function: tests.transforms.drop_pages}}"
+    ).route(_batch())
+    events = _events(routed.outputs[TOPICS.destination("d").main])
+    assert [e["event_id"] for e in events] == ["t1", "t2", "t3", "i1"]
+    assert events[0]["event"] == "ORDER COMPLETED"
+    assert routed.dropped == {"d": 1}
+    assert routed.delivered == {"d": 4}
+
+
+@pytest.mark.parametrize(
+    ("function", "failing", "error_class", "reason"),
+    [
+        ("explode", ["i1"], "ValueError", "cannot handle i1"),
+        ("not_an_event", ["t1", "t2", "t3", "p1", "i1"], "TransformResultError", "not str"),
+    ],
+)
+def test_a_failing_transform_sends_the_event_to_the_dlq_with_the_traceback(
+    function: str, failing: list[str], error_class: str, reason: str
+) -> None:
+    routed = _router(
+        f"{{id: d, type: clickhouse, sources: [web], transform: {{function: 'tests.transforms:{function}'}}}}"
+    ).route(_batch())
+    dlq = routed.outputs[TOPICS.destination("d").dlq]
+    assert [CODEC.decode(value)["event_id"] for _, value, _ in dlq] == failing
+    headers = _headers(dlq[0])
+    assert headers["sluice.error.class"] == error_class
+    assert reason in headers["sluice.error.message"]
+    assert "Traceback" in headers["sluice.error.traceback"]
+    assert headers["sluice.stage"] == "transform"
+    assert headers["sluice.destination"] == "d"
+    assert headers["sluice.original.topic"] == "t.events.ingest"
+    assert headers["sluice.original.offset"] == str(
+        MESSAGES.index(next(m for m in MESSAGES if m["messageId"] == failing[0]))
+    )
+    assert routed.failed == {"d": len(failing)}
+    assert routed.delivered.get("d", 0) == len(MESSAGES) - len(failing)
+
+
+def test_a_slow_transform_is_stopped_at_its_limit() -> None:
+    started = time.monotonic()
+    routed = _router(
+        "{id: d, type: clickhouse, sources: [web], filter: {allow_types: [page]},"
+        " transform: {function: 'tests.transforms:slow', timeout_s: 0.2}}"
+    ).route(_batch())
+    assert time.monotonic() - started < 2
+    (record,) = routed.outputs[TOPICS.destination("d").dlq]
+    assert _headers(record)["sluice.error.class"] == "TransformTimeout"
+    assert "0.2 s limit" in _headers(record)["sluice.error.message"]
+
+
+def test_destinations_without_rules_get_the_record_as_it_came() -> None:
+    batch = _batch()
+    routed = _router("{id: d, type: clickhouse, sources: [web]}").route(batch)
+    assert [v for _, v, _ in routed.outputs[TOPICS.destination("d").main]] == [
+        r.value for r in batch
+    ]
+
+
+@pytest.mark.parametrize(
+    ("destination", "reason"),
+    [
+        (
+            "{id: d, type: clickhouse, transform: {function: 'nowhere.module:f'}}",
+            "cannot import 'nowhere.module'",
+        ),
+        (
+            "{id: d, type: clickhouse, transform: {function: 'tests.transforms:missing'}}",
+            "has no function 'missing'",
+        ),
+        (
+            "{id: d, type: clickhouse, filter: {where: [{property: a, op: in, value: 3}]}}",
+            "`in` needs a list",
+        ),
+        (
+            "{id: d, type: clickhouse, filter: {where: [{property: a, op: sometimes}]}}",
+            "filter.where.0.op",
+        ),
+    ],
+)
+def test_invalid_rules_are_refused_with_the_reason(destination: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        parse_config(f"destinations: [{destination}]")
