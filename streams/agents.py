@@ -16,8 +16,8 @@ from typing import Any, cast
 
 import faust
 import structlog
-from faust.types import ChannelT, EventT
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from faust.types import TP, ChannelT, EventT
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ops.config import PipelineConfig
 from ops.live import ConfigFollower
@@ -48,6 +48,13 @@ class ProcessorMetrics:
             "sluice_processor_batch_seconds",
             "Time to route a batch and have its output confirmed.",
             buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.lag = Gauge(
+            "sluice_processor_consumer_lag",
+            "Records of an ingest partition not processed yet, as of this worker's last batch"
+            " from it.",
+            ["topic", "partition"],
             registry=self.registry,
         )
 
@@ -131,6 +138,16 @@ async def take_batches(
         yield events
 
 
+def _observe_lag(app: faust.App, metrics: ProcessorMetrics, batch: list[Incoming]) -> None:
+    last: dict[tuple[str, int], int] = {}
+    for rec in batch:
+        last[(rec.topic, rec.partition)] = max(rec.offset, last.get((rec.topic, rec.partition), -1))
+    for (topic, partition), offset in last.items():
+        highwater = app.consumer.highwater(TP(topic, partition))
+        if highwater is not None:
+            metrics.lag.labels(topic, str(partition)).set(max(0, highwater - offset - 1))
+
+
 def register(
     app: faust.App,
     settings: WorkerSettings,
@@ -187,6 +204,7 @@ def register(
                 # Every output of the batch is confirmed: now its offsets may be committed.
                 for ev in events:
                     ev.ack()
+                _observe_lag(app, metrics, batch)
         finally:
             stopping.set()
             # Anything handed to librdkafka is delivered before Faust commits on shutdown.

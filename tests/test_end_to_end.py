@@ -36,6 +36,12 @@ async def test_batches_land_once_with_their_fields(pipeline: Pipeline) -> None:
         f'sluice_processor_events_total{{destination="warehouse",outcome="routed"}} {float(count)}'
         in metrics
     )
+    # Everything is processed: each ingest partition the worker read reports no lag.
+    lags = [
+        line for line in metrics.splitlines() if line.startswith("sluice_processor_consumer_lag{")
+    ]
+    assert lags
+    assert all(line.endswith(" 0.0") and ".events.ingest" in line for line in lags), lags
     landed = {
         r[0]: r[1:]
         for r in pipeline.query(
