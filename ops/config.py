@@ -41,6 +41,25 @@ class RateLimit(_Model):
         return float(self.burst) if self.burst else self.events_per_s
 
 
+PropertyType = Literal["string", "number", "integer", "boolean", "object", "array", "any"]
+
+
+class PlannedEvent(_Model):
+    """A track event of a tracking plan: its required properties and property types."""
+
+    required: dict[str, PropertyType] = Field(default_factory=dict)
+    optional: dict[str, PropertyType] = Field(default_factory=dict)
+
+
+class TrackingPlan(_Model):
+    """Rules per track event name; what happens to an event that breaks them."""
+
+    events: dict[str, PlannedEvent] = Field(default_factory=dict)
+    # Track events whose name the plan does not list: allowed, or a violation.
+    unplanned: Literal["allow", "violate"] = "allow"
+    on_violation: Literal["reject", "flag"] = "flag"
+
+
 class Source(_Model):
     """Where events come from: one or more write keys that map to a source id."""
 
@@ -49,6 +68,7 @@ class Source(_Model):
     write_keys: Annotated[tuple[str, ...], Field(min_length=1)]
     enabled: bool = True
     rate_limit: RateLimit | None = None
+    tracking_plan: TrackingPlan | None = None
 
 
 class RetryPolicy(_Model):

@@ -40,7 +40,8 @@ class ProcessorMetrics:
         self.events = Counter(
             "sluice_processor_events_total",
             "Events by destination and outcome: routed (records written), filtered, dropped"
-            " (by a transform), failed (to the DLQ); rejected and unrouted have no destination.",
+            " (by a transform), failed (to the DLQ); rejected, unrouted and flagged (by a tracking"
+            " plan) have no destination.",
             ["destination", "outcome"],
             registry=self.registry,
         )
@@ -200,6 +201,8 @@ def register(
                     metrics.events.labels("", "rejected").inc(routed.rejected)
                 if routed.unrouted:
                     metrics.events.labels("", "unrouted").inc(routed.unrouted)
+                if routed.flagged:
+                    metrics.events.labels("", "flagged").inc(routed.flagged)
                 metrics.batch_seconds.observe(asyncio.get_running_loop().time() - started)
                 # Every output of the batch is confirmed: now its offsets may be committed.
                 for ev in events:

@@ -16,7 +16,15 @@ from ops.producer import Headers
 from ops.topics import Topics
 from schemas.codec import AvroCodec
 from schemas.errors import SchemaError
-from streams.rules import TransformFn, for_user, from_user, passes, time_limits
+from streams.rules import (
+    TransformFn,
+    flag,
+    for_user,
+    from_user,
+    passes,
+    plan_violations,
+    time_limits,
+)
 
 
 class Incoming(NamedTuple):
@@ -43,6 +51,7 @@ class Routed:
     failed: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
     unrouted: int = 0
+    flagged: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,13 +102,15 @@ class Router:
                 fn,
                 dest.transform.timeout_s if dest.transform else 1.0,
             )
-        self.routes = {src: tuple(by_id[d] for d in dests) for src, dests in cfg.routes().items()}
+        routes = {src: tuple(by_id[d] for d in dests) for src, dests in cfg.routes().items()}
+        plans = {s.id: s.tracking_plan for s in cfg.sources if s.tracking_plan}
+        self.snapshot = (routes, plans)
 
     def route(self, batch: Sequence[Incoming]) -> Routed:
         """Decode each record, copy it to each destination of its source, reject what fails."""
         out = Routed()
         outputs = out.outputs
-        routes = self.routes
+        routes, plans = self.snapshot
         with time_limits() as call:
             for rec in batch:
                 try:
@@ -110,6 +121,21 @@ class Router:
                     )
                     out.rejected += 1
                     continue
+                value = rec.value
+                plan = plans.get(event["source_id"]) if plans else None
+                if plan is not None:
+                    problems = plan_violations(plan, event)
+                    if problems and plan.on_violation == "reject":
+                        reason = TrackingPlanViolation("; ".join(problems))
+                        outputs.setdefault(self.topics.rejected, []).append(
+                            (rec.key, value, _failure_headers(rec, "processor", reason))
+                        )
+                        out.rejected += 1
+                        continue
+                    if problems:
+                        event = flag(event, problems)
+                        value = self.codec.encode(event)
+                        out.flagged += 1
                 dests = routes.get(event["source_id"], ())
                 if not dests:
                     out.unrouted += 1
@@ -117,12 +143,12 @@ class Router:
                 for route in dests:
                     if route.plain:
                         # The envelope is forwarded as it came: no re-encoding on the hot path.
-                        outputs.setdefault(route.topic, []).append((rec.key, rec.value, None))
+                        outputs.setdefault(route.topic, []).append((rec.key, value, None))
                         _bump(out.delivered, route.destination)
                     elif not passes(route.filter, event):
                         _bump(out.filtered, route.destination)
                     elif route.transform is None:
-                        outputs.setdefault(route.topic, []).append((rec.key, rec.value, None))
+                        outputs.setdefault(route.topic, []).append((rec.key, value, None))
                         _bump(out.delivered, route.destination)
                     else:
                         self._transform(rec, event, route, call, out)
@@ -151,6 +177,10 @@ class Router:
         for value in values:
             out.outputs.setdefault(route.topic, []).append((rec.key, value, None))
         _bump(out.delivered, route.destination, len(values))
+
+
+class TrackingPlanViolation(SchemaError):
+    """A track event breaks its source's tracking plan (and the plan says reject)."""
 
 
 def _failure_headers(

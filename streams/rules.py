@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from ops.config import EventFilter, PropertyRule
+from ops.config import EventFilter, PropertyRule, TrackingPlan
 
 JSON_FIELDS = ("properties", "traits", "context", "integrations")
 TransformFn = Callable[[dict[str, Any]], Any]
@@ -78,6 +78,44 @@ def _holds(rule: PropertyRule, value: Any) -> bool:
         return bool(_COMPARE[rule.op](value, rule.value))
     except TypeError:
         return False  # a string compared with a number: the rule does not hold
+
+
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "any": lambda v: True,
+}
+
+
+def plan_violations(plan: TrackingPlan, event: dict[str, Any]) -> list[str]:
+    """How a track event breaks its source's tracking plan; empty when it does not."""
+    if event["type"] != "track":
+        return []
+    name = event["event"]
+    planned = plan.events.get(name)
+    if planned is None:
+        return [] if plan.unplanned == "allow" else [f"event {name!r} is not in the tracking plan"]
+    try:
+        properties = orjson.loads(event["properties"])
+    except orjson.JSONDecodeError:
+        properties = {}
+    problems = [f"property {p!r} is required" for p in planned.required if p not in properties]
+    for prop, kind in (planned.optional | planned.required).items():
+        if prop in properties and not _KINDS[kind](properties[prop]):
+            got = type(properties[prop]).__name__
+            problems.append(f"property {prop!r} must be {kind}, not {got}")
+    return problems
+
+
+def flag(event: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The event with its tracking-plan violations in `context.tracking_plan.violations`."""
+    context = orjson.loads(event["context"])
+    context["tracking_plan"] = {"violations": problems}
+    return {**event, "context": orjson.dumps(context).decode()}
 
 
 def for_user(event: dict[str, Any]) -> dict[str, Any]:

@@ -178,3 +178,68 @@ def test_destinations_without_rules_get_the_record_as_it_came() -> None:
 def test_invalid_rules_are_refused_with_the_reason(destination: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=reason):
         parse_config(f"destinations: [{destination}]")
+
+
+PLAN = (
+    "tracking_plan: {{on_violation: {mode}, unplanned: violate, events: {{"
+    "'Order Completed': {{required: {{total: number, currency: string}}, optional: {{plan: string}}}},"
+    "'Product Viewed': {{required: {{sku: string}}}}}}}}"
+)
+
+
+def _planned_router(mode: str) -> Router:
+    cfg = parse_config(
+        f"sources: [{{id: web, write_keys: [k], {PLAN.format(mode=mode)}}}]\n"
+        "destinations: [{id: d, type: clickhouse, sources: [web]}]"
+    )
+    return Router(cfg, TOPICS, CODEC)
+
+
+def test_a_tracking_plan_rejects_what_breaks_it_with_the_reason() -> None:
+    routed = _planned_router("reject").route(_batch())
+    # t1 and t2 lack `currency`; t3 has its sku; the page and the identify are not track events.
+    delivered = _events(routed.outputs[TOPICS.destination("d").main])
+    assert [e["event_id"] for e in delivered] == ["t3", "p1", "i1"]
+    rejected = routed.outputs[TOPICS.rejected]
+    assert [CODEC.decode(v)["event_id"] for _, v, _ in rejected] == ["t1", "t2"]
+    headers = _headers(rejected[0])
+    assert headers["sluice.error.class"] == "TrackingPlanViolation"
+    assert "property 'currency' is required" in headers["sluice.reason"]
+    assert routed.rejected == 2
+
+
+def test_a_tracking_plan_flags_what_breaks_it_and_lets_it_through() -> None:
+    batch = _batch()
+    batch.append(
+        Incoming(
+            b"u9",
+            CODEC.encode(
+                build_event(
+                    {
+                        "type": "track",
+                        "event": "Secret",
+                        "userId": "u9",
+                        "messageId": "t9",
+                        "properties": {"total": "12"},
+                    },
+                    "web",
+                    1_795_389_209_000,
+                )
+            ),
+            "t.events.ingest",
+            0,
+            9,
+            7,
+        )
+    )
+    routed = _planned_router("flag").route(batch)
+    delivered = {e["event_id"]: e for e in _events(routed.outputs[TOPICS.destination("d").main])}
+    assert len(delivered) == len(batch)
+    violations = {
+        k: orjson.loads(e["context"]).get("tracking_plan", {}).get("violations")
+        for k, e in delivered.items()
+    }
+    assert violations["t1"] == ["property 'currency' is required"]
+    assert violations["t3"] is None
+    assert violations["t9"] == ["event 'Secret' is not in the tracking plan"]
+    assert routed.flagged == 3
