@@ -220,6 +220,14 @@ def bootstrap(settings: BrokerSettings) -> str:
     return f"{settings.host}:{settings.port}"
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id, never starting with '-' (the format tool would read an option)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def start_broker(settings: BrokerSettings, console: Console | None = None) -> int:
     """Start the broker unless it runs; returns its pid once it answers metadata requests."""
     console = console or Console(stderr=True)
@@ -236,7 +244,7 @@ def start_broker(settings: BrokerSettings, console: Console | None = None) -> in
     name, text = _log_config(settings)
     (state / name).write_text(text)
     if not (state / "data" / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         fmt = subprocess.run(  # noqa: S603
             [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
             capture_output=True,

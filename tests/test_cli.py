@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ops.cli import app
-from ops.kafka_broker import BrokerError, server_properties, start_broker
+from ops.kafka_broker import BrokerError, new_cluster_id, server_properties, start_broker
 from ops.settings import BrokerSettings, KafkaSettings
 from tests.pipeline import CONFIG, free_port
 
@@ -61,6 +61,14 @@ def test_broker_properties_use_the_configured_ports_and_folder(tmp_path: Path) -
     assert "listeners=PLAINTEXT://127.0.0.1:19001,CONTROLLER://127.0.0.1:19002" in props
     assert f"log.dirs={tmp_path.resolve() / 'data'}" in props
     assert "process.roles=broker,controller" in props
+
+
+def test_cluster_ids_never_read_as_an_option() -> None:
+    # One random id in 64 starts with '-', which Kafka's format tool takes for an option.
+    ids = [new_cluster_id() for _ in range(3000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 22 for i in ids)
 
 
 def test_missing_java_or_maven_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
