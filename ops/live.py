@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import orjson
 import structlog
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from pydantic import ValidationError
 
 from ops.admin import apply_topics
@@ -59,6 +59,8 @@ class ConfigFollower:
         self.on_change = on_change
         self.topic = Topics(kafka.topic_prefix).config
         self._stop = threading.Event()
+        # Callers waiting until the follower has read everything on the topic.
+        self._waiting: list[threading.Event] = []
         self._consumer = Consumer(
             kafka.client_config()
             | {
@@ -74,15 +76,32 @@ class ConfigFollower:
         self._consumer.assign([TopicPartition(self.topic, 0, -2)])  # -2: the beginning
         self._thread.start()
 
+    def wait_current(self, timeout: float = 10.0) -> bool:
+        """Block until every config record on the topic now has been read and applied.
+
+        False when that did not happen within `timeout` (the broker is unreachable, say).
+        """
+        done = threading.Event()
+        self._waiting.append(done)
+        return done.wait(timeout)
+
     def stop(self) -> None:
         """Stop following."""
         self._stop.set()
         self._thread.join(5)
 
     def _run(self) -> None:
+        tp = TopicPartition(self.topic, 0)
         try:
             while not self._stop.is_set():
-                msgs = self._consumer.consume(100, timeout=0.5)
+                waiting = list(self._waiting)
+                end = None
+                if waiting:
+                    try:
+                        end = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)[1]
+                    except KafkaException as exc:
+                        log.warning("config topic end unknown", error=str(exc))
+                msgs = self._consumer.consume(100, timeout=0.05 if waiting else 0.5)
                 newest = None
                 for msg in msgs:
                     err = msg.error()
@@ -110,5 +129,16 @@ class ConfigFollower:
                             sources=len(newest.sources),
                             destinations=len(newest.destinations),
                         )
+                if end is not None and self._read_up_to(tp) >= end:
+                    for done in waiting:
+                        self._waiting.remove(done)
+                        done.set()
         finally:
             self._consumer.close()
+
+    def _read_up_to(self, tp: TopicPartition) -> int:
+        """The offset after the last record read (the low watermark before any)."""
+        offset: int = self._consumer.position([tp])[0].offset
+        if offset < 0:
+            offset = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)[0]
+        return offset

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import faust
@@ -24,7 +26,7 @@ from ops.live import ConfigFollower
 from ops.producer import EventProducer
 from ops.settings import KafkaSettings, WorkerSettings
 from schemas.errors import BrokerUnavailable
-from streams.processor import Incoming, Router
+from streams.processor import Incoming, Routed, Router
 from streams.transport import BatchedTransport
 
 log = structlog.get_logger("sluice.worker")
@@ -124,7 +126,11 @@ async def take_batches(
     ).queue
     loop = asyncio.get_running_loop()
     while True:
-        events: list[EventT[bytes]] = [await queue.get()]
+        try:
+            first = await queue.get()
+        except StopAsyncIteration:
+            return  # Faust ends its channels this way when the worker stops
+        events: list[EventT[bytes]] = [first]
         deadline = loop.time() + within_s
         while len(events) < max_events:
             while not queue.empty() and len(events) < max_events:
@@ -143,10 +149,32 @@ def _observe_lag(app: faust.App, metrics: ProcessorMetrics, batch: list[Incoming
     last: dict[tuple[str, int], int] = {}
     for rec in batch:
         last[(rec.topic, rec.partition)] = max(rec.offset, last.get((rec.topic, rec.partition), -1))
+    assigned = app.consumer.assignment()
     for (topic, partition), offset in last.items():
-        highwater = app.consumer.highwater(TP(topic, partition))
+        tp = TP(topic, partition)
+        if tp not in assigned:
+            continue  # revoked by a rebalance while the batch was under way
+        highwater = app.consumer.highwater(tp)
         if highwater is not None:
             metrics.lag.labels(topic, str(partition)).set(max(0, highwater - offset - 1))
+
+
+def _count(metrics: ProcessorMetrics, routed: Routed) -> None:
+    for outcome, counts in (
+        ("routed", routed.delivered),
+        ("filtered", routed.filtered),
+        ("dropped", routed.dropped),
+        ("failed", routed.failed),
+    ):
+        for dest, count in counts.items():
+            metrics.events.labels(dest, outcome).inc(count)
+    for outcome, count in (
+        ("rejected", routed.rejected),
+        ("unrouted", routed.unrouted),
+        ("flagged", routed.flagged),
+    ):
+        if count:
+            metrics.events.labels("", outcome).inc(count)
 
 
 def register(
@@ -155,8 +183,13 @@ def register(
     kafka: KafkaSettings,
     router: Router,
     metrics: ProcessorMetrics,
+    config_current: Callable[[float], bool],
 ) -> None:
-    """Add the processor agent to `app`."""
+    """Add the processor agent to `app`.
+
+    `config_current(timeout)` blocks until the worker has read the config topic to its
+    end: called when a batch holds events of a source the router does not know yet.
+    """
     ingest = app.topic(router.topics.ingest, key_type=bytes, value_type=bytes)
     stopping = asyncio.Event()
 
@@ -168,8 +201,9 @@ def register(
             logging.getLogger(name).setLevel(level)
         producer = EventProducer(kafka, settings.produce_timeout_s, linger_ms=5)
         try:
+            loop = asyncio.get_running_loop()
             async for events in take_batches(stream, settings.batch_size, settings.batch_within_s):
-                started = asyncio.get_running_loop().time()
+                started = loop.time()
                 messages = [ev.message for ev in events]
                 batch = [
                     Incoming(
@@ -183,31 +217,32 @@ def register(
                     for m in messages
                 ]
                 routed = router.route(batch)
-                await asyncio.gather(
-                    *(
-                        _send_until_confirmed(producer, topic, records, stopping)
-                        for topic, records in routed.outputs.items()
+                passes = [routed]
+                if routed.unknown:
+                    # A write key the gateway already accepts: catch up with the config
+                    # topic, then route them (or reject them, named, if still unknown).
+                    if not await loop.run_in_executor(None, config_current, 10.0):
+                        log.warning("config topic not read to its end; routing with what is known")
+                    passes.append(router.route(routed.unknown, final=True))
+                for done in passes:
+                    await asyncio.gather(
+                        *(
+                            _send_until_confirmed(producer, topic, records, stopping)
+                            for topic, records in done.outputs.items()
+                        )
                     )
-                )
-                for outcome, counts in (
-                    ("routed", routed.delivered),
-                    ("filtered", routed.filtered),
-                    ("dropped", routed.dropped),
-                    ("failed", routed.failed),
-                ):
-                    for dest, count in counts.items():
-                        metrics.events.labels(dest, outcome).inc(count)
-                if routed.rejected:
-                    metrics.events.labels("", "rejected").inc(routed.rejected)
-                if routed.unrouted:
-                    metrics.events.labels("", "unrouted").inc(routed.unrouted)
-                if routed.flagged:
-                    metrics.events.labels("", "flagged").inc(routed.flagged)
-                metrics.batch_seconds.observe(asyncio.get_running_loop().time() - started)
+                    _count(metrics, done)
+                metrics.batch_seconds.observe(loop.time() - started)
                 # Every output of the batch is confirmed: now its offsets may be committed.
                 for ev in events:
                     ev.ack()
                 _observe_lag(app, metrics, batch)
+        except Exception as exc:
+            # Faust would log a crashed agent and leave its partitions assigned and idle:
+            # stop the worker instead, so that its partitions move to the others.
+            log.exception("processor failed; stopping the worker", error=str(exc))
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise
         finally:
             stopping.set()
             # Anything handed to librdkafka is delivered before Faust commits on shutdown.
@@ -225,7 +260,8 @@ def run(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, kafka)
     metrics = ProcessorMetrics()
-    register(app, settings, kafka, router, metrics)
+    follower = ConfigFollower(kafka, cfg, router.update)
+    register(app, settings, kafka, router, metrics, follower.wait_current)
     if settings.metrics_port:
         try:
             start_http_server(settings.metrics_port, "127.0.0.1", registry=metrics.registry)
@@ -233,7 +269,6 @@ def run(
             # A second worker on the same host: it runs, its metrics need another port.
             log.warning("metrics port taken; set SLUICE_WORKER_METRICS_PORT", error=str(exc))
     asyncio.set_event_loop(uvloop.new_event_loop())
-    follower = ConfigFollower(kafka, cfg, router.update)
     follower.start()
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
     try:

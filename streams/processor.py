@@ -52,6 +52,9 @@ class Routed:
     rejected: int = 0
     unrouted: int = 0
     flagged: int = 0
+    # Records of sources this config does not know (yet): route them again once the
+    # worker has read the config topic to its end.
+    unknown: list[Incoming] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,13 @@ class Router:
         plans = {s.id: s.tracking_plan for s in cfg.sources if s.tracking_plan}
         self.snapshot = (routes, plans)
 
-    def route(self, batch: Sequence[Incoming]) -> Routed:
-        """Decode each record, copy it to each destination of its source, reject what fails."""
+    def route(self, batch: Sequence[Incoming], final: bool = False) -> Routed:
+        """Decode each record, copy it to each destination of its source, reject what fails.
+
+        A record of a source the config does not name goes to `Routed.unknown`: the gateway
+        may have accepted a write key that this worker's config has not caught up with.
+        With `final` (the config is known to be current) it is rejected with the reason.
+        """
         out = Routed()
         outputs = out.outputs
         routes, plans = self.snapshot
@@ -136,7 +144,17 @@ class Router:
                         event = flag(event, problems)
                         value = self.codec.encode(event)
                         out.flagged += 1
-                dests = routes.get(event["source_id"], ())
+                dests = routes.get(event["source_id"])
+                if dests is None:
+                    if not final:
+                        out.unknown.append(rec)
+                        continue
+                    unknown = UnknownSource(f"source {event['source_id']!r} is not in the config")
+                    outputs.setdefault(self.topics.rejected, []).append(
+                        (rec.key, value, _failure_headers(rec, "processor", unknown))
+                    )
+                    out.rejected += 1
+                    continue
                 if not dests:
                     out.unrouted += 1
                     continue
@@ -177,6 +195,10 @@ class Router:
         for value in values:
             out.outputs.setdefault(route.topic, []).append((rec.key, value, None))
         _bump(out.delivered, route.destination, len(values))
+
+
+class UnknownSource(SchemaError):
+    """An event names a source that the current config does not have."""
 
 
 class TrackingPlanViolation(SchemaError):

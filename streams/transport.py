@@ -8,6 +8,11 @@ flow, delivery must stop at once. Here the race is run once for each batch `getm
 returned: the batch's messages are delivered in order inside it, and a suspension
 cancels the rest of the batch exactly as it cancelled the rest of the messages before
 (those are read again from the committed offsets once the rebalance seeks).
+
+Faust acks offsets that a partition skipped as a "gap" (for transaction markers and
+compacted offsets), but records it fetched and then dropped while a rebalance began
+look the same and would be lost. So a gap is first read again from its start, and
+acked only when the records are still not there.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ _YIELD_EVERY = 100
 
 class BatchedConsumer(aiokafka.Consumer):
     """The aiokafka consumer of Faust, delivering a fetched batch under one flow check."""
+
+    # Per partition, the last delivered offset after which a gap was read again once.
+    _probed: dict[TP, int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._probed = {}
 
     async def _drain_messages(self, fetcher: Any) -> None:
         consumer_stopped = self._stopped.is_set
@@ -47,18 +59,30 @@ class BatchedConsumer(aiokafka.Consumer):
         callback = cast(Callable[[Message], Awaitable[None]], self.callback)
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
+        reread: set[TP] = set()
         since_yield = 0
         async for tp, message in batch:
             since_yield += 1
             if since_yield > _YIELD_EVERY:
                 await asyncio.sleep(0)
                 since_yield = 0
+            if tp in reread:
+                continue  # this partition is read again from an earlier offset
             offset = message.offset
             last = read_offset[tp]
             if last is not None and offset < last:
                 continue  # already delivered (a fetch repeated after a seek)
             if last and offset - last > 1 and acks_enabled_for(message.topic):
-                # Offsets that never arrive (transaction markers, compaction) are acked.
+                if self._probed.get(tp) != last:
+                    # Offsets last+1..offset-1 were fetched but never delivered: Faust drops
+                    # what it fetched for partitions it paused while a rebalance began.
+                    # Acking them as a gap would lose them: read them again instead.
+                    self._probed[tp] = last
+                    reread.add(tp)
+                    await self._seek(tp, last + 1)
+                    continue
+                # Read again and still missing: offsets that never arrive (transaction
+                # markers, compaction) are acked.
                 await self._add_gap(tp, last + 1, offset)
             if self._commit_every is not None and self._n_acked >= self._commit_every:
                 self._n_acked = 0

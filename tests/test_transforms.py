@@ -243,3 +243,37 @@ def test_a_tracking_plan_flags_what_breaks_it_and_lets_it_through() -> None:
     assert violations["t3"] is None
     assert violations["t9"] == ["event 'Secret' is not in the tracking plan"]
     assert routed.flagged == 3
+
+
+def test_a_source_the_config_does_not_know_waits_then_is_rejected_with_the_reason() -> None:
+    router = _router("{id: d, type: clickhouse, sources: [web]}")
+    late = [
+        rec._replace(value=CODEC.encode(CODEC.decode(rec.value) | {"source_id": "late"}))
+        for rec in _batch()[:2]
+    ]
+    routed = router.route([*_batch(), *late])
+    # Known events are routed; the unknown source's are held back, not counted as unrouted.
+    assert routed.delivered == {"d": len(MESSAGES)}
+    assert routed.unknown == late
+    assert routed.unrouted == 0
+    assert TOPICS.rejected not in routed.outputs
+
+    # The config caught up: now they are routed ...
+    router.update(
+        parse_config(
+            "sources: [{id: web, write_keys: [k]}, {id: late, write_keys: [k2]}]\n"
+            "destinations: [{id: d, type: clickhouse, sources: [web, late]}]"
+        )
+    )
+    again = router.route(routed.unknown, final=True)
+    assert [e["event_id"] for e in _events(again.outputs[TOPICS.destination("d").main])] == [
+        "t1",
+        "t2",
+    ]
+    # ... and a source that is still unknown is rejected with a reason, never dropped.
+    ghost = [late[0]._replace(value=CODEC.encode(CODEC.decode(late[0].value) | {"source_id": "x"}))]
+    refused = router.route(ghost, final=True)
+    assert refused.rejected == 1
+    headers = _headers(refused.outputs[TOPICS.rejected][0])
+    assert headers["sluice.error.class"] == "UnknownSource"
+    assert headers["sluice.reason"] == "source 'x' is not in the config"
