@@ -1,26 +1,53 @@
-"""Delivery of a destination topic to a webhook: consume, pace, send, dead-letter, commit.
+"""Delivery of a destination topic to a webhook, with retries through delay topics.
 
-Offsets are committed only after every record they cover was delivered or written to the
-destination's DLQ, so a crash redelivers (at least once) and never drops.
+One consumer per destination reads its topic and its retry tiers
+(`sluice.dest.<d>.retry.<tier>`). Each partition of each of them is a lane: records of
+a lane are handled in order, lanes run side by side, so a slow or failing record holds
+up only its own partition. A record is delivered, or moved to the tier its failure
+count calls for (with its due time in a header), or dead-lettered; only once that is
+done (confirmed by Kafka) is its offset committed, so a crash redelivers and never
+drops. A tier lane waits for the due time of its head record with that partition
+paused; the other partitions go on. After a rebalance a lane starts from the committed
+offsets and checks the due time again.
+
+With `retry.preserve_order`, the keys of records waiting in a tier are parked
+(`connectors/parking.py`): later records of such a key wait behind it and go out after
+it, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from connectors.parking import Held, ParkedKeys
+from connectors.retry import (
+    RETRY_DUE,
+    RETRY_REF,
+    Failure,
+    Origin,
+    attempts_so_far,
+    failure_headers,
+    header_map,
+    int_header,
+    message_headers,
+    origin_of,
+    plan_retry,
+)
 from connectors.webhook import CircuitBreaker, DeliveryRejected, Pacer, WebhookClient
-from ops.config import WebhookConfig
-from ops.producer import EventProducer, Headers
+from ops.config import RetryPolicy, WebhookConfig
+from ops.producer import EventProducer, Record
 from ops.settings import KafkaSettings
 from ops.topics import DestinationTopics
 from schemas.codec import AvroCodec
@@ -28,10 +55,14 @@ from schemas.errors import BrokerUnavailable, DestinationUnavailable, SchemaErro
 
 log = structlog.get_logger("sluice.delivery")
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# A lane holding this many records has its partition paused until it is down to half.
+LANE_HIGH_WATER = 2000
+T = TypeVar("T")
 
 
 class DeliveryMetrics:
-    """Requests by outcome, events delivered, dead letters, breaker state."""
+    """Requests and events by outcome, retries, dead letters, lateness, parked keys."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -43,7 +74,8 @@ class DeliveryMetrics:
         )
         self.events = Counter(
             "sluice_webhook_events_total",
-            "Events by outcome (delivered, dead_lettered).",
+            "Events by outcome: delivered, retried (to a tier), dead_lettered, held (behind a"
+            " parked key), stale (a retry copy whose record was resolved already).",
             ["destination", "outcome"],
             registry=self.registry,
         )
@@ -53,38 +85,65 @@ class DeliveryMetrics:
             ["destination"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "sluice_retry_records_total",
+            "Records sent to a retry tier.",
+            ["destination", "tier"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "sluice_dlq_records_total",
+            "Records written to the destination's DLQ.",
+            ["destination", "stage", "error_class"],
+            registry=self.registry,
+        )
+        self.lateness = Histogram(
+            "sluice_retry_lateness_seconds",
+            "How long after its due time a retried record was attempted.",
+            ["destination", "tier"],
+            buckets=LATENESS_BUCKETS,
+            registry=self.registry,
+        )
+        self.parked = Gauge(
+            "sluice_retry_parked_keys",
+            "Keys whose later records wait behind a record in a retry tier.",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.paused = Gauge(
+            "sluice_delivery_paused_partitions",
+            "Partitions paused: a retry waiting for its due time, or a full lane.",
+            ["destination"],
+            registry=self.registry,
+        )
 
 
-def dlq_headers(
-    msg: Message,
-    destination: str,
-    error: Exception,
-    attempts: int,
-    first_failure: float,
-    stage: str = "delivery",
-) -> Headers:
-    """Error headers that let an operator see why and redrive the record."""
-    ts_type, ts = msg.timestamp()
-    del ts_type
-    now = time.time()
-    return [
-        *(msg.headers() or []),
-        ("sluice.original.topic", (msg.topic() or "").encode()),
-        ("sluice.original.partition", str(msg.partition()).encode()),
-        ("sluice.original.offset", str(msg.offset()).encode()),
-        ("sluice.original.timestamp", str(ts).encode()),
-        ("sluice.destination", destination.encode()),
-        ("sluice.stage", stage.encode()),
-        ("sluice.error.class", type(error).__name__.encode()),
-        ("sluice.error.message", str(error)[:1000].encode()),
-        ("sluice.attempts", str(attempts).encode()),
-        ("sluice.first.failure", str(int(first_failure * 1000)).encode()),
-        ("sluice.last.failure", str(int(now * 1000)).encode()),
-    ]
+@dataclass
+class _Lane:
+    """The records of one partition of one topic, handled in order by one task."""
+
+    topic: str
+    partition: int
+    tier: int | None  # None: the destination topic itself
+    pending: deque[Message] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: bool = False  # the head is not due yet
+    stopping: bool = False
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def tp(self) -> tuple[str, int]:
+        return (self.topic, self.partition)
+
+    def wants_pause(self, paused: bool) -> bool:
+        if self.waiting:
+            return True
+        # Hysteresis: a paused lane resumes at half the high-water mark.
+        return len(self.pending) >= (LANE_HIGH_WATER // 2 if paused else LANE_HIGH_WATER)
 
 
 class WebhookDelivery:
-    """Delivers one webhook destination's topic until `stop()`."""
+    """Delivers one webhook destination's topic and retry tiers until `stop()`."""
 
     def __init__(
         self,
@@ -95,16 +154,20 @@ class WebhookDelivery:
         group: str,
         codec: AvroCodec,
         metrics: DeliveryMetrics,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.destination = destination
         self.topics = topics
         self.cfg = cfg
+        self.policy = policy or RetryPolicy(tiers=topics.tiers or ("5s",))
         self.codec = codec
         self.metrics = metrics
         self.breaker = CircuitBreaker(cfg.breaker)
         self.pacer = Pacer(cfg.rate_limit.requests_per_s) if cfg.rate_limit else None
         self.kafka = kafka
         self._stopping = asyncio.Event()
+        self._probe = asyncio.Lock()
+        self._tier_of = {topics.retry(i): i for i in range(len(topics.tiers))}
         self._consumer = Consumer(
             kafka.client_config()
             | {
@@ -112,24 +175,147 @@ class WebhookDelivery:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
+                # Partition p of the topic and of every tier goes to the same member, so
+                # one process sees every record of a key (order-preserving mode).
+                "partition.assignment.strategy": "range",
                 # A paused destination (open breaker, long Retry-After) must not be
                 # evicted from the group for not polling.
                 "max.poll.interval.ms": 3_600_000,
                 "session.timeout.ms": 10_000,
             }
         )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._producer: EventProducer | None = None
+        self._parking: ParkedKeys | None = None
+        self._client: WebhookClient | None = None
+        self._lanes: dict[tuple[str, int], _Lane] = {}
+        self._paused: set[tuple[str, int]] = set()
+        self._done: dict[tuple[str, int], int] = {}
+        self._committed: dict[tuple[str, int], int] = {}
+        self._releases: dict[int, set[asyncio.Task[None]]] = {}
         self._partitions_total = 0
-        self._mine: set[tuple[str, int]] = set()
+        self._mine: set[int] = set()
+
+    # -- the consumer loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume and deliver until stopped."""
+        loop = self._loop = asyncio.get_running_loop()
+        self._producer = EventProducer(self.kafka, timeout_s=30.0)
+        if self.policy.preserve_order:
+            self._parking = ParkedKeys(self.topics.parked, self.kafka, self._producer)
+        topics = [self.topics.main, *self._tier_of]
+        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        last_commit = 0.0
+        try:
+            async with aiohttp.ClientSession() as session:
+                self._client = WebhookClient(self.cfg, session)
+                while not self._stopping.is_set():
+                    self._apply_flow()
+                    msgs = await loop.run_in_executor(None, self._consumer.consume, 500, 0.1)
+                    for msg in msgs:
+                        if _ok(msg):
+                            self._lane_of(msg).pending.append(msg)
+                    for lane in self._lanes.values():
+                        if lane.pending and not lane.waiting:
+                            lane.wake.set()
+                    if time.monotonic() - last_commit >= 0.5:
+                        await loop.run_in_executor(None, self._commit_done)
+                        last_commit = time.monotonic()
+                await self._stop_lanes(list(self._lanes.values()))
+                await loop.run_in_executor(None, self._commit_done)
+        finally:
+            await loop.run_in_executor(None, self._consumer.close)
+            await loop.run_in_executor(None, self._producer.close)
+
+    def stop(self) -> None:
+        """Finish the records in flight, commit what is done, stop."""
+        self._stopping.set()
+        for lane in self._lanes.values():
+            lane.stopping = True
+            lane.wake.set()
+
+    def _lane_of(self, msg: Message) -> _Lane:
+        tp = (msg.topic() or "", msg.partition() or 0)
+        lane = self._lanes.get(tp)
+        if lane is None:
+            lane = self._lanes[tp] = _Lane(tp[0], tp[1], self._tier_of.get(tp[0]))
+            lane.task = asyncio.create_task(self._run_lane(lane))
+        return lane
+
+    def _apply_flow(self) -> None:
+        want = {tp for tp, lane in self._lanes.items() if lane.wants_pause(tp in self._paused)}
+        if pause := want - self._paused:
+            self._consumer.pause([TopicPartition(t, p) for t, p in pause])
+        if resume := self._paused - want:
+            self._consumer.resume([TopicPartition(t, p) for t, p in resume])
+        self._paused = want
+        self.metrics.paused.labels(self.destination).set(len(want))
+
+    def _commit_done(self) -> None:
+        # A copy first: lanes on the event loop's thread update `_done` meanwhile.
+        done = self._done.copy()
+        todo = {tp: o for tp, o in done.items() if self._committed.get(tp) != o}
+        if not todo:
+            return
+        self._consumer.commit(
+            offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()], asynchronous=False
+        )
+        self._committed.update(todo)
+
+    # -- rebalances (called by librdkafka inside consume, on the executor thread) ----------
 
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        self._mine |= {(tp.topic, tp.partition) for tp in parts}
-        self._rebalanced(consumer)
+        mine = {tp.partition for tp in parts if tp.topic == self.topics.main}
+        self._mine |= mine
+        self._share(consumer)
+        if self._parking is None or self._loop is None:
+            return
+        for partition in sorted({tp.partition for tp in parts} - self._parking.partitions()):
+            to_release = self._parking.restore(partition)
+            if to_release:
+                self._loop.call_soon_threadsafe(self._start_releases, partition, to_release)
+        self.metrics.parked.labels(self.destination).set(len(self._parking))
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        self._mine -= {(tp.topic, tp.partition) for tp in parts}
-        self._rebalanced(consumer)
+        revoked = {(tp.topic, tp.partition) for tp in parts}
+        if self._loop is not None and not self._loop.is_closed():
+            lanes = [lane for tp, lane in self._lanes.items() if tp in revoked]
+            numbers = {tp.partition for tp in parts}
+            stopped = asyncio.run_coroutine_threadsafe(self._revoke(lanes, numbers), self._loop)
+            stopped.result(timeout=self.cfg.timeout_s + 40)
+        self._commit_done()
+        for tp in revoked:
+            self._done.pop(tp, None)
+            self._committed.pop(tp, None)
+            self._paused.discard(tp)
+        self._mine -= {tp.partition for tp in parts if tp.topic == self.topics.main}
+        self._share(consumer)
 
-    def _rebalanced(self, consumer: Consumer) -> None:
+    async def _revoke(self, lanes: list[_Lane], partitions: set[int]) -> None:
+        await self._stop_lanes(lanes)
+        for partition in partitions:
+            tasks = self._releases.pop(partition, set())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._parking is not None:
+                self._parking.drop(partition)
+
+    async def _stop_lanes(self, lanes: list[_Lane]) -> None:
+        """Let each lane finish the record in hand (bounded), then drop what it still holds."""
+        for lane in lanes:
+            lane.stopping = True
+            lane.wake.set()
+        tasks = [lane.task for lane in lanes if lane.task is not None]
+        _, late = await asyncio.wait(tasks, timeout=self.cfg.timeout_s + 30) if tasks else ((), ())
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for lane in lanes:
+            self._lanes.pop(lane.tp, None)
+
+    def _share(self, consumer: Consumer) -> None:
         if self.pacer is None:
             return
         # The destination's rate is shared by partitions: this process sends its part.
@@ -139,129 +325,299 @@ class WebhookDelivery:
         if self._mine:
             self.pacer.share = len(self._mine) / self._partitions_total
 
-    async def run(self) -> None:
-        """Consume and deliver until stopped."""
-        loop = asyncio.get_running_loop()
-        self._consumer.subscribe(
-            [self.topics.main], on_assign=self._on_assign, on_revoke=self._on_revoke
+    # -- lanes ---------------------------------------------------------------------------
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        size = self.cfg.batch_size if lane.tier is None else 1
+        while not lane.stopping:
+            if not lane.pending:
+                lane.wake.clear()
+                await lane.wake.wait()
+                continue
+            if lane.tier is not None and not await self._until_due(lane):
+                continue
+            chunk = [lane.pending[i] for i in range(min(size, len(lane.pending)))]
+            if lane.tier is None:
+                await self._handle_new(lane, chunk)
+            else:
+                await self._handle_retry(lane, chunk[0])
+            for msg in chunk:
+                lane.pending.popleft()
+                self._done[lane.tp] = (msg.offset() or 0) + 1
+
+    async def _until_due(self, lane: _Lane) -> bool:
+        """Wait until the head of a tier lane is due; False when the lane is stopping."""
+        head = lane.pending[0]
+        due_ms = int_header(header_map(message_headers(head)), RETRY_DUE) or 0
+        wait = due_ms / 1000 - time.time()
+        if wait > 0:
+            lane.waiting = True
+            lane.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.wake.wait(), wait)
+            lane.waiting = False
+            if lane.stopping or due_ms / 1000 > time.time():
+                return False
+        tier = self.topics.tiers[lane.tier or 0]
+        self.metrics.lateness.labels(self.destination, tier).observe(
+            max(0.0, time.time() - due_ms / 1000)
         )
-        producer = EventProducer(self.kafka, timeout_s=30.0)
-        try:
-            async with aiohttp.ClientSession() as session:
-                client = WebhookClient(self.cfg, session)
-                while not self._stopping.is_set():
-                    msgs = await loop.run_in_executor(None, self._consumer.consume, 500, 0.5)
-                    msgs = [m for m in msgs if _ok(m)]
-                    if not msgs:
-                        continue
-                    done = await self._deliver_all(client, producer, msgs)
-                    if done:
-                        await loop.run_in_executor(None, self._commit, done)
-                    if len(done) < len(msgs):
-                        break  # stopping mid-batch: what was not delivered is redelivered
-        finally:
-            await loop.run_in_executor(None, producer.close)
-            await loop.run_in_executor(None, self._consumer.close)
+        return True
 
-    def stop(self) -> None:
-        """Finish the request in flight, commit what was delivered, stop."""
-        self._stopping.set()
-
-    async def _deliver_all(
-        self, client: WebhookClient, producer: EventProducer, msgs: list[Message]
-    ) -> list[Message]:
-        done: list[Message] = []
-        size = self.cfg.batch_size
-        for i in range(0, len(msgs), size):
-            chunk = msgs[i : i + size]
-            if not await self._deliver(client, producer, chunk):
-                break
-            done.extend(chunk)
-        return done
-
-    async def _deliver(
-        self, client: WebhookClient, producer: EventProducer, chunk: Sequence[Message]
-    ) -> bool:
-        """Deliver or dead-letter a chunk; False only when stopping before either happened."""
-        events: list[dict[str, Any]] = []
+    async def _handle_new(self, lane: _Lane, chunk: list[Message]) -> None:
+        """Records of the destination topic: deliver, or hold behind their parked key."""
+        parking = self._parking
+        ready: list[tuple[Message, dict[str, Any]]] = []
         for msg in chunk:
-            try:
-                events.append(self.codec.decode(msg.value() or b""))
-            except SchemaError as exc:
-                await self._dead_letter(producer, [msg], exc, 1, time.time())
-        if not events:
-            return True
-        attempts, first_failure, delay = 0, 0.0, 0.5
-        while not self._stopping.is_set():
+            key = msg.key()
+            if parking is not None and key is not None and parking.get(lane.partition, key):
+                held = parking.hold(lane.partition, key, _held(msg, _ref(msg)))
+                await self._durably(partial(parking.persist, lane.partition, key, held))
+                self.metrics.events.labels(self.destination, "held").inc()
+                self.metrics.parked.labels(self.destination).set(len(parking))
+                continue
+            event = await self._decode(msg)
+            if event is not None:
+                ready.append((msg, event))
+        if not ready:
+            return
+        error = await self._attempt([event for _, event in ready])
+        now = _now_ms()
+        for msg, _ in ready:
+            if error is None:
+                continue
+            key = msg.key()
+            if parking is not None and key is not None and parking.get(lane.partition, key):
+                # An earlier record of this key in the same request went to a tier.
+                held = parking.hold(lane.partition, key, _held(msg, _ref(msg)))
+                await self._durably(partial(parking.persist, lane.partition, key, held))
+                continue
+            origin = Origin(msg.topic() or "", lane.partition, msg.offset() or 0, _ts(msg))
+            headers = message_headers(msg)
+            moved = await self._failed(
+                lane.partition, key, msg.value() or b"", headers, origin, error, 1, now, _ref(msg)
+            )
+            if moved and parking is not None and key is not None:
+                await self._durably(partial(parking.park, lane.partition, key, _ref(msg), 1))
+                self.metrics.parked.labels(self.destination).set(len(parking))
+
+    async def _handle_retry(self, lane: _Lane, msg: Message) -> None:
+        """A due record of a retry tier: try again; on to the next tier, or the DLQ."""
+        headers = header_map(message_headers(msg))
+        ref = headers.get(RETRY_REF)
+        attempts = attempts_so_far(headers)
+        key = msg.key()
+        parking = self._parking
+        state = parking.get(lane.partition, key) if parking and key is not None else None
+        if state is not None and (state.head != ref or attempts < state.attempts):
+            # A copy of a record that was resolved (or moved on) already: delivering it
+            # would break the key's order.
+            self.metrics.events.labels(self.destination, "stale").inc()
+            return
+        event = await self._decode(msg)
+        if event is None:
+            if state is not None and key is not None:
+                await self._resolved(lane.partition, key)
+            return
+        error = await self._attempt([event])
+        own = Origin(msg.topic() or "", lane.partition, msg.offset() or 0, _ts(msg))
+        if error is not None:
+            first = int_header(headers, "sluice.first.failure") or _now_ms()
+            moved = await self._failed(
+                lane.partition,
+                key,
+                msg.value() or b"",
+                message_headers(msg),
+                origin_of(headers, own),
+                error,
+                attempts + 1,
+                first,
+                ref,
+            )
+            if moved:
+                if state is not None and key is not None and parking is not None and ref:
+                    await self._durably(
+                        partial(parking.park, lane.partition, key, ref, attempts + 1)
+                    )
+                return
+        if state is not None and key is not None:
+            await self._resolved(lane.partition, key)
+
+    async def _resolved(self, partition: int, key: bytes) -> None:
+        """A parked key's head is done: release the records held behind it, in order."""
+        assert self._parking is not None
+        parking = self._parking
+        await self._durably(partial(parking.head_resolved, partition, key))
+        self._start_releases(partition, [key])
+
+    def _start_releases(self, partition: int, keys: list[bytes]) -> None:
+        tasks = self._releases.setdefault(partition, set())
+        for key in keys:
+            task = asyncio.create_task(self._release(partition, key))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def _release(self, partition: int, key: bytes) -> None:
+        parking = self._parking
+        assert parking is not None
+        while (held := parking.next_held(partition, key)) is not None:
+            headers = header_map(held.headers)
+            own = Origin(
+                self.topics.main, partition, int(held.ref.split(":")[1]), held.timestamp_ms
+            )
+            event = await self._decode_value(key, held.value, held.headers, own)
+            error = None if event is None else await self._attempt([event])
+            if error is not None:
+                moved = await self._failed(
+                    partition,
+                    key,
+                    held.value,
+                    held.headers,
+                    origin_of(headers, own),
+                    error,
+                    1,
+                    _now_ms(),
+                    held.ref,
+                )
+                if moved:
+                    # The held record is the key's new head: the rest waits behind it.
+                    await self._durably(partial(parking.park, partition, key, held.ref, 1))
+                    await self._durably(partial(parking.released, partition, key, held))
+                    return
+            await self._durably(partial(parking.released, partition, key, held))
+        await self._durably(partial(parking.freed, partition, key))
+        self.metrics.parked.labels(self.destination).set(len(parking))
+
+    # -- attempts and their outcomes -----------------------------------------------------
+
+    async def _attempt(self, events: list[dict[str, Any]]) -> BaseException | None:
+        """One request: None when delivered, else the (classified) error."""
+        assert self._client is not None
+        probing = await self._closed_breaker()
+        if self.pacer is not None:
+            await self.pacer.wait()
+        try:
+            await self._client.send(events)
+        except DestinationUnavailable as exc:
+            self.breaker.failure()
+            self.metrics.requests.labels(self.destination, "retriable").inc()
+            self.metrics.breaker.labels(self.destination).set(BREAKER_STATES[self.breaker.state])
+            return exc
+        except DeliveryRejected as exc:
+            self.breaker.success()  # the destination answered: it is up
+            self.metrics.requests.labels(self.destination, "fatal").inc()
+            return exc
+        finally:
+            if probing:
+                self._probe.release()
+        self.breaker.success()
+        self.metrics.breaker.labels(self.destination).set(BREAKER_STATES["closed"])
+        self.metrics.requests.labels(self.destination, "delivered").inc()
+        self.metrics.events.labels(self.destination, "delivered").inc(len(events))
+        return None
+
+    async def _closed_breaker(self) -> bool:
+        """Wait while the breaker is open; half-open, one probe goes at a time (True: this one)."""
+        while True:
             if wait := self.breaker.until_probe():
                 self.metrics.breaker.labels(self.destination).set(BREAKER_STATES["open"])
-                await self._sleep(wait)
+                await asyncio.sleep(wait)
                 continue
-            if self.pacer is not None:
-                await self.pacer.wait()
-            attempts += 1
-            try:
-                await client.send(events)
-            except DestinationUnavailable as exc:
-                first_failure = first_failure or time.time()
-                self.breaker.failure()
-                self.metrics.requests.labels(self.destination, "retriable").inc()
-                self.metrics.breaker.labels(self.destination).set(
-                    BREAKER_STATES[self.breaker.state]
-                )
-                backoff = delay * (0.5 + random.random())  # noqa: S311 - jitter, not security
-                await self._sleep(max(backoff, exc.retry_after or 0.0))
-                delay = min(delay * 2, 30.0)
-                continue
-            except DeliveryRejected as exc:
-                self.metrics.requests.labels(self.destination, "fatal").inc()
-                await self._dead_letter(
-                    producer, list(chunk), exc, attempts, first_failure or time.time()
-                )
-                return True
-            self.breaker.success()
-            self.metrics.breaker.labels(self.destination).set(BREAKER_STATES["closed"])
-            self.metrics.requests.labels(self.destination, "delivered").inc()
-            self.metrics.events.labels(self.destination, "delivered").inc(len(events))
+            if self.breaker.state == "closed":
+                return False
+            await self._probe.acquire()
+            if self.breaker.state == "half-open":
+                return True  # the caller releases the lock when its request is answered
+            self._probe.release()
+
+    async def _failed(
+        self,
+        partition: int,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        origin: Origin,
+        error: BaseException,
+        attempts: int,
+        first_failure_ms: int,
+        ref: str | None,
+    ) -> bool:
+        """Send a failed record to its next tier (True) or to the DLQ (False)."""
+        now = _now_ms()
+        failure = Failure(self.destination, "delivery", error, attempts, first_failure_ms, now)
+        plan = None
+        if isinstance(error, DestinationUnavailable):
+            plan = plan_retry(self.policy, attempts, first_failure_ms, now, error.retry_after)
+        if plan is not None:
+            tier = self.topics.tiers[plan.tier]
+            record: Record = (
+                key,
+                value,
+                failure_headers(headers, origin, failure, plan, tier, ref),
+            )
+            await self._durably(
+                partial(self._send, self.topics.retry(plan.tier), [record], partition)
+            )
+            self.metrics.retries.labels(self.destination, tier).inc()
+            self.metrics.events.labels(self.destination, "retried").inc()
             return True
+        record = (key, value, failure_headers(headers, origin, failure))
+        await self._durably(partial(self._send, self.topics.dlq, [record], partition))
+        self.metrics.dead_letters.labels(self.destination, "delivery", type(error).__name__).inc()
+        self.metrics.events.labels(self.destination, "dead_lettered").inc()
+        log.warning("dead-lettered", destination=self.destination, error=str(error))
         return False
 
-    async def _dead_letter(
-        self,
-        producer: EventProducer,
-        msgs: list[Message],
-        error: Exception,
-        attempts: int,
-        first: float,
-    ) -> None:
-        records = [
-            (m.key(), m.value() or b"", dlq_headers(m, self.destination, error, attempts, first))
-            for m in msgs
-        ]
+    async def _decode(self, msg: Message) -> dict[str, Any] | None:
+        own = Origin(msg.topic() or "", msg.partition() or 0, msg.offset() or 0, _ts(msg))
+        return await self._decode_value(msg.key(), msg.value() or b"", message_headers(msg), own)
+
+    async def _decode_value(
+        self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]], own: Origin
+    ) -> dict[str, Any] | None:
+        """The event, or None after dead-lettering a record that does not decode."""
+        try:
+            return self.codec.decode(value)
+        except SchemaError as exc:
+            now = _now_ms()
+            origin = origin_of(header_map(headers), own)
+            failure = Failure(self.destination, "decode", exc, 0, now, now)
+            record: Record = (key, value, failure_headers(headers, origin, failure))
+            await self._durably(partial(self._send, self.topics.dlq, [record], own.partition))
+            self.metrics.dead_letters.labels(self.destination, "decode", "SchemaError").inc()
+            self.metrics.events.labels(self.destination, "dead_lettered").inc()
+            return None
+
+    async def _send(self, topic: str, records: list[Record], partition: int) -> None:
+        assert self._producer is not None
+        await self._producer.send_batch(topic, records, partition)
+
+    async def _durably(self, write: Callable[[], Awaitable[T]]) -> T:
+        """Retry a Kafka write until it is confirmed: nothing may be committed before."""
+        delay = 0.5
         while True:
             try:
-                await producer.send_batch(self.topics.dlq, records)
-                break
-            except BrokerUnavailable:
-                # The DLQ must hold the record before its offset may be committed.
-                await asyncio.sleep(1.0)
-        self.metrics.events.labels(self.destination, "dead_lettered").inc(len(msgs))
-        log.warning(
-            "dead-lettered", destination=self.destination, count=len(msgs), error=str(error)
-        )
+                return await write()
+            except BrokerUnavailable as exc:
+                log.warning("write not confirmed; retrying", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    def _commit(self, done: list[Message]) -> None:
-        last: dict[tuple[str, int], int] = {}
-        for msg in done:
-            key = (msg.topic() or "", msg.partition() or 0)
-            last[key] = max(last.get(key, -1), msg.offset() or 0)
-        self._consumer.commit(
-            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=False
-        )
+def _held(msg: Message, ref: str) -> Held:
+    return Held(0, ref, msg.value() or b"", message_headers(msg), _ts(msg))
+
+
+def _ref(msg: Message) -> str:
+    return f"{msg.partition()}:{msg.offset()}"
+
+
+def _ts(msg: Message) -> int:
+    return int(msg.timestamp()[1])
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _ok(msg: Message) -> bool:

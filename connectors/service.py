@@ -122,6 +122,7 @@ def webhook_deliveries(
                     f"{settings.consumer_group}-{dest.id}",
                     event_codec(logical_types=False),
                     metrics,
+                    dest.retry,
                 )
             )
     return deliveries

@@ -20,8 +20,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from connectors.clickhouse import Warehouse
-from connectors.delivery import dlq_headers
 from connectors.loader import Batch, Loader
+from connectors.retry import Failure, Origin, failure_headers, message_headers
 from ops.settings import KafkaSettings, WarehouseSettings
 from schemas.codec import AvroCodec
 from schemas.errors import DestinationUnavailable, SchemaError
@@ -329,12 +329,22 @@ class WarehouseSink:
         if self._dlq is None:
             self._dlq = Producer(self._kafka_conf | {"enable.idempotence": True, "acks": "all"})
         failed: list[str] = []
+        now_ms = int(time.time() * 1000)
         for msg, exc in poison:
             self._dlq.produce(
                 target.dlq,
                 msg.value(),
                 msg.key(),
-                headers=dlq_headers(msg, target.destination, exc, 1, time.time(), "sink"),
+                headers=failure_headers(
+                    message_headers(msg),
+                    Origin(
+                        msg.topic() or "",
+                        msg.partition() or 0,
+                        msg.offset() or 0,
+                        msg.timestamp()[1],
+                    ),
+                    Failure(target.destination, "sink", exc, 1, now_ms, now_ms),
+                ),
                 on_delivery=lambda err, _m: failed.append(err.str()) if err else None,
             )
         if self._dlq.flush(30) or failed:

@@ -95,13 +95,14 @@ class Pacer:
     _next: float = 0.0
 
     async def wait(self) -> None:
-        """Sleep until the next request may go."""
+        """Sleep until the next request may go (each caller takes its own slot)."""
         interval = 1.0 / (self.rate * self.share) if self.share > 0 else 1.0
         now = time.monotonic()
-        if self._next > now:
-            await asyncio.sleep(self._next - now)
-            now = self._next
-        self._next = max(now, self._next) + interval
+        slot = max(now, self._next)
+        # The slot is taken before sleeping, so callers waiting side by side space out.
+        self._next = slot + interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
 
 
 class CircuitBreaker:

@@ -72,17 +72,34 @@ class Source(_Model):
 
 
 class RetryPolicy(_Model):
-    """How a destination retries: delay tiers and the limits after which a record goes to DLQ."""
+    """How a destination retries: delay tiers, and when a record is given up to the DLQ.
 
-    tiers: tuple[str, ...] = ("5s", "1m", "10m")
+    The n-th failure of a record waits in tier n (the last tier once they run out), for
+    the tier's delay plus up to `jitter` of it. A record is given up only when both
+    limits are spent: it has had `max_attempts` attempts and its first failure is
+    `max_age_s` old. So a record that keeps failing gets at least `max_attempts` tries,
+    and a destination that is down for less than `max_age_s` loses nothing to the DLQ.
+    With `preserve_order`, while an event of a key waits in a retry tier, later events
+    of that key wait behind it and are delivered after it, in order.
+    """
+
+    tiers: Annotated[tuple[str, ...], Field(min_length=1)] = ("5s", "1m", "10m")
     max_attempts: int = Field(default=5, ge=1)
-    max_age_s: float = Field(default=24 * 3600.0, gt=0)
+    max_age_s: float = Field(default=0.0, ge=0)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+    preserve_order: bool = False
 
     @model_validator(mode="after")
     def _tiers_parse(self) -> RetryPolicy:
-        for tier in self.tiers:
-            tier_seconds(tier)
+        delays = [tier_seconds(tier) for tier in self.tiers]
+        if delays != sorted(delays) or len(set(delays)) != len(delays):
+            raise ValueError(f"retry tiers must grow: {list(self.tiers)}")
         return self
+
+    @property
+    def delays(self) -> tuple[float, ...]:
+        """The tiers' delays in seconds."""
+        return tuple(tier_seconds(tier) for tier in self.tiers)
 
 
 class WebhookAuth(_Model):

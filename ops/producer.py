@@ -21,7 +21,8 @@ from ops.settings import KafkaSettings
 from schemas.errors import BrokerUnavailable
 
 Headers = list[tuple[str, str | bytes | None]]
-Record = tuple[bytes | None, bytes, Headers | None]
+# (key, value, headers); a None value is a tombstone on a compacted topic.
+Record = tuple[bytes | None, bytes | None, Sequence[tuple[str, str | bytes | None]] | None]
 
 _BUSY_POLL_S = 0.001
 _IDLE_POLL_S = 0.1
@@ -136,8 +137,10 @@ class EventProducer:
             _BUSY_POLL_S if self._busy else _IDLE_POLL_S, self._tick
         )
 
-    async def send_batch(self, topic: str, records: Sequence[Record]) -> None:
-        """Produce every record and wait for all delivery reports.
+    async def send_batch(
+        self, topic: str, records: Sequence[Record], partition: int | None = None
+    ) -> None:
+        """Produce every record (to `partition`, or by key) and wait for all delivery reports.
 
         Raises BrokerUnavailable when any record was not confirmed: the caller must not
         acknowledge the batch (some records may still have landed; consumers dedupe).
@@ -147,9 +150,9 @@ class EventProducer:
         loop = asyncio.get_running_loop()
         batch = _Batch(loop, len(records))
         if all(headers is None for _, _, headers in records):
-            self._produce_many(topic, records, batch)
+            self._produce_many(topic, records, batch, -1 if partition is None else partition)
         else:
-            self._produce_each(topic, records, batch)
+            self._produce_each(topic, records, batch, -1 if partition is None else partition)
         self._poll_on(loop)
         timeout = loop.call_later(self.timeout_s + 2.0, batch.expire)
         try:
@@ -157,7 +160,9 @@ class EventProducer:
         finally:
             timeout.cancel()
 
-    def _produce_many(self, topic: str, records: Sequence[Record], batch: _Batch) -> None:
+    def _produce_many(
+        self, topic: str, records: Sequence[Record], batch: _Batch, partition: int
+    ) -> None:
         # One call for the whole batch (librdkafka's batch API; it carries no headers).
         # Records the local queue refused come back marked: serve delivery reports to
         # make room, then offer those once more.
@@ -165,7 +170,7 @@ class EventProducer:
         for attempt in range(2):
             try:
                 queued = self._producer.produce_batch(
-                    topic, messages, on_delivery=batch.on_delivery
+                    topic, messages, partition=partition, on_delivery=batch.on_delivery
                 )
             except (BufferError, KafkaException) as exc:
                 batch.cancel_unsent(len(messages), f"producer refused the records: {exc}")
@@ -180,17 +185,29 @@ class EventProducer:
                 reason = f"producer refused the record: {refused[0]['_error']}"
                 batch.cancel_unsent(len(refused), reason)
 
-    def _produce_each(self, topic: str, records: Sequence[Record], batch: _Batch) -> None:
+    def _produce_each(
+        self, topic: str, records: Sequence[Record], batch: _Batch, partition: int
+    ) -> None:
         produce = self._producer.produce
         on_delivery = batch.on_delivery
-        for i, (key, value, headers) in enumerate(records):
+        for i, (key, value, given) in enumerate(records):
+            headers = given if given is None or isinstance(given, list) else list(given)
             try:
-                produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                produce(
+                    topic, value, key, partition=partition, on_delivery=on_delivery, headers=headers
+                )
             except BufferError:
                 # The local queue is full: serve delivery reports, then try once more.
                 self._producer.poll(0)
                 try:
-                    produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                    produce(
+                        topic,
+                        value,
+                        key,
+                        partition=partition,
+                        on_delivery=on_delivery,
+                        headers=headers,
+                    )
                 except (BufferError, KafkaException) as exc:
                     batch.cancel_unsent(len(records) - i, f"producer refused the record: {exc}")
                     return

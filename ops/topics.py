@@ -42,6 +42,11 @@ class DestinationTopics:
         """Where records that exhausted their retries or failed fatally go."""
         return f"{self.main}.dlq"
 
+    @property
+    def parked(self) -> str:
+        """Order-preserving retries: the changelog of keys parked behind a retry (compacted)."""
+        return f"{self.main}.parked"
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -106,4 +111,6 @@ def required_topics(cfg: PipelineConfig, kafka: KafkaSettings) -> list[TopicSpec
             TopicSpec(dt.retry(i), parts, rf, delete_7d) for i in range(len(dest.retry.tiers))
         )
         specs.append(TopicSpec(dt.dlq, parts, rf, delete_30d))
+        if dest.retry.preserve_order:
+            specs.append(TopicSpec(dt.parked, parts, rf, compact))
     return specs

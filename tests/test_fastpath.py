@@ -169,6 +169,7 @@ def test_single_message_bodies() -> None:
     )
     assert records is not None
     (key, value, headers) = records[0]
+    assert value is not None
     event = CODEC.decode(value)
     assert (key, headers, event["type"], event["user_id"]) == (b"web:7", None, "track", "7")
     assert event["properties"] == '{"x": 1}'

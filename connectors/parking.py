@@ -1,0 +1,226 @@
+"""Order-preserving retries: keys parked behind a record that waits in a retry tier.
+
+While a record of key K waits in a retry tier, later records of K for the same
+destination wait behind it ("held") and are delivered after it, in order; other keys
+flow freely. The state is a table per destination partition, kept in the compacted
+topic `sluice.dest.<d>.parked` like a Faust table's changelog: partition p of the
+table lives in partition p of that topic (every topic of a destination has the same
+partitions, and every record keeps its partition number), is restored when the
+partition is assigned and is written, confirmed by Kafka, before the offset of the
+record that changed it is committed. So a restart or a rebalance keeps the order.
+
+Records on the changelog:
+- `k:<key>` → `{"head": "<p>:<offset>" | null, "attempts": n}`: the key is parked; `head`
+  names the record waiting in a tier (null while the held records are being released).
+- `h:<seq, 8 bytes><key>` → one held record (its value, headers and origin).
+A tombstone removes either once it is done.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from ops.producer import EventProducer, Record
+from ops.settings import KafkaSettings
+
+
+@dataclass(frozen=True)
+class Held:
+    """A record waiting behind its key's parked head."""
+
+    seq: int
+    ref: str
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int
+
+
+@dataclass
+class KeyState:
+    """A parked key: the record it waits for, and the records held behind it."""
+
+    head: str | None
+    attempts: int = 0
+    held: deque[Held] = field(default_factory=deque)
+
+
+def _state_key(key: bytes) -> bytes:
+    return b"k:" + key
+
+
+def _held_key(key: bytes, seq: int) -> bytes:
+    return b"h:" + seq.to_bytes(8, "big") + key
+
+
+def _encode_held(held: Held) -> bytes:
+    return orjson.dumps(
+        {
+            "ref": held.ref,
+            "value": base64.b64encode(held.value).decode(),
+            "headers": [[k, base64.b64encode(v).decode()] for k, v in held.headers],
+            "ts": held.timestamp_ms,
+        }
+    )
+
+
+def _decode_held(seq: int, data: bytes) -> Held:
+    body = orjson.loads(data)
+    return Held(
+        seq,
+        body["ref"],
+        base64.b64decode(body["value"]),
+        [(k, base64.b64decode(v)) for k, v in body["headers"]],
+        int(body["ts"]),
+    )
+
+
+class ParkedKeys:
+    """The parked keys of one destination, by partition, backed by its changelog topic."""
+
+    def __init__(self, topic: str, kafka: KafkaSettings, producer: EventProducer) -> None:
+        self.topic = topic
+        self.kafka = kafka
+        self.producer = producer
+        self._parts: dict[int, dict[bytes, KeyState]] = {}
+        self._next_seq: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys in self._parts.values())
+
+    def partitions(self) -> set[int]:
+        """The partitions whose state is loaded."""
+        return set(self._parts)
+
+    def restore(self, partition: int, timeout: float = 30.0) -> list[bytes]:
+        """Load a partition's state from the changelog (blocking); keys to release now.
+
+        The returned keys have no head in a tier (a release was under way when the
+        previous owner stopped): their held records must be released by the caller.
+        """
+        consumer = Consumer(
+            self.kafka.client_config()
+            | {
+                "group.id": f"sluice-parked-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            }
+        )
+        states: dict[bytes, KeyState] = {}
+        held: dict[bytes, dict[int, Held]] = {}
+        seq = 0
+        try:
+            tp = TopicPartition(self.topic, partition)
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            if high > low:
+                consumer.assign([TopicPartition(self.topic, partition, low)])
+                deadline = time.monotonic() + timeout
+                done = False
+                while not done:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"restoring {self.topic}[{partition}] timed out")
+                    for msg in consumer.consume(1000, 0.5):
+                        err = msg.error()
+                        if err is not None:
+                            if err.code() == KafkaError._PARTITION_EOF:
+                                done = True
+                                continue
+                            raise RuntimeError(f"restoring {self.topic}: {err.str()}")
+                        name, value = msg.key() or b"", msg.value()
+                        if name.startswith(b"k:"):
+                            key = name[2:]
+                            if value is None:
+                                states.pop(key, None)
+                            else:
+                                body = orjson.loads(value)
+                                states[key] = KeyState(body["head"], int(body["attempts"]))
+                        elif name.startswith(b"h:"):
+                            n, key = int.from_bytes(name[2:10], "big"), name[10:]
+                            seq = max(seq, n + 1)
+                            if value is None:
+                                held.get(key, {}).pop(n, None)
+                            else:
+                                held.setdefault(key, {})[n] = _decode_held(n, value)
+                        if (msg.offset() or 0) >= high - 1:
+                            done = True
+        finally:
+            consumer.close()
+        for key, records in held.items():
+            if records:
+                state = states.setdefault(key, KeyState(None))
+                state.held.extend(records[n] for n in sorted(records))
+        self._parts[partition] = states
+        self._next_seq[partition] = seq
+        return [key for key, state in states.items() if state.head is None]
+
+    def drop(self, partition: int) -> None:
+        """Forget a partition's state (it was revoked; its next owner restores it)."""
+        self._parts.pop(partition, None)
+        self._next_seq.pop(partition, None)
+
+    def get(self, partition: int, key: bytes) -> KeyState | None:
+        """The state of a parked key, or None when the key is free."""
+        return self._parts.get(partition, {}).get(key)
+
+    async def park(self, partition: int, key: bytes, head: str, attempts: int) -> None:
+        """Park `key` behind `head` (a record now in a tier), or note its new attempt."""
+        keys = self._parts.setdefault(partition, {})
+        state = keys.get(key)
+        if state is None:
+            state = keys[key] = KeyState(head, attempts)
+        state.head, state.attempts = head, attempts
+        await self._write(partition, [(_state_key(key), self._state_value(state), None)])
+
+    def hold(self, partition: int, key: bytes, record: Held) -> Held:
+        """Queue a record behind its parked key (in memory at once; `persist` writes it)."""
+        seq = self._next_seq.get(partition, 0)
+        self._next_seq[partition] = seq + 1
+        held = Held(seq, record.ref, record.value, record.headers, record.timestamp_ms)
+        self._parts[partition][key].held.append(held)
+        return held
+
+    async def persist(self, partition: int, key: bytes, held: Held) -> None:
+        """Write a held record to the changelog."""
+        await self._write(partition, [(_held_key(key, held.seq), _encode_held(held), None)])
+
+    async def head_resolved(self, partition: int, key: bytes) -> None:
+        """The head was delivered or dead-lettered: its held records are released next."""
+        state = self._parts[partition][key]
+        state.head, state.attempts = None, 0
+        await self._write(partition, [(_state_key(key), self._state_value(state), None)])
+
+    def next_held(self, partition: int, key: bytes) -> Held | None:
+        """The oldest record held behind `key`; None (and the key is freed) when none is left."""
+        keys = self._parts.get(partition)
+        state = keys.get(key) if keys is not None else None
+        if state is None:
+            return None
+        if state.held:
+            return state.held[0]
+        # Checked and removed in one step: a record arriving now is delivered directly.
+        del keys[key]  # type: ignore[union-attr] # keys is set when state is
+        return None
+
+    async def released(self, partition: int, key: bytes, held: Held) -> None:
+        """A held record was delivered, dead-lettered or became the head: forget it."""
+        state = self.get(partition, key)
+        if state is not None and state.held and state.held[0].seq == held.seq:
+            state.held.popleft()
+        await self._write(partition, [(_held_key(key, held.seq), None, None)])
+
+    async def freed(self, partition: int, key: bytes) -> None:
+        """Write the tombstone of a key that `next_held` freed."""
+        await self._write(partition, [(_state_key(key), None, None)])
+
+    @staticmethod
+    def _state_value(state: KeyState) -> bytes:
+        return orjson.dumps({"head": state.head, "attempts": state.attempts})
+
+    async def _write(self, partition: int, records: list[Record]) -> None:
+        await self.producer.send_batch(self.topic, records, partition)
