@@ -182,6 +182,9 @@ class WebhookDelivery:
                 # evicted from the group for not polling.
                 "max.poll.interval.ms": 3_600_000,
                 "session.timeout.ms": 10_000,
+                # Members learn of a rebalance from heartbeats: partitions of a member that
+                # left move on within half a second, so their retries are not held up.
+                "heartbeat.interval.ms": 500,
             }
         )
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -266,6 +269,11 @@ class WebhookDelivery:
     # -- rebalances (called by librdkafka inside consume, on the executor thread) ----------
 
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        log.info("partitions assigned", destination=self.destination, partitions=len(parts))
+        # librdkafka keeps a partition's pause across a rebalance that gives it back: a
+        # new assignment starts unpaused, its lanes pause again if their heads are not due.
+        consumer.assign(parts)
+        consumer.resume(parts)
         mine = {tp.partition for tp in parts if tp.topic == self.topics.main}
         self._mine |= mine
         self._share(consumer)
@@ -419,7 +427,7 @@ class WebhookDelivery:
             if state is not None and key is not None:
                 await self._resolved(lane.partition, key)
             return
-        error = await self._attempt([event])
+        error = await self._attempt([event], attempts + 1)
         own = Origin(msg.topic() or "", lane.partition, msg.offset() or 0, _ts(msg))
         if error is not None:
             first = int_header(headers, "sluice.first.failure") or _now_ms()
@@ -490,14 +498,16 @@ class WebhookDelivery:
 
     # -- attempts and their outcomes -----------------------------------------------------
 
-    async def _attempt(self, events: list[dict[str, Any]]) -> BaseException | None:
+    async def _attempt(
+        self, events: list[dict[str, Any]], attempt: int = 1
+    ) -> BaseException | None:
         """One request: None when delivered, else the (classified) error."""
         assert self._client is not None
         probing = await self._closed_breaker()
         if self.pacer is not None:
             await self.pacer.wait()
         try:
-            await self._client.send(events)
+            await self._client.send(events, attempt)
         except DestinationUnavailable as exc:
             self.breaker.failure()
             self.metrics.requests.labels(self.destination, "retriable").inc()

@@ -1,4 +1,4 @@
-"""The sink process: owns the warehouse, runs the sink, and answers read-only queries.
+"""The sink process: owns the warehouse, runs the warehouse sink, answers read-only queries.
 
 In embedded mode no other process may open the warehouse folder, so `sluice sql` sends
 its statement here (127.0.0.1 by default) instead of opening the folder itself.
@@ -19,9 +19,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from connectors.clickhouse import QueryRefused, Warehouse
-from connectors.delivery import DeliveryMetrics, WebhookDelivery
 from connectors.sink import SinkMetrics, SinkTarget, WarehouseSink
-from ops.config import ClickHouseConfig, PipelineConfig, WebhookConfig
+from ops.config import ClickHouseConfig, PipelineConfig
 from ops.live import ConfigFollower
 from ops.settings import KafkaSettings, WarehouseSettings
 from ops.topics import Topics
@@ -95,46 +94,12 @@ def sink_targets(
     return targets
 
 
-def webhook_names(cfg: PipelineConfig) -> set[str]:
-    """The enabled webhook destinations of a config."""
-    return {d.id for d in cfg.destinations if d.type == "webhook" and d.enabled}
-
-
-def webhook_deliveries(
-    cfg: PipelineConfig,
-    kafka: KafkaSettings,
-    settings: WarehouseSettings,
-    metrics: DeliveryMetrics,
-    skip: set[str] | frozenset[str] = frozenset(),
-) -> list[WebhookDelivery]:
-    """One delivery loop per webhook destination (but `skip`), each in a group of its own."""
-    topics = Topics(kafka.topic_prefix)
-    deliveries = []
-    for dest in cfg.destinations:
-        connector = dest.connector()
-        if isinstance(connector, WebhookConfig) and dest.enabled and dest.id not in skip:
-            deliveries.append(
-                WebhookDelivery(
-                    dest.id,
-                    topics.destination(dest.id, dest.retry.tiers),
-                    connector,
-                    kafka,
-                    f"{settings.consumer_group}-{dest.id}",
-                    event_codec(logical_types=False),
-                    metrics,
-                    dest.retry,
-                )
-            )
-    return deliveries
-
-
 def create_app(
     settings: WarehouseSettings, kafka: KafkaSettings, cfg: PipelineConfig
 ) -> web.Application:
     """The sink process's app: the sink runs from startup to cleanup."""
     app = web.Application()
     app[METRICS] = SinkMetrics()
-    delivery_metrics = DeliveryMetrics(app[METRICS].registry)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -145,46 +110,17 @@ def create_app(
         )
         await loop.run_in_executor(None, sink.start)
         app[WAREHOUSE], app[SINK] = warehouse, sink
-        deliveries = {
-            d.destination: d for d in webhook_deliveries(cfg, kafka, settings, delivery_metrics)
-        }
-        tasks = {name: asyncio.create_task(d.run()) for name, d in deliveries.items()}
-
-        def reconfigure(new: PipelineConfig) -> None:
-            # Runs on the event loop: swap sink targets, start and stop webhook deliveries.
-            sink.update_targets(sink_targets(new, Topics(kafka.topic_prefix), settings))
-            # A changed webhook's settings take effect by stopping and starting its loop.
-            changed = {
-                d.id
-                for d in new.destinations
-                if d.id in deliveries
-                and d.type == "webhook"
-                and d.connector() != deliveries[d.id].cfg
-            }
-            for name in (set(deliveries) - webhook_names(new)) | changed:
-                deliveries.pop(name).stop()
-                tasks.pop(name)
-            for added in webhook_deliveries(
-                new, kafka, settings, delivery_metrics, set(deliveries)
-            ):
-                deliveries[added.destination] = added
-                tasks[added.destination] = asyncio.create_task(added.run())
-
         follower = ConfigFollower(
-            kafka, cfg, lambda new: loop.call_soon_threadsafe(reconfigure, new)
+            kafka,
+            cfg,
+            lambda new: sink.update_targets(
+                sink_targets(new, Topics(kafka.topic_prefix), settings)
+            ),
         )
         follower.start()
-        log.info(
-            "connectors started",
-            targets=[t.topic for t in targets],
-            webhooks=list(deliveries),
-            dsn=settings.dsn,
-        )
+        log.info("sink started", targets=[t.topic for t in targets], dsn=settings.dsn)
         yield
         await loop.run_in_executor(None, follower.stop)
-        for delivery in deliveries.values():
-            delivery.stop()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
         await loop.run_in_executor(None, sink.stop)
         await loop.run_in_executor(None, warehouse.close)
         log.info("sink stopped")

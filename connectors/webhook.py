@@ -147,14 +147,18 @@ class WebhookClient:
         self.headers = request_headers(cfg)
         self.url = str(cfg.url)
 
-    async def send(self, events: Sequence[dict[str, Any]]) -> None:
-        """POST the events (one object, or an array when batching); raise by class on failure."""
+    async def send(self, events: Sequence[dict[str, Any]], attempt: int = 1) -> None:
+        """POST the events (one object, or an array when batching); raise by class on failure.
+
+        `X-Sluice-Attempt` tells the receiver which try this is (1 for the first).
+        """
         bodies = [payload(e) for e in events]
         data = orjson.dumps(bodies if self.cfg.batch_size > 1 else bodies[0])
         timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
+        headers = self.headers | {"X-Sluice-Attempt": str(attempt)}
         try:
             async with self.session.post(
-                self.url, data=data, headers=self.headers, timeout=timeout
+                self.url, data=data, headers=headers, timeout=timeout
             ) as resp:
                 status = resp.status
                 text = (await resp.text())[:200]

@@ -16,6 +16,7 @@ from ops.config import PipelineConfig, load_config
 from ops.console import fail
 from ops.settings import (
     AppSettings,
+    DeliverySettings,
     GatewaySettings,
     KafkaSettings,
     RegistrySettings,
@@ -149,6 +150,16 @@ def sink(config: ConfigOption = None) -> None:
         run(WarehouseSettings(), KafkaSettings(), cfg)
     except SluiceError as exc:
         fail(str(exc))
+
+
+@app.command()
+def deliver(config: ConfigOption = None) -> None:
+    """Deliver webhook destinations (retry tiers, DLQs) in the foreground; run several to scale."""
+    from connectors.delivery_service import run  # noqa: PLC0415
+
+    cfg = _config(config)
+    _setup_logging()
+    run(DeliverySettings(), KafkaSettings(), cfg)
 
 
 def query_warehouse(sql: str, settings: WarehouseSettings) -> tuple[list[str], list[list[Any]]]:

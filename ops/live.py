@@ -101,7 +101,7 @@ class ConfigFollower:
                         end = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)[1]
                     except KafkaException as exc:
                         log.warning("config topic end unknown", error=str(exc))
-                msgs = self._consumer.consume(100, timeout=0.05 if waiting else 0.5)
+                msgs = self._consumer.consume(100, timeout=0.05 if waiting else 0.2)
                 newest = None
                 for msg in msgs:
                     err = msg.error()

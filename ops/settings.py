@@ -117,6 +117,18 @@ class WarehouseSettings(BaseSettings):
     session_timeout_ms: int = 10_000
 
 
+class DeliverySettings(BaseSettings):
+    """The delivery process: webhook destinations with their retry tiers and DLQs."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_DELIVERY_", frozen=True)
+
+    host: str = "127.0.0.1"
+    # `/health` and `/metrics` of the delivery process.
+    port: int = 8125
+    # Each destination is delivered by the consumer group `<consumer_group>-<destination>`.
+    consumer_group: str = "sluice-delivery"
+
+
 class AppSettings(BaseSettings):
     """Where the pipeline configuration file lives."""
 
@@ -132,6 +144,7 @@ ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     GatewaySettings,
     WorkerSettings,
     WarehouseSettings,
+    DeliverySettings,
     AppSettings,
 )
 

@@ -8,7 +8,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.gateway_port = free_port()
         self.query_port = free_port()
+        self.delivery_port = free_port()
         self.worker_metrics_port = free_port()
         config = self.root / "sluice.yaml"
         config.write_text(self.config.replace("{key}", self.write_key))
@@ -85,11 +86,19 @@ class Pipeline:
             "SLUICE_WAREHOUSE_QUERY_PORT": str(self.query_port),
             "SLUICE_WAREHOUSE_CONSUMER_GROUP": f"{self.prefix}-sink",
             "SLUICE_WAREHOUSE_BATCH_SECONDS": "0.5",
+            "SLUICE_DELIVERY_PORT": str(self.delivery_port),
+            "SLUICE_DELIVERY_CONSUMER_GROUP": f"{self.prefix}-delivery",
             **self.env,
         }
         self.services = {
-            name: Service(name, self.root / "run") for name in ("gateway", "worker", "sink")
+            name: Service(name, self.root / "run")
+            for name in ("gateway", "worker", "sink", "deliver")
         }
+        # `start()` runs the delivery process only when there is something to deliver.
+        cfg = parse_config(self.config.replace("{key}", self.write_key))
+        self.defaults = ("gateway", "worker", "sink") + (
+            ("deliver",) if any(d.type == "webhook" for d in cfg.destinations) else ()
+        )
 
     @property
     def gateway_url(self) -> str:
@@ -97,12 +106,15 @@ class Pipeline:
         return f"http://127.0.0.1:{self.gateway_port}"
 
     def start(self, *names: str) -> None:
-        """Start services (all by default) and wait until the HTTP ones answer."""
-        for name in names or tuple(self.services):
+        """Start services (by default those the config needs) and wait until they answer."""
+        names = names or self.defaults
+        for name in names:
             self.services[name].start([name], self.env)
-        if not names or "sink" in names:
+        if "sink" in names:
             self._wait(f"http://127.0.0.1:{self.query_port}/health", "sink")
-        if not names or "gateway" in names:
+        if "deliver" in names:
+            self._wait(f"http://127.0.0.1:{self.delivery_port}/health", "deliver")
+        if "gateway" in names:
             self._wait(f"{self.gateway_url}/health", "gateway")
 
     def stop(self, *names: str) -> None:
@@ -172,3 +184,71 @@ async def webhook_receiver(
         yield f"http://127.0.0.1:{port}/hook"
     finally:
         await runner.cleanup()
+
+
+def envelope_records(
+    messages: list[dict[str, Any]], source: str = "test-src"
+) -> list[tuple[bytes, bytes, None]]:
+    """SDK messages as the processor writes them to a destination topic (key, Avro value)."""
+    from gateway.envelope import build_event  # noqa: PLC0415
+    from schemas.codec import event_codec  # noqa: PLC0415
+
+    codec = event_codec()
+    now = int(time.time() * 1000)
+    return [
+        (
+            f"{source}:{m.get('userId') or m.get('anonymousId')}".encode(),
+            codec.encode(build_event(m, source, now)),
+            None,
+        )
+        for m in messages
+    ]
+
+
+def produce(
+    kafka: Any, topic: str, records: Sequence[tuple[bytes | None, bytes, Any]], partition: int = -1
+) -> None:
+    """Produce `records` (key, value, headers) and wait until Kafka confirmed every one."""
+    from confluent_kafka import Producer  # noqa: PLC0415
+
+    producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all"})
+    failed: list[str] = []
+    for key, value, headers in records:
+        producer.produce(
+            topic,
+            value,
+            key,
+            partition=partition,
+            headers=headers,
+            on_delivery=lambda err, _m: failed.append(err.str()) if err else None,
+        )
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    assert not failed, failed[:1]
+
+
+def read_records(kafka: Any, topic: str) -> list[Any]:
+    """Every record of `topic` now (confluent-kafka messages), in partition order."""
+    from ops.dlq import read_topic  # noqa: PLC0415
+
+    return list(read_topic(kafka, topic))
+
+
+def group_lag(kafka: Any, group: str, topics: list[str]) -> int:
+    """Records of `topics` that consumer group `group` has not committed yet."""
+    from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
+
+    consumer = Consumer(kafka.client_config() | {"group.id": group})
+    try:
+        parts = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in consumer.list_topics(t, timeout=10).topics[t].partitions
+        ]
+        lag = 0
+        for tp in consumer.committed(parts, timeout=10):
+            _, high = consumer.get_watermark_offsets(tp, timeout=10)
+            lag += high - max(tp.offset, 0)
+        return lag
+    finally:
+        consumer.close()

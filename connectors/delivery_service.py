@@ -1,0 +1,149 @@
+"""The delivery process: every webhook destination's topic, retry tiers and DLQ.
+
+It owns no warehouse, so any number of them can run side by side: each destination
+is a consumer group of its own (`<SLUICE_DELIVERY_CONSUMER_GROUP>-<destination>`) and
+Kafka shares its partitions between the processes. It follows the config topic:
+destinations appear, change and go without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from connectors.delivery import DeliveryMetrics, WebhookDelivery
+from ops.config import PipelineConfig, WebhookConfig
+from ops.live import ConfigFollower
+from ops.settings import DeliverySettings, KafkaSettings
+from ops.topics import Topics
+from schemas.codec import event_codec
+
+log = structlog.get_logger("sluice.delivery")
+
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+
+def webhook_deliveries(
+    cfg: PipelineConfig, kafka: KafkaSettings, group: str, metrics: DeliveryMetrics
+) -> dict[str, WebhookDelivery]:
+    """One delivery loop per enabled webhook destination, each in a group of its own."""
+    topics = Topics(kafka.topic_prefix)
+    deliveries = {}
+    for dest in cfg.destinations:
+        connector = dest.connector()
+        if isinstance(connector, WebhookConfig) and dest.enabled:
+            deliveries[dest.id] = WebhookDelivery(
+                dest.id,
+                topics.destination(dest.id, dest.retry.tiers),
+                connector,
+                kafka,
+                f"{group}-{dest.id}",
+                event_codec(logical_types=False),
+                metrics,
+                dest.retry,
+            )
+    return deliveries
+
+
+class Deliveries:
+    """The running delivery loops; `apply` makes them match a config."""
+
+    def __init__(self, kafka: KafkaSettings, group: str, metrics: DeliveryMetrics) -> None:
+        self.kafka = kafka
+        self.group = group
+        self.metrics = metrics
+        self.running: dict[str, WebhookDelivery] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._changing = asyncio.Lock()
+
+    async def apply(self, cfg: PipelineConfig) -> None:
+        """Start, restart (settings or retry policy changed) and stop loops to match `cfg`."""
+        async with self._changing:
+            wanted = webhook_deliveries(cfg, self.kafka, self.group, self.metrics)
+            gone = [
+                name
+                for name, running in self.running.items()
+                if name not in wanted
+                or (running.cfg, running.policy) != (wanted[name].cfg, wanted[name].policy)
+            ]
+            # A stopped loop commits and leaves the group before its successor joins it.
+            await self._stop(gone)
+            for name, delivery in wanted.items():
+                if name not in self.running:
+                    self.running[name] = delivery
+                    self._tasks[name] = asyncio.create_task(delivery.run(), name=name)
+
+    async def stop(self) -> None:
+        """Stop every loop: each finishes the records in hand and commits."""
+        async with self._changing:
+            await self._stop(list(self.running))
+
+    async def _stop(self, names: list[str]) -> None:
+        for name in names:
+            self.running.pop(name).stop()
+        results = await asyncio.gather(
+            *(self._tasks.pop(name) for name in names), return_exceptions=True
+        )
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("delivery loop failed", destination=name, error=repr(result))
+
+
+async def handle_health(_request: web.Request) -> web.Response:
+    """`GET /health`."""
+    return web.json_response({"status": "ok"})
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    """`GET /metrics`: retries, dead letters, lateness, parked keys, webhook requests."""
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(
+    settings: DeliverySettings, kafka: KafkaSettings, cfg: PipelineConfig
+) -> web.Application:
+    """The delivery process's app: the loops run from startup to cleanup."""
+    app = web.Application()
+    app[REGISTRY] = CollectorRegistry()
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        deliveries = Deliveries(kafka, settings.consumer_group, DeliveryMetrics(app[REGISTRY]))
+        await deliveries.apply(cfg)
+        changes: set[asyncio.Task[None]] = set()
+
+        def follow(new: PipelineConfig) -> None:
+            change = loop.create_task(deliveries.apply(new))
+            changes.add(change)
+            change.add_done_callback(changes.discard)
+
+        follower = ConfigFollower(kafka, cfg, lambda new: loop.call_soon_threadsafe(follow, new))
+        follower.start()
+        log.info("deliveries started", destinations=sorted(deliveries.running))
+        yield
+        stopping = loop.run_in_executor(None, follower.stop)
+        await asyncio.gather(*changes, return_exceptions=True)
+        await deliveries.stop()
+        await stopping
+        log.info("deliveries stopped")
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
+    return app
+
+
+def run(settings: DeliverySettings, kafka: KafkaSettings, cfg: PipelineConfig) -> None:
+    """Serve until SIGTERM/SIGINT; in-flight records finish and their offsets are committed."""
+    web.run_app(
+        create_app(settings, kafka, cfg),
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        print=lambda *_: None,
+    )
