@@ -196,6 +196,7 @@ class WebhookDelivery:
         self._done: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}
         self._releases: dict[int, set[asyncio.Task[None]]] = {}
+        self._halting: set[int] = set()
         self._partitions_total = 0
         self._mine: set[int] = set()
 
@@ -277,6 +278,7 @@ class WebhookDelivery:
         mine = {tp.partition for tp in parts if tp.topic == self.topics.main}
         self._mine |= mine
         self._share(consumer)
+        self._halting -= {tp.partition for tp in parts}
         if self._parking is None or self._loop is None:
             return
         for partition in sorted({tp.partition for tp in parts} - self._parking.partitions()):
@@ -301,21 +303,23 @@ class WebhookDelivery:
         self._share(consumer)
 
     async def _revoke(self, lanes: list[_Lane], partitions: set[int]) -> None:
-        await self._stop_lanes(lanes)
-        for partition in partitions:
-            tasks = self._releases.pop(partition, set())
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if self._parking is not None:
+        # Releases stop at a record boundary too; then the partition's state is dropped
+        # (its next owner restores it from the changelog).
+        self._halting |= partitions
+        releases = [t for p in partitions for t in self._releases.pop(p, set())]
+        await self._stop_lanes(lanes, releases)
+        if self._parking is not None:
+            for partition in partitions:
                 self._parking.drop(partition)
 
-    async def _stop_lanes(self, lanes: list[_Lane]) -> None:
+    async def _stop_lanes(
+        self, lanes: list[_Lane], releases: list[asyncio.Task[None]] | None = None
+    ) -> None:
         """Let each lane finish the record in hand (bounded), then drop what it still holds."""
         for lane in lanes:
             lane.stopping = True
             lane.wake.set()
-        tasks = [lane.task for lane in lanes if lane.task is not None]
+        tasks = [lane.task for lane in lanes if lane.task is not None] + (releases or [])
         _, late = await asyncio.wait(tasks, timeout=self.cfg.timeout_s + 30) if tasks else ((), ())
         for task in late:
             task.cancel()
@@ -468,7 +472,7 @@ class WebhookDelivery:
     async def _release(self, partition: int, key: bytes) -> None:
         parking = self._parking
         assert parking is not None
-        while (held := parking.next_held(partition, key)) is not None:
+        while partition not in self._halting and (held := parking.next_held(partition, key)):
             headers = header_map(held.headers)
             own = Origin(
                 self.topics.main, partition, int(held.ref.split(":")[1]), held.timestamp_ms
@@ -493,6 +497,8 @@ class WebhookDelivery:
                     await self._durably(partial(parking.released, partition, key, held))
                     return
             await self._durably(partial(parking.released, partition, key, held))
+        if partition in self._halting:
+            return  # revoked: the next owner goes on from the changelog
         await self._durably(partial(parking.freed, partition, key))
         self.metrics.parked.labels(self.destination).set(len(parking))
 

@@ -14,7 +14,10 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
+from ops.admin import admin_client
 from ops.services import Service
 from ops.settings import KafkaSettings
 from ops.traffic import sample_events
@@ -146,3 +149,138 @@ async def test_retries_come_due_on_time_across_a_restart(
     lateness.sort()
     p99 = lateness[math.ceil(len(lateness) * 0.99) - 1]
     assert p99 <= 2.0, f"p99 lateness {p99:.2f}s"
+
+
+async def test_a_poison_record_every_thousand_lands_in_the_dlq_once_and_the_lag_drains(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    count = scaled(5000)
+    delivered: dict[str, int] = defaultdict(int)
+
+    async def hook(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        if body.get("properties", {}).get("poison"):
+            return web.Response(status=400, text="cannot take this one")
+        delivered[body["messageId"]] += 1
+        return web.Response(status=200)
+
+    pipe = pipeline_with_topics(
+        tmp_path, broker, prefix, _config(port, "{tiers: [1s], max_attempts: 2}")
+    )
+    kafka = _kafka(pipe)
+    topic = f"{prefix}.dest.hook"
+    messages = sample_events(count, seed=11)
+    records: list[tuple[bytes | None, bytes, Any]] = list(envelope_records(messages))
+    poison: dict[int, str] = {}
+    for i in range(999, count, 1000):
+        if (i // 1000) % 2:
+            records[i] = (records[i][0], b"\x00\x00\x00\x00\x01 not an envelope %d" % i, None)
+            poison[i] = "SchemaError"
+        else:
+            messages[i]["properties"] = {"poison": True}
+            records[i] = envelope_records([messages[i]])[0]
+            poison[i] = "DeliveryRejected"
+    good = {m["messageId"] for i, m in enumerate(messages) if i not in poison}
+    async with webhook_receiver(port, hook):
+        await asyncio.to_thread(pipe.start, "deliver")
+        await asyncio.to_thread(produce, kafka, topic, records)
+        await _until(lambda: set(delivered) == good, 120, "every good event delivered")
+        await _until(
+            lambda: group_lag(kafka, f"{prefix}-delivery-hook", [topic, f"{topic}.retry.1s"]) == 0,
+            30,
+            "the consumer lag drained",
+        )
+        await asyncio.to_thread(pipe.stop)
+
+    assert set(delivered.values()) == {1}
+    # Where each poison record sits on the destination topic, by its value.
+    placed = {
+        m.value(): (m.partition(), m.offset(), m.timestamp()[1])
+        for m in await asyncio.to_thread(read_records, kafka, topic)
+    }
+    dead = await asyncio.to_thread(read_records, kafka, f"{topic}.dlq")
+    assert sorted(m.value() for m in dead) == sorted(records[i][1] for i in poison)
+    for msg in dead:
+        h = {k: v.decode() for k, v in msg.headers()}
+        partition, offset, timestamp = placed[msg.value()]
+        assert h["sluice.original.topic"] == topic
+        assert (h["sluice.original.partition"], h["sluice.original.offset"]) == (
+            str(partition),
+            str(offset),
+        )
+        assert h["sluice.original.timestamp"] == str(timestamp)
+        assert h["sluice.destination"] == "hook"
+        first, last = int(h["sluice.first.failure"]), int(h["sluice.last.failure"])
+        assert timestamp <= first <= last
+        if h["sluice.error.class"] == "SchemaError":
+            assert (h["sluice.stage"], h["sluice.attempts"]) == ("decode", "0")
+        else:
+            assert h["sluice.error.class"] == "DeliveryRejected"
+            assert h["sluice.stage"] == "delivery"
+            assert h["sluice.attempts"] == "1"
+            assert h["sluice.error.message"] == "HTTP 400: cannot take this one"
+    assert sorted(
+        {k: v.decode() for k, v in m.headers()}["sluice.error.class"] for m in dead
+    ) == sorted(poison.values())
+
+
+async def test_an_unavailable_dlq_holds_the_source_offset_and_loses_nothing(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    delivered: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        if body.get("properties", {}).get("poison"):
+            return web.Response(status=422, text="no")
+        delivered.append(body["messageId"])
+        return web.Response(status=200)
+
+    pipe = pipeline_with_topics(tmp_path, broker, prefix, _config(port, "{tiers: [1s]}"))
+    kafka = _kafka(pipe)
+    topic, group = f"{prefix}.dest.hook", f"{prefix}-delivery-hook"
+    messages = sample_events(101, seed=12)
+    messages[50]["properties"] = {"poison": True}
+    before, after = [m["messageId"] for m in messages[:50]], [m["messageId"] for m in messages[51:]]
+    # The DLQ refuses every write: its records are larger than it accepts.
+    await asyncio.to_thread(_set_topic_config, kafka, f"{topic}.dlq", "max.message.bytes", "64")
+    async with webhook_receiver(port, hook):
+        await asyncio.to_thread(pipe.start, "deliver")
+        # Everything in partition 0, in order: the poison record is offset 50.
+        await asyncio.to_thread(produce, kafka, topic, envelope_records(messages), 0)
+        await _until(lambda: delivered == before, 60, "the records before the poison delivered")
+        for _ in range(8):
+            await asyncio.sleep(1)
+            assert await asyncio.to_thread(_committed, kafka, group, topic, 0) <= 50
+        assert delivered == before
+        assert not await asyncio.to_thread(read_records, kafka, f"{topic}.dlq")
+
+        await asyncio.to_thread(
+            _set_topic_config, kafka, f"{topic}.dlq", "max.message.bytes", "1048588"
+        )
+        await _until(lambda: delivered == before + after, 90, "the rest delivered after recovery")
+        await _until(lambda: _committed(kafka, group, topic, 0) == 101, 30, "the offset committed")
+        await asyncio.to_thread(pipe.stop)
+    dead = await asyncio.to_thread(read_records, kafka, f"{topic}.dlq")
+    assert [CODEC.decode(m.value())["event_id"] for m in dead] == [messages[50]["messageId"]]
+
+
+def _set_topic_config(kafka: KafkaSettings, topic: str, name: str, value: str) -> None:
+    resource = ConfigResource(
+        ConfigResource.Type.TOPIC,
+        topic,
+        incremental_configs=[ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)],
+    )
+    admin = admin_client(kafka)  # kept alive until the answer is in
+    admin.incremental_alter_configs([resource])[resource].result(30)
+
+
+def _committed(kafka: KafkaSettings, group: str, topic: str, partition: int) -> int:
+    consumer = Consumer(kafka.client_config() | {"group.id": group})
+    try:
+        (tp,) = consumer.committed([TopicPartition(topic, partition)], timeout=10)
+        return int(tp.offset)
+    finally:
+        consumer.close()
