@@ -199,6 +199,8 @@ class WebhookDelivery:
         self._halting: set[int] = set()
         self._partitions_total = 0
         self._mine: set[int] = set()
+        metrics.parked.labels(destination).set(0)
+        metrics.paused.labels(destination).set(0)
 
     # -- the consumer loop -------------------------------------------------------------
 

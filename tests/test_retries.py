@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import re
 import time
 from collections import defaultdict
@@ -20,7 +21,7 @@ from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from ops.admin import admin_client
 from ops.services import Service
 from ops.settings import KafkaSettings
-from ops.traffic import sample_events
+from ops.traffic import sample_events, send_batches
 from schemas.codec import event_codec
 from tests.conftest import scaled
 from tests.pipeline import (
@@ -284,3 +285,105 @@ def _committed(kafka: KafkaSettings, group: str, topic: str, partition: int) -> 
         return int(tp.offset)
     finally:
         consumer.close()
+
+
+async def test_order_preserving_retries_keep_every_users_order_across_a_restart(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    users, per_user, max_attempts = 50, scaled(40), 3
+    # Per event, what the receiver answers to its attempts (then 200): a pattern of 500s
+    # (retried), 400 (fatal) and 500 forever (retries spent).
+    rng = random.Random(5)
+    plan: dict[str, list[int]] = {}
+    arrived: dict[str, list[str]] = defaultdict(list)  # user -> delivered ids, in order
+    requests: dict[str, int] = defaultdict(int)
+
+    async def hook(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        mid = body["messageId"]
+        requests[mid] += 1
+        answers = plan[mid]
+        status = answers[min(requests[mid], len(answers)) - 1] if answers else 200
+        if status == 200:
+            arrived[body["userId"]].append(mid)
+        return web.Response(status=status)
+
+    retry = f"{{tiers: [1s, 2s], max_attempts: {max_attempts}, preserve_order: true}}"
+    pipe = pipeline_with_topics(tmp_path, broker, prefix, _config(port, retry))
+    kafka = _kafka(pipe)
+    rounds: list[list[dict[str, Any]]] = []
+    sent: dict[str, list[str]] = defaultdict(list)
+    for r in range(per_user):
+        batch = []
+        for u in range(users):
+            mid = f"u{u}-e{r}"
+            pick = rng.random()
+            plan[mid] = (
+                [500, 200]
+                if pick < 0.10
+                else [500, 500, 200]
+                if pick < 0.15
+                else [400]
+                if pick < 0.18
+                else [500] * 10
+                if pick < 0.20
+                else []
+            )
+            batch.append(
+                {
+                    "type": "track",
+                    "event": "Step",
+                    "userId": f"user-{u}",
+                    "messageId": mid,
+                    "properties": {"n": r},
+                }
+            )
+            sent[f"user-{u}"].append(mid)
+        rounds.append(batch)
+    dead = {m for m, p in plan.items() if (p and p[0] == 400) or p == [500] * 10}
+    good = set(plan) - dead
+    async with webhook_receiver(port, hook):
+        await asyncio.to_thread(pipe.start, "gateway", "worker", "deliver")
+        try:
+            # One request a round, one after the other: each user's events in order.
+            for r, batch in enumerate(rounds):
+                report = await send_batches(pipe.gateway_url, pipe.write_key, batch, users, 1)
+                assert report.accepted == users
+                if r == per_user // 2:
+                    # The parked keys and held events survive a restart of the delivery.
+                    await asyncio.to_thread(pipe.stop, "deliver")
+                    await asyncio.to_thread(pipe.start, "deliver")
+                await asyncio.sleep(0.1)
+            sent_all = time.monotonic()
+            await _until(
+                lambda: (
+                    {m for ids in arrived.values() for m in ids} >= good
+                    and len(_dlq_ids(kafka, prefix)) >= len(dead)
+                ),
+                120,
+                "every event delivered or dead-lettered",
+            )
+            took = time.monotonic() - sent_all
+            parked = await asyncio.to_thread(
+                _metric, pipe.delivery_port, "sluice_retry_parked_keys"
+            )
+        finally:
+            await asyncio.to_thread(pipe.stop)
+
+    # Every user's deliveries in the order sent: no event overtook an earlier one.
+    for user, ids in arrived.items():
+        order = [sent[user].index(m) for m in ids]
+        assert order == sorted(order), f"{user} out of order: {ids}"
+        assert len(ids) == len(set(ids)), f"{user} got duplicates"
+    assert {m for ids in arrived.values() for m in ids} == good
+    assert sorted(_dlq_ids(kafka, prefix)) == sorted(dead)
+    assert max(requests.values()) <= max_attempts
+    assert parked == 0
+    assert took < 120
+
+
+def _dlq_ids(kafka: KafkaSettings, prefix: str) -> list[str]:
+    return [
+        CODEC.decode(m.value())["event_id"] for m in read_records(kafka, f"{prefix}.dest.hook.dlq")
+    ]
