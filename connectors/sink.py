@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from connectors.clickhouse import Warehouse
 from connectors.loader import Batch, Loader
 from connectors.retry import Failure, Origin, failure_headers, message_headers
+from ops.replay import REPLAY_OF
 from ops.settings import KafkaSettings, WarehouseSettings
 from schemas.codec import AvroCodec
 from schemas.errors import DestinationUnavailable, SchemaError
@@ -260,7 +261,7 @@ class WarehouseSink:
             buf.opened = time.monotonic()
         buf.last = offset
         destination = self.targets[topic].destination
-        if buf.loaded and buf.is_loaded(offset):
+        if (buf.loaded and buf.is_loaded(offset)) or self._copy_of_loaded(msg):
             # A replay or a second delivery of offsets that are loaded already.
             self.metrics.deduplicated.labels(destination).inc()
         else:
@@ -276,6 +277,23 @@ class WarehouseSink:
                 buf.events.append(event)
         if buf.pending_end is not None and offset >= buf.pending_end:
             self._flush(buf)
+
+    def _copy_of_loaded(self, msg: Message) -> bool:
+        """Whether `msg` is a `sluice replay` copy of a record this sink has loaded."""
+        headers = msg.headers()
+        if not headers:
+            return False
+        for name, value in headers if isinstance(headers, list) else headers.items():
+            if name == REPLAY_OF and value:
+                text = value.decode() if isinstance(value, bytes) else value
+                head, _, offset = text.rpartition(":")
+                topic, _, partition = head.rpartition(":")
+                try:
+                    buf = self._buffers.get((topic, int(partition)))
+                    return buf is not None and buf.is_loaded(int(offset))
+                except ValueError:
+                    return False
+        return False
 
     def _flush_due(self, force: bool) -> None:
         now = time.monotonic()

@@ -13,7 +13,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ops.config import PipelineConfig, load_config
-from ops.console import fail
+from ops.console import fail, iso_ms
 from ops.settings import (
     AppSettings,
     DeliverySettings,
@@ -275,6 +275,65 @@ def demo(
             run_demo(out, events)
     except SluiceError as exc:
         fail(str(exc))
+
+
+@app.command()
+def replay(
+    destination: Annotated[str, typer.Argument(help="The destination to deliver through.")],
+    topic: Annotated[
+        str | None,
+        typer.Option(
+            help="Where to read (default: the destination's topic; the ingest topic routes "
+            "through the destination's filter and transform)."
+        ),
+    ] = None,
+    from_offset: Annotated[int | None, typer.Option(help="First offset (each partition).")] = None,
+    to_offset: Annotated[int | None, typer.Option(help="Last offset, inclusive.")] = None,
+    since: Annotated[str | None, typer.Option(help="Records at or after this ISO time.")] = None,
+    until: Annotated[str | None, typer.Option(help="Records at or before this ISO time.")] = None,
+    partition: Annotated[
+        list[int] | None, typer.Option(help="Only these partitions (repeatable).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be replayed; send nothing.")
+    ] = False,
+    rate: Annotated[float | None, typer.Option(help="At most this many records a second.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Deliver an offset or time range of a topic through a destination again."""
+    from ops.replay import ReplayRange, run_replay  # noqa: PLC0415
+
+    cfg = _config(config)
+    try:
+        rng = ReplayRange(
+            from_offset,
+            to_offset,
+            iso_ms(since, "since"),
+            iso_ms(until, "until"),
+            frozenset(partition or ()),
+        )
+        with Progress(console=err) as progress:
+            task = progress.add_task("replaying", total=None)
+            report = run_replay(
+                KafkaSettings(),
+                cfg,
+                destination,
+                rng,
+                topic,
+                dry_run,
+                rate,
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+    except SluiceError as exc:
+        fail(str(exc))
+    verb = "would replay" if dry_run else "replayed"
+    skipped = (
+        f", {report.not_routed} kept back by the destination's rules" if report.not_routed else ""
+    )
+    out.print(
+        f"{verb} {report.produced} records of {report.read} read to {destination}{skipped}; "
+        f"replay id {report.id}"
+    )
 
 
 def _mount_kafka() -> None:

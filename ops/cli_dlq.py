@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ops.console import fail
+from ops.console import fail, iso_ms
 from ops.dlq import DlqError, DlqFilter, dead_letters, redrive
 from ops.settings import KafkaSettings
 
@@ -30,19 +30,12 @@ Until = Annotated[
 ]
 
 
-def _ms(value: str | None, name: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(datetime.fromisoformat(value).timestamp() * 1000)
-    except ValueError:
-        fail(f"--{name} is not an ISO-8601 time: {value!r}")
-
-
 def _filter(
     error_class: str | None, since: str | None, until: str | None, refs: list[str] | None = None
 ) -> DlqFilter:
-    return DlqFilter(error_class, _ms(since, "since"), _ms(until, "until"), frozenset(refs or ()))
+    return DlqFilter(
+        error_class, iso_ms(since, "since"), iso_ms(until, "until"), frozenset(refs or ())
+    )
 
 
 @dlq_app.command("list")

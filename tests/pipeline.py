@@ -252,3 +252,14 @@ def group_lag(kafka: Any, group: str, topics: list[str]) -> int:
         return lag
     finally:
         consumer.close()
+
+
+async def until(check: Callable[[], object], within: float, what: str = "the condition") -> None:
+    """Wait until `check()` (run in a thread: it may block) is true; fail after `within` s."""
+    import asyncio  # noqa: PLC0415
+
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(check):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {within}s")
+        await asyncio.sleep(0.5)

@@ -33,6 +33,7 @@ from tests.pipeline import (
     pipeline_with_topics,
     produce,
     read_records,
+    until,
     webhook_receiver,
 )
 
@@ -68,14 +69,6 @@ def _metric(port: int, name: str) -> float:
     found = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
     assert found, f"{name} not in the delivery process's metrics"
     return float(found.group(1))
-
-
-async def _until(check: Any, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await asyncio.to_thread(check):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {within}s")
-        await asyncio.sleep(0.5)
 
 
 async def test_retries_come_due_on_time_across_a_restart(
@@ -119,8 +112,8 @@ async def test_retries_come_due_on_time_across_a_restart(
                     await asyncio.to_thread(pipe.stop, "deliver")
                     await asyncio.to_thread(pipe.start, "deliver")
                 await asyncio.sleep(0.5)
-            await _until(lambda: len(delivered) == count, 120, "every event delivered")
-            await _until(
+            await until(lambda: len(delivered) == count, 120, "every event delivered")
+            await until(
                 lambda: group_lag(kafka, f"{prefix}-delivery-hook", topics) == 0,
                 30,
                 "the consumer lag drained",
@@ -186,8 +179,8 @@ async def test_a_poison_record_every_thousand_lands_in_the_dlq_once_and_the_lag_
     async with webhook_receiver(port, hook):
         await asyncio.to_thread(pipe.start, "deliver")
         await asyncio.to_thread(produce, kafka, topic, records)
-        await _until(lambda: set(delivered) == good, 120, "every good event delivered")
-        await _until(
+        await until(lambda: set(delivered) == good, 120, "every good event delivered")
+        await until(
             lambda: group_lag(kafka, f"{prefix}-delivery-hook", [topic, f"{topic}.retry.1s"]) == 0,
             30,
             "the consumer lag drained",
@@ -251,7 +244,7 @@ async def test_an_unavailable_dlq_holds_the_source_offset_and_loses_nothing(
         await asyncio.to_thread(pipe.start, "deliver")
         # Everything in partition 0, in order: the poison record is offset 50.
         await asyncio.to_thread(produce, kafka, topic, envelope_records(messages), 0)
-        await _until(lambda: delivered == before, 60, "the records before the poison delivered")
+        await until(lambda: delivered == before, 60, "the records before the poison delivered")
         for _ in range(8):
             await asyncio.sleep(1)
             assert await asyncio.to_thread(_committed, kafka, group, topic, 0) <= 50
@@ -261,8 +254,8 @@ async def test_an_unavailable_dlq_holds_the_source_offset_and_loses_nothing(
         await asyncio.to_thread(
             _set_topic_config, kafka, f"{topic}.dlq", "max.message.bytes", "1048588"
         )
-        await _until(lambda: delivered == before + after, 90, "the rest delivered after recovery")
-        await _until(lambda: _committed(kafka, group, topic, 0) == 101, 30, "the offset committed")
+        await until(lambda: delivered == before + after, 90, "the rest delivered after recovery")
+        await until(lambda: _committed(kafka, group, topic, 0) == 101, 30, "the offset committed")
         await asyncio.to_thread(pipe.stop)
     dead = await asyncio.to_thread(read_records, kafka, f"{topic}.dlq")
     assert [CODEC.decode(m.value())["event_id"] for m in dead] == [messages[50]["messageId"]]
@@ -356,7 +349,7 @@ async def test_order_preserving_retries_keep_every_users_order_across_a_restart(
                     await asyncio.to_thread(pipe.start, "deliver")
                 await asyncio.sleep(0.1)
             sent_all = time.monotonic()
-            await _until(
+            await until(
                 lambda: (
                     {m for ids in arrived.values() for m in ids} >= good
                     and len(_dlq_ids(kafka, prefix)) >= len(dead)
