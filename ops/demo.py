@@ -15,6 +15,7 @@ from ops.services import Service, ServiceError
 from ops.settings import (
     AppSettings,
     BrokerSettings,
+    DeliverySettings,
     GatewaySettings,
     KafkaSettings,
     WarehouseSettings,
@@ -22,7 +23,7 @@ from ops.settings import (
 from schemas.errors import SluiceError
 
 RUN_DIR = Path(".sluice") / "run"
-SERVICES = ("sink", "worker", "gateway")
+SERVICES = ("sink", "deliver", "worker", "gateway")
 
 
 def _wait_http(url: str, service: Service, timeout: float) -> None:
@@ -50,11 +51,12 @@ def run_demo(out: Console, count: int) -> None:
     from ops.topics import required_topics  # noqa: PLC0415
     from ops.traffic import sample_events, send_batches  # noqa: PLC0415
 
-    app_settings, kafka, gw, wh = (
+    app_settings, kafka, gw, wh, dl = (
         AppSettings(),
         KafkaSettings(),
         GatewaySettings(),
         WarehouseSettings(),
+        DeliverySettings(),
     )
     cfg = load_config(app_settings.config_file)
     start_broker(BrokerSettings(), out)
@@ -67,12 +69,15 @@ def run_demo(out: Console, count: int) -> None:
         pid = service.start([name])
         out.print(f"{name:8} running, pid {pid}, log {service.log_file}")
     _wait_http(f"http://{wh.query_host}:{wh.query_port}/health", services["sink"], 60)
+    _wait_http(f"http://{dl.host}:{dl.port}/health", services["deliver"], 60)
     _wait_http(f"http://{gw.host}:{gw.port}/ready", services["gateway"], 60)
 
     key = cfg.sources[0].write_keys[0]
     before = _count(wh)
     out.print(f"sending {count} sample events to http://{gw.host}:{gw.port}/v1/batch ...")
-    report = asyncio.run(send_batches(f"http://{gw.host}:{gw.port}", key, sample_events(count), 50))
+    hooks_before = _count(wh, "webhooks")
+    events = sample_events(count)
+    report = asyncio.run(send_batches(f"http://{gw.host}:{gw.port}", key, events, 50))
     out.print(f"gateway accepted {report.accepted}, rejected {report.rejected}")
     if report.accepted != count:
         raise SluiceError(f"the gateway accepted {report.accepted} of {count} events")
@@ -103,18 +108,78 @@ def run_demo(out: Console, count: int) -> None:
         wh,
     )
     print_rows(cols, rows, title="Warehouse: `order_completed`, its properties as columns")
+    if any(d.id == "crm" for d in cfg.destinations):
+        tracks = sum(1 for e in events if e["type"] == "track")
+        _show_deliveries(out, kafka, wh, dl, hooks_before + tracks)
     out.print(
-        "\nThe broker, gateway, worker and sink keep running. Try:\n"
+        "\nThe broker, gateway, worker, sink and delivery keep running. Try:\n"
         '  .venv/bin/sluice sql "SELECT * FROM identifies ORDER BY timestamp DESC LIMIT 5"\n'
         "  .venv/bin/sluice send --count 1000\n"
+        "  .venv/bin/sluice dlq list legacy-crm\n"
         "Stop everything with: make stop"
     )
 
 
-def _count(wh: WarehouseSettings) -> int:
+def _show_deliveries(
+    out: Console, kafka: KafkaSettings, wh: WarehouseSettings, dl: DeliverySettings, expected: int
+) -> None:
+    """The webhook side: `crm` posts tracks back to the gateway (a burst of them gets 429s and
+    goes through the retry tiers); `legacy-crm` is refused (401) and dead-letters."""
+    from ops.cli import print_rows, query_warehouse  # noqa: PLC0415
+    from ops.dlq import dead_letters  # noqa: PLC0415
+
+    metrics = f"http://{dl.host}:{dl.port}/metrics"
+    deadline = time.monotonic() + 90
+    with out.status("waiting for the webhooks: `crm` through its retry tiers, `legacy-crm` ..."):
+        while _count(wh, "webhooks") < expected and time.monotonic() < deadline:
+            time.sleep(1)
+    delivered = _metric_sum(metrics, "sluice_webhook_events_total", 'outcome="delivered"')
+    retried = _metric_sum(metrics, "sluice_retry_records_total")
+    out.print(
+        f"\n`crm` webhook: {delivered:.0f} events delivered, {retried:.0f} of them retried "
+        "through its tiers first (the gateway rate-limits the crm source and answered 429)."
+    )
+    cols, rows = query_warehouse(
+        "SELECT count() AS events, max(received_at) AS last FROM webhooks", wh
+    )
+    print_rows(cols, rows, title="Warehouse: `webhooks`, what the crm hook posted back")
+    letters = dead_letters(kafka, "legacy-crm")
+    print_rows(
+        ["ref", "error", "message", "attempts"],
+        [
+            [
+                r.ref,
+                r.error_class,
+                r.headers.get("sluice.error.message", "")[:60],
+                r.headers.get("sluice.attempts", ""),
+            ]
+            for r in letters[-5:]
+        ],
+        title=f"DLQ of `legacy-crm`: {len(letters)} dead letters (its write key was revoked)",
+    )
+
+
+def _metric_sum(url: str, name: str, having: str = "") -> float:
+    """The sum of a Prometheus counter's series (those whose labels contain `having`)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - our own loopback URL
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and having in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _count(wh: WarehouseSettings, table: str = "events") -> int:
     from ops.cli import query_warehouse  # noqa: PLC0415
 
-    _, rows = query_warehouse("SELECT count() FROM events", wh)
+    try:
+        _, rows = query_warehouse(f"SELECT count() FROM {table}", wh)  # noqa: S608 - our names
+    except SluiceError:
+        return 0  # not created yet
     return int(rows[0][0])
 
 

@@ -18,7 +18,19 @@ runner = CliRunner()
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("kafka", "topics", "gateway", "worker", "sink", "sql", "send", "demo"):
+    for command in (
+        "kafka",
+        "topics",
+        "gateway",
+        "worker",
+        "sink",
+        "deliver",
+        "sql",
+        "send",
+        "demo",
+        "replay",
+        "dlq",
+    ):
         assert command in result.output
 
 

@@ -19,13 +19,19 @@ def _services() -> dict[str, Any]:
 
 def test_the_stack_has_broker_warehouse_and_every_sluice_role() -> None:
     services = _services()
-    assert {"kafka", "clickhouse", "topics", "gateway", "worker", "sink"} <= set(services)
-    commands = {name: services[name]["command"] for name in ("topics", "gateway", "worker", "sink")}
+    assert {"kafka", "clickhouse", "topics", "gateway", "worker", "sink", "deliver"} <= set(
+        services
+    )
+    commands = {
+        name: services[name]["command"]
+        for name in ("topics", "gateway", "worker", "sink", "deliver")
+    }
     assert commands == {
         "topics": ["topics", "apply"],
         "gateway": ["gateway"],
         "worker": ["worker"],
         "sink": ["sink"],
+        "deliver": ["deliver"],
     }
 
 
@@ -49,7 +55,7 @@ def test_sluice_environment_names_match_the_settings_models() -> None:
 def test_sluice_services_reach_the_broker_and_warehouse_by_service_name() -> None:
     services = _services()
     kafka_listeners = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-    for name in ("topics", "gateway", "worker", "sink"):
+    for name in ("topics", "gateway", "worker", "sink", "deliver"):
         bootstrap = services[name]["environment"]["SLUICE_KAFKA_BOOTSTRAP_SERVERS"]
         assert f"INTERNAL://{bootstrap}" in kafka_listeners
         assert services[name]["depends_on"]

@@ -14,7 +14,10 @@ from schemas.errors import ConfigError
 
 def test_the_shipped_config_is_valid_and_routes_the_demo_source() -> None:
     cfg = load_config(Path(__file__).parent.parent / "sluice.yaml")
-    assert cfg.routes() == {"demo-web": ("warehouse",)}
+    assert cfg.routes() == {
+        "demo-web": ("warehouse", "crm", "legacy-crm"),
+        "demo-crm": ("warehouse",),
+    }
     assert cfg.write_keys()["demo-write-key"].id == "demo-web"
 
 
@@ -37,6 +40,12 @@ def test_required_topics_cover_destination_tiers_and_dlq() -> None:
         "x.dest.wh.dlq",
     }
     assert specs["x.config"].config["cleanup.policy"] == "compact"
+    ordered = parse_config(
+        "sources: [{id: s, write_keys: [k]}]\n"
+        "destinations: [{id: d, type: clickhouse, retry: {preserve_order: true}}]"
+    )
+    parked = {s.name: s for s in required_topics(ordered, KafkaSettings(topic_prefix="x"))}
+    assert parked["x.dest.d.parked"].config["cleanup.policy"] == "compact"
     assert specs["x.events.ingest"].config["cleanup.policy"] == "delete"
     dest = Topics("x").destination("wh", ("5s", "1m"))
     assert (dest.main, dest.retry(1), dest.dlq) == (
