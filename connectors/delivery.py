@@ -199,6 +199,7 @@ class WebhookDelivery:
         self._halting: set[int] = set()
         self._partitions_total = 0
         self._mine: set[int] = set()
+        self._crashed: BaseException | None = None
         metrics.parked.labels(destination).set(0)
         metrics.paused.labels(destination).set(0)
 
@@ -233,6 +234,8 @@ class WebhookDelivery:
         finally:
             await loop.run_in_executor(None, self._consumer.close)
             await loop.run_in_executor(None, self._producer.close)
+        if self._crashed is not None:
+            raise RuntimeError(f"delivery of {self.destination} failed") from self._crashed
 
     def stop(self) -> None:
         """Finish the records in flight, commit what is done, stop."""
@@ -247,7 +250,16 @@ class WebhookDelivery:
         if lane is None:
             lane = self._lanes[tp] = _Lane(tp[0], tp[1], self._tier_of.get(tp[0]))
             lane.task = asyncio.create_task(self._run_lane(lane))
+            lane.task.add_done_callback(self._lane_ended)
         return lane
+
+    def _lane_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # A bug, not a failed delivery: stop, and let `run` raise it. Nothing of the
+            # lane was committed past what it finished.
+            log.error("delivery lane failed", destination=self.destination, error=repr(error))
+            self._crashed = error
+            self.stop()
 
     def _apply_flow(self) -> None:
         want = {tp for tp, lane in self._lanes.items() if lane.wants_pause(tp in self._paused)}
@@ -516,6 +528,11 @@ class WebhookDelivery:
             await self.pacer.wait()
         try:
             await self._client.send(events, attempt)
+        except (SchemaError, ValueError, KeyError, TypeError) as exc:
+            # The event cannot be made into a request (junk in its JSON fields): it would
+            # fail the same way every time, so it is treated as refused.
+            self.metrics.requests.labels(self.destination, "unsendable").inc()
+            return DeliveryRejected(f"cannot send the event: {type(exc).__name__}: {exc}")
         except DestinationUnavailable as exc:
             self.breaker.failure()
             self.metrics.requests.labels(self.destination, "retriable").inc()
@@ -539,7 +556,8 @@ class WebhookDelivery:
         while True:
             if wait := self.breaker.until_probe():
                 self.metrics.breaker.labels(self.destination).set(BREAKER_STATES["open"])
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), wait)
                 continue
             if self.breaker.state == "closed":
                 return False

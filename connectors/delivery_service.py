@@ -9,6 +9,8 @@ destinations appear, change and go without a restart.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator
 
 import structlog
@@ -75,7 +77,18 @@ class Deliveries:
             for name, delivery in wanted.items():
                 if name not in self.running:
                     self.running[name] = delivery
-                    self._tasks[name] = asyncio.create_task(delivery.run(), name=name)
+                    task = asyncio.create_task(delivery.run(), name=name)
+                    task.add_done_callback(self._ended)
+                    self._tasks[name] = task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A loop that failed (not one that was stopped): stop the process, so that its
+        # supervisor restarts it and the destination's partitions go on from their
+        # committed offsets (here or in another delivery process).
+        log.error("delivery loop failed; stopping", destination=task.get_name())
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def stop(self) -> None:
         """Stop every loop: each finishes the records in hand and commits."""

@@ -7,6 +7,7 @@ nothing here is a module-level global.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,6 +94,9 @@ class WorkerSettings(BaseSettings):
     # Prometheus metrics of the worker at http://127.0.0.1:<port>/metrics (0: off).
     metrics_port: int = 9464
     log_level: str = "WARNING"
+    # exactly_once: each batch's outputs and input offsets in one Kafka transaction per
+    # input partition (streams/transactions.py); slower, no duplicates on read_committed.
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
 
 
 class WarehouseSettings(BaseSettings):

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import faust
@@ -23,11 +23,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from ops.config import PipelineConfig
 from ops.live import ConfigFollower
-from ops.producer import EventProducer
+from ops.producer import EventProducer, Record
 from ops.settings import KafkaSettings, WorkerSettings
 from schemas.errors import BrokerUnavailable
 from streams.processor import Incoming, Routed, Router
-from streams.transport import BatchedTransport
+from streams.transactions import Fenced, PartitionTransactions
+from streams.transport import BatchedTransport, TransactionalTransport
 
 log = structlog.get_logger("sluice.worker")
 
@@ -87,7 +88,12 @@ def create_app(settings: WorkerSettings, kafka: KafkaSettings) -> faust.App:
         producer_acks=-1,
     )
     # Fetched batches reach the agents under one flow-control check (streams/transport.py).
-    app.transport = BatchedTransport(app.conf.broker_consumer, app)
+    transport = (
+        TransactionalTransport
+        if settings.processing_guarantee == "exactly_once"
+        else BatchedTransport
+    )
+    app.transport = transport(app.conf.broker_consumer, app)
     return app
 
 
@@ -159,6 +165,66 @@ def _observe_lag(app: faust.App, metrics: ProcessorMetrics, batch: list[Incoming
             metrics.lag.labels(topic, str(partition)).set(max(0, highwater - offset - 1))
 
 
+async def _route_in_transactions(
+    app: faust.App,
+    transactions: PartitionTransactions,
+    route: Callable[[list[Incoming]], Awaitable[list[Routed]]],
+    events: list[EventT[bytes]],
+    batch: list[Incoming],
+    stopping: asyncio.Event,
+) -> tuple[list[Routed], list[EventT[bytes]]]:
+    """Exactly-once: each input partition's outputs and next offset in one transaction.
+
+    Returns what was routed and the events to ack: those of partitions whose transaction
+    committed (a fenced partition belongs to another worker now, which reads it again).
+    """
+    loop = asyncio.get_running_loop()
+    parts: dict[tuple[str, int], list[int]] = {}
+    for i, rec in enumerate(batch):
+        parts.setdefault((rec.topic, rec.partition), []).append(i)
+
+    async def one(tp: tuple[str, int], indexes: list[int]) -> tuple[list[Routed], list[int]]:
+        start = await loop.run_in_executor(
+            None, transactions.committed_offset, tp[0], tp[1], app.consumer_generation_id
+        )
+        # Events below the committed offset were processed (their outputs committed) by a
+        # transaction that was still completing when Faust read the offsets: ack them.
+        done = [i for i in indexes if start is not None and batch[i].offset < start]
+        todo = [i for i in indexes if start is None or batch[i].offset >= start]
+        if not todo:
+            return [], done
+        passes = await route([batch[i] for i in todo])
+        outputs: dict[str, list[Record]] = {}
+        for routed in passes:
+            for topic, records in routed.outputs.items():
+                outputs.setdefault(topic, []).extend(records)
+        next_offset = batch[todo[-1]].offset + 1
+        delay = 0.5
+        while True:
+            if TP(*tp) not in app.consumer.assignment():
+                # Revoked meanwhile: opening its producer again would fence the new owner.
+                return [], []
+            try:
+                await loop.run_in_executor(
+                    None, transactions.commit, tp[0], tp[1], outputs, next_offset
+                )
+                return passes, done + todo
+            except Fenced as exc:
+                log.warning("partition moved to another worker", error=str(exc))
+                return [], []
+            except BrokerUnavailable as exc:
+                if stopping.is_set():
+                    raise
+                log.warning("transaction not committed; retrying", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    results = await asyncio.gather(*(one(tp, idx) for tp, idx in parts.items()))
+    routed = [r for passes, _ in results for r in passes]
+    acked = [events[i] for _, indexes in results for i in indexes]
+    return routed, acked
+
+
 def _count(metrics: ProcessorMetrics, routed: Routed) -> None:
     for outcome, counts in (
         ("routed", routed.delivered),
@@ -200,8 +266,22 @@ def register(
         for name in ("", "faust", "mode", "aiokafka", "kafka"):
             logging.getLogger(name).setLevel(level)
         producer = EventProducer(kafka, settings.produce_timeout_s, linger_ms=5)
+        transactions = None
+        if settings.processing_guarantee == "exactly_once":
+            transactions = PartitionTransactions(kafka, settings.app_id)
+        loop = asyncio.get_running_loop()
+
+        async def route(batch: list[Incoming]) -> list[Routed]:
+            routed = router.route(batch)
+            if not routed.unknown:
+                return [routed]
+            # A write key the gateway already accepts: catch up with the config topic,
+            # then route them (or reject them, named, if the source is still unknown).
+            if not await loop.run_in_executor(None, config_current, 10.0):
+                log.warning("config topic not read to its end; routing with what is known")
+            return [routed, router.route(routed.unknown, final=True)]
+
         try:
-            loop = asyncio.get_running_loop()
             async for events in take_batches(stream, settings.batch_size, settings.batch_within_s):
                 started = loop.time()
                 messages = [ev.message for ev in events]
@@ -216,25 +296,25 @@ def register(
                     )
                     for m in messages
                 ]
-                routed = router.route(batch)
-                passes = [routed]
-                if routed.unknown:
-                    # A write key the gateway already accepts: catch up with the config
-                    # topic, then route them (or reject them, named, if still unknown).
-                    if not await loop.run_in_executor(None, config_current, 10.0):
-                        log.warning("config topic not read to its end; routing with what is known")
-                    passes.append(router.route(routed.unknown, final=True))
-                for done in passes:
-                    await asyncio.gather(
-                        *(
-                            _send_until_confirmed(producer, topic, records, stopping)
-                            for topic, records in done.outputs.items()
+                if transactions is None:
+                    passes = await route(batch)
+                    for done in passes:
+                        await asyncio.gather(
+                            *(
+                                _send_until_confirmed(producer, topic, records, stopping)
+                                for topic, records in done.outputs.items()
+                            )
                         )
+                    acked = events
+                else:
+                    passes, acked = await _route_in_transactions(
+                        app, transactions, route, events, batch, stopping
                     )
+                for done in passes:
                     _count(metrics, done)
                 metrics.batch_seconds.observe(loop.time() - started)
                 # Every output of the batch is confirmed: now its offsets may be committed.
-                for ev in events:
+                for ev in acked:
                     ev.ack()
                 _observe_lag(app, metrics, batch)
         except Exception as exc:
@@ -245,6 +325,8 @@ def register(
             raise
         finally:
             stopping.set()
+            if transactions is not None:
+                await loop.run_in_executor(None, transactions.close)
             # Anything handed to librdkafka is delivered before Faust commits on shutdown.
             left = await asyncio.get_running_loop().run_in_executor(None, producer.close)
             if left:

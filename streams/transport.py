@@ -18,7 +18,7 @@ acked only when the records are still not there.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -95,3 +95,22 @@ class BatchedTransport(aiokafka.Transport):
     """`kafka://` with `BatchedConsumer`."""
 
     Consumer: ClassVar[type[ConsumerT]] = BatchedConsumer
+
+
+class TransactionalConsumer(BatchedConsumer):
+    """For exactly-once: input offsets are committed only inside the output transactions.
+
+    A commit of Faust's own, made at its interval, could land after a later transaction
+    and move the group's offset back; the next owner of the partition would then process
+    committed outputs again. So Faust's commits are taken as done without writing them:
+    its bookkeeping moves on, and Kafka holds the transactions' offsets.
+    """
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        return True
+
+
+class TransactionalTransport(aiokafka.Transport):
+    """`kafka://` with `TransactionalConsumer`."""
+
+    Consumer: ClassVar[type[ConsumerT]] = TransactionalConsumer

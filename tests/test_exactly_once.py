@@ -1,0 +1,132 @@
+"""Exactly-once processing: a worker SIGKILLed mid-transaction leaves no duplicate on a
+read_committed read of the output topic, and loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from ops.settings import KafkaSettings
+from ops.traffic import sample_events, send_batches
+from schemas.codec import event_codec
+from tests.conftest import scaled
+from tests.pipeline import http_text, pipeline_with_topics, until
+
+pytestmark = pytest.mark.integration
+CODEC = event_codec(logical_types=False)
+
+
+def _event_ids(kafka: KafkaSettings, topic: str, isolation: str) -> Counter[str]:
+    """How often each event id is on `topic`, read with the given isolation level."""
+    consumer = Consumer(
+        kafka.client_config()
+        | {
+            "group.id": f"check-{time.monotonic_ns()}",
+            "isolation.level": isolation,
+            "enable.partition.eof": True,
+        }
+    )
+    seen: Counter[str] = Counter()
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+        open_parts = set(parts)
+        deadline = time.monotonic() + 30
+        while open_parts and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error() is not None:
+                    open_parts.discard(msg.partition())
+                    continue
+                seen[CODEC.decode(msg.value() or b"")["event_id"]] += 1
+    finally:
+        consumer.close()
+    return seen
+
+
+def _routed(port: int) -> float:
+    try:
+        text = http_text(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    except OSError:
+        return 0.0
+    found = re.search(r'sluice_processor_events_total\{[^}]*outcome="routed"[^}]*\} (\S+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_a_worker_killed_mid_transaction_leaves_no_duplicate(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    pipe = pipeline_with_topics(tmp_path, broker, prefix)
+    pipe.env["SLUICE_WORKER_PROCESSING_GUARANTEE"] = "exactly_once"
+    kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
+    ingest, topic = f"{prefix}.events.ingest", f"{prefix}.dest.warehouse"
+    count = scaled(6000)
+    events = sample_events(count, users=200, seed=41)
+    await asyncio.to_thread(pipe.start, "gateway", "worker")
+    sent = 0
+
+    async def load() -> None:
+        # A steady stream, so the worker has transactions open most of the time.
+        nonlocal sent
+        while sent < count:
+            part = events[sent : sent + 25]
+            report = await send_batches(pipe.gateway_url, pipe.write_key, part, 25)
+            assert report.accepted == len(part)
+            sent += len(part)
+            await asyncio.sleep(0.02)
+
+    def open_records() -> int:
+        """Records on the output topic that a read_committed reader does not see (yet)."""
+        written = _event_ids(kafka, topic, "read_uncommitted")
+        visible = _event_ids(kafka, topic, "read_committed")
+        return sum(written.values()) - sum(visible.values())
+
+    try:
+        loader = asyncio.create_task(load())
+        await until(lambda: _routed(pipe.worker_metrics_port) > 100, 90, "the worker routing")
+        # Freeze the worker. If its records on the output topic stay invisible to
+        # read_committed while it is frozen, a transaction is open, not just committing:
+        # kill it there. Otherwise let it go on and try again a moment later.
+        victim, left_open = pipe.pid("worker"), 0
+        for _ in range(40):
+            os.kill(victim, signal.SIGSTOP)
+            await asyncio.sleep(0.3)
+            if await asyncio.to_thread(open_records):
+                await asyncio.sleep(0.5)
+                left_open = await asyncio.to_thread(open_records)
+                if left_open:
+                    os.kill(victim, signal.SIGKILL)
+                    break
+            os.kill(victim, signal.SIGCONT)
+            await asyncio.sleep(0.1)
+        assert left_open, "the worker was never caught with a transaction open"
+        # A new worker takes the partitions over (once the dead one's session expires),
+        # fencing the killed worker's transactional producers.
+        await asyncio.to_thread(pipe.services["worker"].stop)
+        await asyncio.to_thread(pipe.start, "worker")
+        await loader
+        source = await asyncio.to_thread(_event_ids, kafka, ingest, "read_committed")
+        assert sum(source.values()) >= count
+        await until(
+            lambda: _event_ids(kafka, topic, "read_committed") == source,
+            120,
+            "every ingested event on the output topic",
+        )
+        committed = await asyncio.to_thread(_event_ids, kafka, topic, "read_committed")
+        everything = await asyncio.to_thread(_event_ids, kafka, topic, "read_uncommitted")
+    finally:
+        await asyncio.to_thread(pipe.stop)
+    assert set(committed) == {e["messageId"] for e in events}
+    # Each ingested record once on the output (a client retry after a lost answer can
+    # put an event on the ingest topic twice; then it is there twice, not more).
+    assert committed == source
+    # The killed worker's open transaction was aborted: its records are on the topic and
+    # a read_uncommitted reader sees them too; a read_committed one does not.
+    assert sum(everything.values()) - sum(committed.values()) >= left_open
