@@ -36,6 +36,20 @@ destinations:
     type: clickhouse
     sources: [bench]
 """
+# The same with a filter and a user transform on the destination: decode, filter, turn
+# the envelope into dicts, call the function, encode again.
+TRANSFORM_CONFIG = (
+    BENCH_CONFIG
+    + """    filter: {deny_types: [alias]}
+    transform: {function: "ops.benchmarks:enrich"}
+"""
+)
+
+
+def enrich(event: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's transform: one property added."""
+    event["properties"]["enriched"] = True
+    return event
 
 
 def _topics(bootstrap: str) -> tuple[KafkaSettings, Any]:
@@ -394,13 +408,25 @@ def _end_offsets(kafka: KafkaSettings, topic: str) -> int:
         consumer.close()
 
 
-def plain_loop_rate(kafka: KafkaSettings, source: str, target: str, count: int) -> float:
-    """Events/s of a bare confluent-kafka loop doing the processor's work (decode, route, produce)."""
+def plain_loop_rate(kafka: KafkaSettings, source: str, config: str, count: int) -> float:
+    """Events/s of a bare confluent-kafka loop doing the processor's work with its router.
+
+    Consume 1,000 at a time, route them (decode, filter, transform, encode) with the same
+    `Router` the worker uses, produce, commit every second: the worker minus Faust. Its
+    outputs go to topics of a prefix of their own.
+    """
     from confluent_kafka import Consumer, Producer  # noqa: PLC0415
 
+    from ops.config import parse_config  # noqa: PLC0415
+    from ops.topics import Topics  # noqa: PLC0415
     from schemas.codec import event_codec  # noqa: PLC0415
+    from streams.processor import Incoming, Router  # noqa: PLC0415
 
-    codec = event_codec(logical_types=False)
+    router = Router(
+        parse_config(config),
+        Topics(f"{kafka.topic_prefix}-plain"),
+        event_codec(logical_types=False),
+    )
     consumer = Consumer(
         kafka.client_config()
         | {
@@ -410,7 +436,8 @@ def plain_loop_rate(kafka: KafkaSettings, source: str, target: str, count: int) 
         }
     )
     producer = Producer(
-        kafka.client_config() | {"enable.idempotence": True, "acks": "all", "linger.ms": 5}
+        kafka.client_config()
+        | {"enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"}
     )
     consumer.subscribe([source])
     done = 0
@@ -420,12 +447,14 @@ def plain_loop_rate(kafka: KafkaSettings, source: str, target: str, count: int) 
         msgs = consumer.consume(1000, timeout=1.0)
         if msgs and not started:
             started = time.perf_counter()
-        for msg in msgs:
-            if msg.error() is None:
-                value = msg.value() or b""
-                if codec.decode(value)["source_id"] == "bench":
-                    producer.produce(target, value, msg.key())
-                done += 1
+        batch = [
+            Incoming(m.key(), m.value() or b"", source, m.partition() or 0, m.offset() or 0, 0)
+            for m in msgs
+            if m.error() is None
+        ]
+        for topic, records in router.route(batch).outputs.items():
+            producer.produce_batch(topic, [{"key": k, "value": v} for k, v, _ in records])
+        done += len(batch)
         producer.poll(0)
         if time.monotonic() - last_commit > 1.0:
             producer.flush()
@@ -440,6 +469,9 @@ def plain_loop_rate(kafka: KafkaSettings, source: str, target: str, count: int) 
 @bench_app.command("processor")
 def bench_processor(
     events: Annotated[int, typer.Option(help="Events to process.")] = 200_000,
+    transform: Annotated[
+        bool, typer.Option(help="Route through a filter and a user transform as well.")
+    ] = False,
     bootstrap: Bootstrap = None,
     json_out: JsonOut = None,
 ) -> None:
@@ -460,16 +492,15 @@ def bench_processor(
             if i % 10_000 == 0:
                 producer.poll(0)
         producer.flush(120)
-    results: dict[str, Any] = {"events": events, "cores": os.cpu_count()}
-    with console.status(
-        "baseline: plain confluent-kafka consume -> decode -> route -> produce loop ..."
-    ):
+    results: dict[str, Any] = {"events": events, "cores": os.cpu_count(), "transform": transform}
+    config_text = TRANSFORM_CONFIG if transform else BENCH_CONFIG
+    with console.status("baseline: plain confluent-kafka consume -> route -> produce loop ..."):
         results["plain_loop_events_per_s"] = plain_loop_rate(
-            kafka, topics.ingest, topics.rejected, events
+            kafka, topics.ingest, config_text, events
         )
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-worker-"))
     config = workdir / "sluice.yaml"
-    config.write_text(BENCH_CONFIG)
+    config.write_text(config_text)
     service = Service("worker", workdir)
     try:
         with console.status("worker: Faust agent, batches from its channel, batch produce ..."):
@@ -501,8 +532,9 @@ def bench_processor(
     table = Table(title=f"Processor ({results['cores']} cores, broker on this machine)")
     table.add_column("setup")
     table.add_column("events/s", justify="right")
+    work = "decode, filter, transform, route" if transform else "decode, route"
     table.add_row(
-        "plain confluent-kafka loop: consume, decode, route, produce (baseline)",
+        f"plain confluent-kafka loop: consume, {work}, produce (baseline)",
         f"{results['plain_loop_events_per_s']:,.0f}",
     )
     table.add_row(

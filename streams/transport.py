@@ -31,16 +31,22 @@ _YIELD_EVERY = 100
 class BatchedConsumer(aiokafka.Consumer):
     """The aiokafka consumer of Faust, delivering a fetched batch under one flow check."""
 
-    # Per partition, the last delivered offset after which a gap was read again once.
+    # Per partition, the offset from which a gap was read again once.
     _probed: dict[TP, int]
+    # Partitions whose read offset names the next offset (set by a seek), not the last
+    # one delivered.
+    _seeked: set[TP]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._probed = {}
+        self._seeked = set()
 
     async def _drain_messages(self, fetcher: Any) -> None:
         consumer_stopped = self._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while not (consumer_stopped() or fetcher_stopped()):
                 self.diag.set_flag(CONSUMER_FETCHING)
@@ -49,11 +55,60 @@ class BatchedConsumer(aiokafka.Consumer):
                 await asyncio.sleep(0)
                 if not self.should_stop:
                     await self.wait_first(self._deliver(batch), self.suspend_flow.wait())
+                if loop.time() - checked >= 1.0 and self.flow_active:
+                    checked = loop.time()
+                    await self._read_dropped_tails()
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 return
             raise
+
+    async def perform_seek(self) -> None:
+        """Seek to the committed offsets; each read offset then names the next to read."""
+        await super().perform_seek()
+        self._seeked = set(self._read_offset)
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        """Seek one partition; its read offset then names the next to read."""
+        await super().seek(partition, offset)
+        self._seeked.add(partition)
+
+    async def _read_dropped_tails(self) -> None:
+        """Read again what the client fetched for a partition but was never delivered.
+
+        A gap shows when a later record arrives; records dropped at the end of what a
+        partition holds show nowhere, and the partition would stay behind for good (seen
+        when a worker took over a backlog while it was busy). Between batches, a
+        partition whose fetch position is past the next offset to deliver is read again
+        from there once; if it is still past it after that, those offsets never arrive
+        (transaction markers, compaction) and are acked.
+        """
+        assignment = self._thread._ensure_consumer()._subscription.subscription.assignment
+        if assignment is None:
+            return
+        read_offset = self._read_offset
+        for tp in list(self._get_active_partitions()):
+            last = read_offset.get(tp)
+            state = assignment.state_value(tp)
+            if last is None or state is None or not state.has_valid_position:
+                continue
+            expected = last if tp in self._seeked else last + 1
+            if state.position <= expected or not self.app.topics.acks_enabled_for(tp.topic):
+                continue
+            if self._probed.get(tp) != expected:
+                self.log.warning(
+                    "Reading %r again from %r: fetched up to %r, never delivered",
+                    tp,
+                    expected,
+                    state.position,
+                )
+                self._probed[tp] = expected
+                await self._seek(tp, expected)
+            else:
+                await self._add_gap(tp, expected, state.position - 1)
+                read_offset[tp] = state.position - 1
+                self._seeked.discard(tp)
 
     async def _deliver(self, batch: AsyncIterator[tuple[TP, Message]]) -> None:
         callback = cast(Callable[[Message], Awaitable[None]], self.callback)
@@ -89,6 +144,7 @@ class BatchedConsumer(aiokafka.Consumer):
                 await self.commit()
             await callback(message)
             read_offset[tp] = offset
+            self._seeked.discard(tp)
 
 
 class BatchedTransport(aiokafka.Transport):
