@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -257,12 +258,21 @@ def start_broker(settings: BrokerSettings, console: Console | None = None) -> in
             )
     pid = spawn_detached([*java, "kafka.Kafka", str(props)], state / "broker.out")
     _pid_file(settings).write_text(str(pid))
-    with console.status(f"starting Kafka {settings.version} on {bootstrap(settings)} ..."):
+    starting = f"starting Kafka {settings.version} on {bootstrap(settings)}"
+    with console.status(f"{starting} ...") as status:
         deadline = time.monotonic() + settings.start_timeout_s
+        recovered: tuple[int, int] | None = None
         while time.monotonic() < deadline:
             if not alive(pid):
                 _pid_file(settings).unlink(missing_ok=True)
                 raise BrokerError(f"the broker exited: {_last_error(state)}")
+            progress = log_recovery(state / "broker.log")
+            if progress is not None and progress != recovered:
+                # Loading many partitions after an unclean stop takes a while: as long as it
+                # moves, the wait goes on, and the operator sees how far it got.
+                recovered = progress
+                deadline = time.monotonic() + settings.start_timeout_s
+                status.update(f"{starting}: loading logs, {progress[0]}/{progress[1]} partitions")
             if wait_for_broker(bootstrap(settings), 1.0):
                 console.print(
                     f"kafka    running, pid {pid}, {bootstrap(settings)}, log {state / 'broker.log'}"
@@ -272,6 +282,24 @@ def start_broker(settings: BrokerSettings, console: Console | None = None) -> in
     raise BrokerError(
         f"the broker did not answer within {settings.start_timeout_s:.0f}s; see {state / 'broker.log'}"
     )
+
+
+_RECOVERY = re.compile(rb"\((\d+)/(\d+) completed in ")
+
+
+def log_recovery(log: Path) -> tuple[int, int] | None:
+    """How many of its partitions the starting broker has loaded, from the end of its log."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 65536))
+            tail = f.read()
+    except OSError:
+        return None
+    found = _RECOVERY.findall(tail)
+    if not found:
+        return None
+    done, total = found[-1]
+    return int(done), int(total)
 
 
 def _last_error(state: Path) -> str:

@@ -8,7 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 from ops.cli import app
-from ops.kafka_broker import BrokerError, new_cluster_id, server_properties, start_broker
+from ops.kafka_broker import (
+    BrokerError,
+    log_recovery,
+    new_cluster_id,
+    server_properties,
+    start_broker,
+)
 from ops.settings import BrokerSettings, KafkaSettings
 from tests.pipeline import CONFIG, free_port
 
@@ -81,6 +87,16 @@ def test_cluster_ids_never_read_as_an_option() -> None:
     assert not [i for i in ids if i.startswith("-")]
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 22 for i in ids)
+
+
+def test_log_recovery_progress_is_read_from_the_end_of_the_broker_log(tmp_path: Path) -> None:
+    log = tmp_path / "broker.log"
+    assert log_recovery(log) is None
+    log.write_text("INFO Kafka version: 3.9.1\n")
+    assert log_recovery(log) is None
+    line = "INFO Completed load of Log(dir=d) with 1 segments in 3ms ({} completed in {})\n"
+    log.write_text("x" * 100_000 + line.format("10/5438", "/data") + line.format("5120/5438", "/d"))
+    assert log_recovery(log) == (5120, 5438)
 
 
 def test_missing_java_or_maven_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
