@@ -1,7 +1,8 @@
 """The Faust app of the processing stage and its agents, registered explicitly.
 
-The hot path batches: `take_batches` hands the agent up to `batch_size` events from its
-channel, the router turns them into output records, and one confluent-kafka producer
+The hot path batches: the consumer queues fetched messages on the agent's channel as
+lists (streams/transport.py), `take_batches` hands the agent up to `batch_size` of
+them, the router turns them into output records, and one confluent-kafka producer
 sends the whole batch. The agent acks the events only after that returns, and the
 producer call returns only when every output was confirmed, so committed offsets never
 run ahead of durable output.
@@ -18,7 +19,7 @@ from typing import Any, cast
 
 import faust
 import structlog
-from faust.types import TP, ChannelT, EventT
+from faust.types import TP, ChannelT, EventT, Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ops.config import PipelineConfig
@@ -28,7 +29,12 @@ from ops.settings import KafkaSettings, WorkerSettings
 from schemas.errors import BrokerUnavailable
 from streams.processor import Incoming, Routed, Router
 from streams.transactions import Fenced, PartitionTransactions
-from streams.transport import BatchedTransport, TransactionalTransport
+from streams.transport import (
+    QUEUED_BATCHES,
+    BatchedTransport,
+    TransactionalTransport,
+    deliver_in_batches,
+)
 
 log = structlog.get_logger("sluice.worker")
 
@@ -116,39 +122,63 @@ async def _send_until_confirmed(
 
 async def take_batches(
     stream: faust.StreamT[bytes], max_events: int, within_s: float
-) -> AsyncIterator[list[EventT[bytes]]]:
-    """Batches of up to `max_events` events from the agent's channel, waiting `within_s`.
+) -> AsyncIterator[list[Message]]:
+    """Batches of up to `max_events` messages from the agent's channel, waiting `within_s`.
 
     Faust's `Stream.take_events` runs every event through the stream's per-event
     machinery (processors, context, a coroutine per ack): ~150 µs an event here. This
-    drains the same channel queue the stream reads, in bulk; the caller acks each event
-    once its outputs are confirmed, and Faust commits acked offsets as usual (a crash
-    before the ack means the events are consumed again: at least once).
+    drains the channel queue the stream would read, in bulk: lists of messages that
+    `BatchedConsumer` queued for the topic (`deliver_in_batches`), or Faust's events.
+    Like the stream, it tracks each message as pending until acked (a rebalance waits
+    for those) and skips messages fetched before the current rebalance generation
+    (the partition is read again from its committed offset). The caller acks each
+    message once its outputs are confirmed, and Faust commits acked offsets as usual
+    (a crash before the ack means the events are consumed again: at least once).
     """
     channel = stream.channel
+    app = stream.app
+    add_unacked = cast(Any, app.consumer)._unacked_messages.add
     # The agent's stream reads a channel iterator (a subscriber of the topic) and its queue.
     queue = cast(
         ChannelT[bytes], aiter(channel) if isinstance(channel, ChannelT) else channel
     ).queue
     loop = asyncio.get_running_loop()
+
+    def current(item: list[Message] | EventT[bytes]) -> list[Message]:
+        messages = item if isinstance(item, list) else [item.message]
+        if not messages or messages[0].generation_id != app.consumer_generation_id:
+            return []
+        for message in messages:
+            if not message.tracked:
+                message.tracked = True
+                add_unacked(message)
+        return messages
+
+    carry: list[Message] = []
     while True:
-        try:
-            first = await queue.get()
-        except StopAsyncIteration:
-            return  # Faust ends its channels this way when the worker stops
-        events: list[EventT[bytes]] = [first]
+        if carry and carry[0].generation_id != app.consumer_generation_id:
+            carry = []
+        batch = carry
+        carry = []
+        while not batch:
+            try:
+                batch = list(current(await queue.get()))
+            except StopAsyncIteration:
+                return  # Faust ends its channels this way when the worker stops
         deadline = loop.time() + within_s
-        while len(events) < max_events:
-            while not queue.empty() and len(events) < max_events:
-                events.append(queue.get_nowait())
+        while len(batch) < max_events:
+            while not queue.empty() and len(batch) < max_events:
+                batch.extend(current(queue.get_nowait()))
             left = deadline - loop.time()
-            if len(events) >= max_events or left <= 0:
+            if len(batch) >= max_events or left <= 0:
                 break
             try:
-                events.append(await asyncio.wait_for(queue.get(), left))
+                batch.extend(current(await asyncio.wait_for(queue.get(), left)))
             except TimeoutError:
                 break
-        yield events
+        if len(batch) > max_events:
+            batch, carry = batch[:max_events], batch[max_events:]
+        yield batch
 
 
 def _observe_lag(app: faust.App, metrics: ProcessorMetrics, batch: list[Incoming]) -> None:
@@ -169,13 +199,13 @@ async def _route_in_transactions(
     app: faust.App,
     transactions: PartitionTransactions,
     route: Callable[[list[Incoming]], Awaitable[list[Routed]]],
-    events: list[EventT[bytes]],
+    messages: list[Message],
     batch: list[Incoming],
     stopping: asyncio.Event,
-) -> tuple[list[Routed], list[EventT[bytes]]]:
+) -> tuple[list[Routed], list[Message]]:
     """Exactly-once: each input partition's outputs and next offset in one transaction.
 
-    Returns what was routed and the events to ack: those of partitions whose transaction
+    Returns what was routed and the messages to ack: those of partitions whose transaction
     committed (a fenced partition belongs to another worker now, which reads it again).
     """
     loop = asyncio.get_running_loop()
@@ -221,7 +251,7 @@ async def _route_in_transactions(
 
     results = await asyncio.gather(*(one(tp, idx) for tp, idx in parts.items()))
     routed = [r for passes, _ in results for r in passes]
-    acked = [events[i] for _, indexes in results for i in indexes]
+    acked = [messages[i] for _, indexes in results for i in indexes]
     return routed, acked
 
 
@@ -256,7 +286,10 @@ def register(
     `config_current(timeout)` blocks until the worker has read the config topic to its
     end: called when a batch holds events of a source the router does not know yet.
     """
-    ingest = app.topic(router.topics.ingest, key_type=bytes, value_type=bytes)
+    ingest = app.topic(
+        router.topics.ingest, key_type=bytes, value_type=bytes, maxsize=QUEUED_BATCHES
+    )
+    deliver_in_batches(app, router.topics.ingest)
     stopping = asyncio.Event()
 
     @app.agent(ingest)
@@ -282,9 +315,10 @@ def register(
             return [routed, router.route(routed.unknown, final=True)]
 
         try:
-            async for events in take_batches(stream, settings.batch_size, settings.batch_within_s):
+            async for messages in take_batches(
+                stream, settings.batch_size, settings.batch_within_s
+            ):
                 started = loop.time()
-                messages = [ev.message for ev in events]
                 batch = [
                     Incoming(
                         m.key,
@@ -305,17 +339,18 @@ def register(
                                 for topic, records in done.outputs.items()
                             )
                         )
-                    acked = events
+                    acked = messages
                 else:
                     passes, acked = await _route_in_transactions(
-                        app, transactions, route, events, batch, stopping
+                        app, transactions, route, messages, batch, stopping
                     )
                 for done in passes:
                     _count(metrics, done)
                 metrics.batch_seconds.observe(loop.time() - started)
                 # Every output of the batch is confirmed: now its offsets may be committed.
-                for ev in acked:
-                    ev.ack()
+                consumer = app.consumer
+                for message in acked:
+                    message.ack(consumer)
                 _observe_lag(app, metrics, batch)
         except Exception as exc:
             # Faust would log a crashed agent and leave its partitions assigned and idle:

@@ -9,6 +9,12 @@ returned: the batch's messages are delivered in order inside it, and a suspensio
 cancels the rest of the batch exactly as it cancelled the rest of the messages before
 (those are read again from the committed offsets once the rebalance seeks).
 
+For the topics an agent takes in batches (`deliver_in_batches`), the conductor's
+per-message step (an `Event` built and queued for every message, ~16 µs) is skipped as
+well: each partition's share of a fetched batch goes to the subscribing channels'
+queues as one list of messages, which `streams.agents.take_batches` reads. Flow control
+still gates the hand-over, and a rebalance clears those queues as it clears Faust's.
+
 Faust acks offsets that a partition skipped as a "gap" (for transaction markers and
 compacted offsets), but records it fetched and then dropped while a rebalance began
 look the same and would be lost. So a gap is first read again from its start, and
@@ -20,12 +26,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar, cast
+from weakref import WeakKeyDictionary
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka
-from faust.types import TP, ConsumerT, Message
+from faust.types import TP, AppT, ConsumerT, Message
 
 _YIELD_EVERY = 100
+# Lists of messages a channel of such a topic should hold (its `maxsize`) before the
+# consumer waits for the agent.
+QUEUED_BATCHES = 8
+_BATCHED: WeakKeyDictionary[AppT, set[str]] = WeakKeyDictionary()
+
+
+def deliver_in_batches(app: AppT, topic: str) -> None:
+    """Have the consumer hand `topic`'s messages to its channels as lists, not events.
+
+    Only for a topic whose subscribers read their queue with `take_batches`; give its
+    channel `maxsize=QUEUED_BATCHES`, as the hand-over waits while a queue is full.
+    """
+    _BATCHED.setdefault(app, set()).add(topic)
 
 
 class BatchedConsumer(aiokafka.Consumer):
@@ -110,10 +130,26 @@ class BatchedConsumer(aiokafka.Consumer):
                 read_offset[tp] = state.position - 1
                 self._seeked.discard(tp)
 
+    async def _hand_over(self, pending: dict[TP, list[Message]]) -> None:
+        """Queue each partition's messages as one list on the channels subscribing to it."""
+        await self.app.flow_control.acquire()
+        index = cast(Any, self.app.topics)._tp_index
+        for tp, messages in pending.items():
+            channels = index.get(tp)
+            if not channels:
+                continue
+            if len(channels) > 1:
+                for message in messages:
+                    message.incref(len(channels))
+            for channel in channels:
+                await channel.queue.put(messages)
+
     async def _deliver(self, batch: AsyncIterator[tuple[TP, Message]]) -> None:
         callback = cast(Callable[[Message], Awaitable[None]], self.callback)
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
+        batched = _BATCHED.get(self.app, set())
+        pending: dict[TP, list[Message]] = {}
         reread: set[TP] = set()
         since_yield = 0
         async for tp, message in batch:
@@ -142,9 +178,17 @@ class BatchedConsumer(aiokafka.Consumer):
             if self._commit_every is not None and self._n_acked >= self._commit_every:
                 self._n_acked = 0
                 await self.commit()
-            await callback(message)
+            if tp.topic in batched:
+                queued = pending.get(tp)
+                if queued is None:
+                    queued = pending[tp] = []
+                queued.append(message)
+            else:
+                await callback(message)
             read_offset[tp] = offset
             self._seeked.discard(tp)
+        if pending:
+            await self._hand_over(pending)
 
 
 class BatchedTransport(aiokafka.Transport):
