@@ -18,7 +18,10 @@ still gates the hand-over, and a rebalance clears those queues as it clears Faus
 Faust acks offsets that a partition skipped as a "gap" (for transaction markers and
 compacted offsets), but records it fetched and then dropped while a rebalance began
 look the same and would be lost. So a gap is first read again from its start, and
-acked only when the records are still not there.
+acked only when the records are still not there. After a seek the next offset to
+deliver is the read offset itself, not the one after it: a record dropped right after a
+seek is a gap too. And no commit passes an offset that was neither processed nor found
+missing twice (Faust's own bookkeeping let one such record through).
 """
 
 from __future__ import annotations
@@ -88,11 +91,51 @@ class BatchedConsumer(aiokafka.Consumer):
         """Seek to the committed offsets; each read offset then names the next to read."""
         await super().perform_seek()
         self._seeked = set(self._read_offset)
+        self._probed.clear()
 
     async def seek(self, partition: TP, offset: int) -> None:
         """Seek one partition; its read offset then names the next to read."""
         await super().seek(partition, offset)
         self._seeked.add(partition)
+        self._probed.pop(partition, None)
+
+    def _next_expected(self, tp: TP) -> int | None:
+        """The offset of `tp` to deliver next, when known."""
+        last = self._read_offset.get(tp)
+        if last is None:
+            return None
+        return last if tp in self._seeked else last + 1
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        """Offsets `offset_from`..`offset_to` never arrive: count them as acked.
+
+        Faust's own version starts a gap no lower than the committed offset plus one, and
+        its commit then accepts a first acked offset one past the committed one, so a
+        single record at the committed offset could be committed over unprocessed. Here
+        the committed offset is what it is in Kafka, the next offset to process: a gap
+        may start there, and a commit waits until that offset is acked (`_new_offset`).
+        """
+        committed = self._committed_offset[tp]
+        if committed is not None:
+            offset_from = max(offset_from, committed)
+        if offset_from <= offset_to:
+            gaps = self._gap[tp]
+            gaps.addi(offset_from, offset_to + 1)
+            gaps.merge_overlaps()
+
+    def _new_offset(self, tp: TP) -> int | None:
+        """The offset to commit for `tp`: only past offsets processed or known not to exist."""
+        acked = self._acked[tp]
+        committed = self._committed_offset[tp]
+        if acked and committed is not None:
+            gaps = self._gap[tp]
+            first = min(acked)
+            if gaps:
+                first = min(first, gaps.begin())
+            if first > committed:
+                return None  # the record at the committed offset is not processed yet
+        offset: int | None = super()._new_offset(tp)
+        return offset
 
     async def _read_dropped_tails(self) -> None:
         """Read again what the client fetched for a partition but was never delivered.
@@ -109,11 +152,10 @@ class BatchedConsumer(aiokafka.Consumer):
             return
         read_offset = self._read_offset
         for tp in list(self._get_active_partitions()):
-            last = read_offset.get(tp)
+            expected = self._next_expected(tp)
             state = assignment.state_value(tp)
-            if last is None or state is None or not state.has_valid_position:
+            if expected is None or state is None or not state.has_valid_position:
                 continue
-            expected = last if tp in self._seeked else last + 1
             if state.position <= expected or not self.app.topics.acks_enabled_for(tp.topic):
                 continue
             if self._probed.get(tp) != expected:
@@ -160,21 +202,22 @@ class BatchedConsumer(aiokafka.Consumer):
             if tp in reread:
                 continue  # this partition is read again from an earlier offset
             offset = message.offset
-            last = read_offset[tp]
-            if last is not None and offset < last:
+            expected = self._next_expected(tp)
+            if expected is not None and offset < expected:
                 continue  # already delivered (a fetch repeated after a seek)
-            if last and offset - last > 1 and acks_enabled_for(message.topic):
-                if self._probed.get(tp) != last:
-                    # Offsets last+1..offset-1 were fetched but never delivered: Faust drops
-                    # what it fetched for partitions it paused while a rebalance began.
-                    # Acking them as a gap would lose them: read them again instead.
-                    self._probed[tp] = last
+            if expected is not None and offset > expected and acks_enabled_for(message.topic):
+                if self._probed.get(tp) != expected:
+                    # Offsets expected..offset-1 were fetched but never delivered: Faust
+                    # drops what it fetched for partitions it paused while a rebalance
+                    # began, also the first record after a seek. Acking them as a gap
+                    # would lose them: read them again instead.
+                    self._probed[tp] = expected
                     reread.add(tp)
-                    await self._seek(tp, last + 1)
+                    await self._seek(tp, expected)
                     continue
                 # Read again and still missing: offsets that never arrive (transaction
                 # markers, compaction) are acked.
-                await self._add_gap(tp, last + 1, offset)
+                await self._add_gap(tp, expected, offset - 1)
             if self._commit_every is not None and self._n_acked >= self._commit_every:
                 self._n_acked = 0
                 await self.commit()
