@@ -48,9 +48,9 @@ class ProcessorMetrics:
         self.registry = registry or CollectorRegistry()
         self.events = Counter(
             "sluice_processor_events_total",
-            "Events by destination and outcome: routed (records written), filtered, dropped"
-            " (by a transform), failed (to the DLQ); rejected, unrouted and flagged (by a tracking"
-            " plan) have no destination.",
+            "Events by destination and outcome: routed (records written), filtered,"
+            " transformed (a transform returned), dropped (by a transform), failed (to the DLQ);"
+            " rejected, unrouted and flagged (by a tracking plan) have no destination.",
             ["destination", "outcome"],
             registry=self.registry,
         )
@@ -259,6 +259,7 @@ def _count(metrics: ProcessorMetrics, routed: Routed) -> None:
     for outcome, counts in (
         ("routed", routed.delivered),
         ("filtered", routed.filtered),
+        ("transformed", routed.transformed),
         ("dropped", routed.dropped),
         ("failed", routed.failed),
     ):

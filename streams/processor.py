@@ -47,6 +47,8 @@ class Routed:
     )
     delivered: dict[str, int] = field(default_factory=dict)
     filtered: dict[str, int] = field(default_factory=dict)
+    # Events a destination's transform returned from (with one event, a list or None).
+    transformed: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
@@ -190,6 +192,7 @@ class Router:
             out.outputs.setdefault(route.dlq, []).append((rec.key, rec.value, headers))
             _bump(out.failed, route.destination)
             return
+        _bump(out.transformed, route.destination)
         if not values:
             _bump(out.dropped, route.destination)
         for value in values:

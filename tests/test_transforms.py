@@ -91,6 +91,7 @@ def test_a_fan_out_transform_writes_both_records() -> None:
     assert orjson.loads(events[1]["properties"])["copied"] is True
     assert "copied" not in orjson.loads(events[0]["properties"])
     assert routed.delivered == {"d": 6}
+    assert routed.transformed == {"d": 3}
     assert routed.filtered == {"d": 2}
 
 
@@ -102,6 +103,7 @@ def test_a_dropping_transform_counts_what_it_dropped() -> None:
     assert [e["event_id"] for e in events] == ["t1", "t2", "t3", "i1"]
     assert events[0]["event"] == "ORDER COMPLETED"
     assert routed.dropped == {"d": 1}
+    assert routed.transformed == {"d": 5}
     assert routed.delivered == {"d": 4}
 
 
@@ -131,6 +133,7 @@ def test_a_failing_transform_sends_the_event_to_the_dlq_with_the_traceback(
         MESSAGES.index(next(m for m in MESSAGES if m["messageId"] == failing[0]))
     )
     assert routed.failed == {"d": len(failing)}
+    assert routed.transformed.get("d", 0) == len(MESSAGES) - len(failing)
     assert routed.delivered.get("d", 0) == len(MESSAGES) - len(failing)
 
 
