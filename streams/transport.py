@@ -179,7 +179,7 @@ class BatchedConsumer(aiokafka.Consumer):
         for tp, messages in pending.items():
             channels = index.get(tp)
             if not channels:
-                continue
+                continue  # no longer assigned here: its new owner reads it from the commit
             if len(channels) > 1:
                 for message in messages:
                     message.incref(len(channels))
