@@ -91,7 +91,8 @@ class WorkerSettings(BaseSettings):
     batch_within_s: float = 0.1
     produce_timeout_s: float = 30.0
     data_dir: Path = Path(".sluice") / "worker"
-    # Prometheus metrics of the worker at http://127.0.0.1:<port>/metrics (0: off).
+    # Prometheus metrics of the worker at http://<metrics_host>:<port>/metrics (0: off).
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     log_level: str = "WARNING"
     # exactly_once: each batch's outputs and input offsets in one Kafka transaction per

@@ -382,7 +382,9 @@ def run(
     register(app, settings, kafka, router, metrics, follower.wait_current)
     if settings.metrics_port:
         try:
-            start_http_server(settings.metrics_port, "127.0.0.1", registry=metrics.registry)
+            start_http_server(
+                settings.metrics_port, settings.metrics_host, registry=metrics.registry
+            )
         except OSError as exc:
             # A second worker on the same host: it runs, its metrics need another port.
             log.warning("metrics port taken; set SLUICE_WORKER_METRICS_PORT", error=str(exc))

@@ -61,3 +61,16 @@ def test_sluice_services_reach_the_broker_and_warehouse_by_service_name() -> Non
         assert services[name]["depends_on"]
     assert services["sink"]["environment"]["SLUICE_WAREHOUSE_DSN"] == "http://clickhouse:8123"
     assert services["gateway"]["environment"]["SLUICE_GATEWAY_HOST"] == "0.0.0.0"
+
+
+def test_prometheus_scrapes_every_sluice_role_on_an_address_it_can_reach() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    scrape = yaml.safe_load(compose["configs"]["prometheus"]["content"])["scrape_configs"]
+    targets = {t for job in scrape for conf in job["static_configs"] for t in conf["targets"]}
+    assert targets == {"gateway:8080", "sink:8124", "deliver:8125", "worker:9464"}
+    env = {name: s.get("environment") or {} for name, s in compose["services"].items()}
+    # Each listens on all interfaces: 127.0.0.1 inside a container is unreachable from others.
+    assert env["gateway"]["SLUICE_GATEWAY_HOST"] == "0.0.0.0"
+    assert env["sink"]["SLUICE_WAREHOUSE_QUERY_HOST"] == "0.0.0.0"
+    assert env["deliver"]["SLUICE_DELIVERY_HOST"] == "0.0.0.0"
+    assert env["worker"]["SLUICE_WORKER_METRICS_HOST"] == "0.0.0.0"
