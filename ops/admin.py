@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import (
@@ -33,9 +35,17 @@ class TopicChange:
     detail: str = ""
 
 
+# librdkafka logs every failed connection attempt; an admin call that cannot reach the
+# broker raises, and the caller names the failure in one line instead.
+_QUIET = logging.getLogger("sluice.admin.librdkafka")
+_QUIET.setLevel(logging.CRITICAL)
+_QUIET.propagate = False
+
+
 def admin_client(kafka: KafkaSettings) -> AdminClient:
     """An admin client for the configured cluster."""
-    return AdminClient(kafka.client_config())
+    config: dict[str, Any] = {**kafka.client_config(), "logger": _QUIET}
+    return AdminClient(config)
 
 
 def apply_topics(

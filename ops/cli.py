@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +14,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ops.config import PipelineConfig, load_config
-from ops.console import fail, iso_ms
+from ops.console import fail, iso_ms, say_error
 from ops.settings import (
     AppSettings,
     DeliverySettings,
@@ -365,7 +366,12 @@ _mount_bench()
 
 def main() -> None:
     """Entry point of the `sluice` console script."""
-    app()
+    try:
+        app()
+    except SluiceError as exc:
+        # Commands name their own failures; this catches one that a command did not.
+        say_error(str(exc))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,14 @@ import typer
 from rich.console import Console
 
 
-def fail(reason: str) -> NoReturn:
-    """Print a one-line reason to stderr and exit with status 1."""
+def say_error(reason: str) -> None:
+    """Print a one-line reason to stderr."""
     Console(stderr=True).print(f"[red]error:[/red] {reason}", highlight=False, soft_wrap=True)
+
+
+def fail(reason: str) -> NoReturn:
+    """Print a one-line reason to stderr and exit with status 1 (inside a command)."""
+    say_error(reason)
     raise typer.Exit(1)
 
 

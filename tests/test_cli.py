@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from ops.cli import app
+from ops.admin import TopicError
+from ops.cli import app, main
 from ops.kafka_broker import (
     BrokerError,
     log_recovery,
@@ -46,6 +48,21 @@ def test_sql_without_a_sink_fails_with_one_line(monkeypatch: pytest.MonkeyPatch)
     assert result.exit_code == 1
     assert "no sink answers" in result.output
     assert "Traceback" not in result.output
+
+
+def test_an_error_a_command_does_not_catch_still_fails_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unreachable(*_args: object, **_kwargs: object) -> None:
+        raise TopicError("cannot reach Kafka at 127.0.0.1:1: connection refused")
+
+    monkeypatch.setattr("ops.admin.apply_topics", unreachable)
+    monkeypatch.setattr(sys, "argv", ["sluice", "bench", "processor", "--events", "10"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: cannot reach Kafka at 127.0.0.1:1: connection refused"
 
 
 def test_invalid_config_fails_with_the_reason(tmp_path: Path) -> None:
