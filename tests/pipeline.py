@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -54,6 +55,16 @@ def http_text(url: str, timeout: float = 10) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         body: bytes = resp.read()
         return body.decode()
+
+
+def worker_routed(port: int) -> float:
+    """What a worker's metrics say it routed so far (0 when it has not answered yet)."""
+    try:
+        text = http_text(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    except OSError:
+        return 0.0
+    found = re.search(r'sluice_processor_events_total\{[^}]*outcome="routed"[^}]*\} (\S+)', text)
+    return float(found.group(1)) if found else 0.0
 
 
 @dataclass

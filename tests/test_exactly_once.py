@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ from ops.settings import KafkaSettings
 from ops.traffic import sample_events, send_batches
 from schemas.codec import event_codec
 from tests.conftest import scaled
-from tests.pipeline import http_text, pipeline_with_topics, until
+from tests.pipeline import pipeline_with_topics, until, worker_routed
 
 pytestmark = pytest.mark.integration
 CODEC = event_codec(logical_types=False)
@@ -51,15 +50,6 @@ def _event_ids(kafka: KafkaSettings, topic: str, isolation: str) -> Counter[str]
     return seen
 
 
-def _routed(port: int) -> float:
-    try:
-        text = http_text(f"http://127.0.0.1:{port}/metrics", timeout=2)
-    except OSError:
-        return 0.0
-    found = re.search(r'sluice_processor_events_total\{[^}]*outcome="routed"[^}]*\} (\S+)', text)
-    return float(found.group(1)) if found else 0.0
-
-
 async def test_a_worker_killed_mid_transaction_leaves_no_duplicate(
     broker: str, prefix: str, tmp_path: Path
 ) -> None:
@@ -90,7 +80,7 @@ async def test_a_worker_killed_mid_transaction_leaves_no_duplicate(
 
     try:
         loader = asyncio.create_task(load())
-        await until(lambda: _routed(pipe.worker_metrics_port) > 100, 90, "the worker routing")
+        await until(lambda: worker_routed(pipe.worker_metrics_port) > 100, 90, "the worker routing")
         # Freeze the worker. If its records on the output topic stay invisible to
         # read_committed while it is frozen, a transaction is open, not just committing:
         # kill it there. Otherwise let it go on and try again a moment later.

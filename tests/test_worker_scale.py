@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import time
 
@@ -13,19 +12,9 @@ import pytest
 from ops.services import Service
 from ops.traffic import sample_events, send_batches
 from tests.conftest import scaled
-from tests.pipeline import Pipeline, free_port, http_text
+from tests.pipeline import Pipeline, free_port, worker_routed
 
 pytestmark = pytest.mark.integration
-
-
-def _routed(port: int) -> float:
-    """What a worker's metrics say it routed so far (0 when it has not answered yet)."""
-    try:
-        text = http_text(f"http://127.0.0.1:{port}/metrics", timeout=2)
-    except OSError:
-        return 0.0
-    found = re.search(r'sluice_processor_events_total\{[^}]*outcome="routed"[^}]*\} (\S+)', text)
-    return float(found.group(1)) if found else 0.0
 
 
 async def test_two_workers_share_the_load_and_a_killed_one_loses_nothing(
@@ -59,11 +48,11 @@ async def test_two_workers_share_the_load_and_a_killed_one_loses_nothing(
         deadline = time.monotonic() + 90
         while sent < count // 2 and time.monotonic() < deadline:
             await send(min(sent + 100, count // 2))
-            if _routed(pipeline.worker_metrics_port) > 0 and _routed(second_port) > 0:
+            if worker_routed(pipeline.worker_metrics_port) > 0 and worker_routed(second_port) > 0:
                 break
             await asyncio.sleep(0.5)
-        first_routed = _routed(pipeline.worker_metrics_port)
-        second_routed = _routed(second_port)
+        first_routed = worker_routed(pipeline.worker_metrics_port)
+        second_routed = worker_routed(second_port)
         assert first_routed > 0, "the first worker routed nothing"
         assert second_routed > 0, "the second worker routed nothing"
 
