@@ -7,10 +7,10 @@ nothing here is a module-level global.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class KafkaSettings(BaseSettings):
@@ -79,6 +79,37 @@ class RegistrySettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8081
+    # Writes (register a schema, set a compatibility level, anything that is not a read)
+    # need HTTP Basic auth with these; reads stay open, as in Confluent's registry.
+    # Without a password no write is accepted at all (403): never anonymous writes.
+    write_user: str = "sluice"
+    write_password: SecretStr | None = None
+
+
+class TransformSettings(BaseSettings):
+    """Where the destination transforms a config names may be imported from."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_TRANSFORM_", frozen=True)
+
+    # Allowed module prefixes, comma-separated in SLUICE_TRANSFORM_MODULES: `transforms`
+    # allows the module `transforms` and everything under it (`transforms.crm`). A config
+    # naming any other module is refused; nothing is imported to find that out.
+    modules: Annotated[tuple[str, ...], NoDecode] = ("transforms",)
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    def allows(self, module: str) -> bool:
+        """Whether `module` is one of the allowed modules or lies under one."""
+        for prefix in self.modules:
+            base = prefix.rstrip(".")
+            if base and (module == base or module.startswith(base + ".")):
+                return True
+        return False
 
 
 class WorkerSettings(BaseSettings):
@@ -132,6 +163,37 @@ class DeliverySettings(BaseSettings):
     port: int = 8125
     # Each destination is delivered by the consumer group `<consumer_group>-<destination>`.
     consumer_group: str = "sluice-delivery"
+    # `${NAME}` in a webhook's URL, headers and auth expands only names that start with
+    # this prefix (empty: none do), or that the destination lists in `secrets`; anything
+    # else refuses the config. Every process checks configs: set it alike on all of them.
+    secret_prefix: str = "SLUICE_SECRET_"
+    # Names a destination's `secrets` may never list (comma-separated prefixes): Sluice's
+    # own settings and the usual cloud and platform credentials.
+    secret_denied_prefixes: str = (
+        "SLUICE_,AWS_,AZURE_,ARM_,GOOGLE_,GCP_,GCLOUD_,CLOUDSDK_,KUBE,DOCKER_,GITHUB_,"
+        "GITLAB_,CI_,VAULT_,KAFKA_,CLICKHOUSE_,PG,MYSQL_,REDIS_"
+    )
+    # Refuse webhook targets (the URL's address, every address its name resolves to when
+    # connecting, and redirect targets) that are loopback, private, link-local (cloud
+    # metadata), multicast, unspecified or reserved. Off by default for the local demo,
+    # whose webhooks post to 127.0.0.1; docker-compose turns it on.
+    block_private_targets: bool = False
+
+    def secret_refusal(self, name: str, listed: tuple[str, ...]) -> str | None:
+        """Why `${name}` may not be expanded for a destination listing `listed` (None: it may)."""
+        if name in env_names():
+            return "it is a Sluice setting"
+        if self.secret_prefix and name.startswith(self.secret_prefix):
+            return None
+        if name not in listed:
+            return (
+                f"only names starting with {self.secret_prefix!r} or listed in the"
+                " destination's `secrets` are expanded"
+            )
+        denied = [p.strip() for p in self.secret_denied_prefixes.split(",") if p.strip()]
+        if any(name.startswith(prefix) for prefix in denied):
+            return "`secrets` may not list it (SLUICE_DELIVERY_SECRET_DENIED_PREFIXES)"
+        return None
 
 
 class AppSettings(BaseSettings):
@@ -147,6 +209,8 @@ ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     KafkaSettings,
     BrokerSettings,
     GatewaySettings,
+    RegistrySettings,
+    TransformSettings,
     WorkerSettings,
     WarehouseSettings,
     DeliverySettings,

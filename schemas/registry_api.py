@@ -5,17 +5,25 @@ Enough of it for Confluent's clients (`SchemaRegistryClient`, `AvroSerializer`,
 register and look up, compatibility checks and levels. Errors are Confluent's JSON
 bodies (`error_code`, `message`). Writes and the blocking log reads run in a thread so
 that the event loop keeps serving.
+
+Reads are open, as in Confluent's registry; a write (any request that is not a read)
+needs HTTP Basic auth with `SLUICE_REGISTRY_WRITE_USER`/`_PASSWORD`, which Confluent's
+clients send from `basic.auth.user.info`. With no password configured, writes are off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ops.settings import KafkaSettings, RegistrySettings
 from schemas.registry import RegistryError, SchemaRegistry
@@ -29,6 +37,72 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type=CONTENT_TYPE)
+
+
+# Requests other than GET/HEAD that change nothing: a look-up and a compatibility check.
+_READ_POSTS = frozenset(
+    {"/subjects/{subject}", "/compatibility/subjects/{subject}/versions/{version}"}
+)
+_CHALLENGE = {"WWW-Authenticate": 'Basic realm="sluice-registry", charset="UTF-8"'}
+
+
+def _is_read(request: web.Request) -> bool:
+    if request.method in ("GET", "HEAD"):
+        return True
+    resource = request.match_info.route.resource
+    return request.method == "POST" and resource is not None and resource.canonical in _READ_POSTS
+
+
+def _basic_credentials(header: str) -> tuple[bytes, bytes] | None:
+    """User and password of an `Authorization: Basic …` header; None when it is not one."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, sep, password = decoded.partition(b":")
+    return (user, password) if sep else None
+
+
+def write_guard(settings: RegistrySettings) -> Middleware:
+    """Middleware: reads pass; a write needs the configured Basic credentials."""
+    user = settings.write_user.encode()
+    password = (
+        settings.write_password.get_secret_value().encode() if settings.write_password else None
+    )
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if _is_read(request):
+            return await handler(request)
+        if password is None:
+            return _json(
+                {
+                    "error_code": 40301,
+                    "message": "Writes to this registry are disabled: "
+                    "set SLUICE_REGISTRY_WRITE_PASSWORD to allow them.",
+                },
+                403,
+            )
+        given = _basic_credentials(request.headers.get("Authorization", ""))
+        # Both compared in constant time, and both always: no early exit on the user.
+        ok_user = hmac.compare_digest(given[0] if given else b"", user)
+        ok_password = hmac.compare_digest(given[1] if given else b"", password)
+        if given is None or not (ok_user & ok_password):
+            response = _json(
+                {
+                    "error_code": 401,
+                    "message": "Unauthorized: registry writes need HTTP Basic credentials.",
+                },
+                401,
+            )
+            response.headers.update(_CHALLENGE)
+            return response
+        return await handler(request)
+
+    return guard
 
 
 @web.middleware
@@ -178,9 +252,9 @@ def _registry_ctx(kafka: KafkaSettings) -> Callable[[web.Application], AsyncIter
     return ctx
 
 
-def create_app(kafka: KafkaSettings) -> web.Application:
+def create_app(settings: RegistrySettings, kafka: KafkaSettings) -> web.Application:
     """The registry's HTTP app; it reads the schema log before it serves."""
-    app = web.Application(client_max_size=1024 * 1024, middlewares=[_errors])
+    app = web.Application(client_max_size=1024 * 1024, middlewares=[_errors, write_guard(settings)])
     app.cleanup_ctx.append(_registry_ctx(kafka))
     app.router.add_get("/schemas/ids/{id}", get_schema)
     app.router.add_get("/schemas/ids/{id}/versions", get_schema_versions)
@@ -201,8 +275,10 @@ def create_app(kafka: KafkaSettings) -> web.Application:
 
 def run(settings: RegistrySettings, kafka: KafkaSettings) -> None:
     """Serve until SIGTERM/SIGINT."""
+    if settings.write_password is None:
+        log.warning("registry writes are off: SLUICE_REGISTRY_WRITE_PASSWORD is not set")
     web.run_app(
-        create_app(kafka),
+        create_app(settings, kafka),
         host=settings.host,
         port=settings.port,
         access_log=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import urllib.error
@@ -100,6 +101,11 @@ def test_invalid_schemas_are_refused_with_a_reason(text: str, code: int) -> None
     assert refused.value.status == 422
 
 
+# The registry's write credential in these tests, as `basic.auth.user.info` carries it.
+WRITER = ("schemas-ci", "s3cret-for-tests")
+USER_INFO = ":".join(WRITER)
+
+
 @pytest.fixture
 def registry(kafka: KafkaSettings, tmp_path: Path) -> Iterator[tuple[str, Service, dict[str, str]]]:
     cfg = parse_config(
@@ -112,6 +118,8 @@ def registry(kafka: KafkaSettings, tmp_path: Path) -> Iterator[tuple[str, Servic
         "SLUICE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
         "SLUICE_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
         "SLUICE_REGISTRY_PORT": str(port),
+        "SLUICE_REGISTRY_WRITE_USER": WRITER[0],
+        "SLUICE_REGISTRY_WRITE_PASSWORD": WRITER[1],
     }
     service = Service("registry", tmp_path)
     url = f"http://127.0.0.1:{port}"
@@ -140,32 +148,129 @@ def test_confluent_clients_use_it(
     registry: tuple[str, Service, dict[str, str]], kafka: KafkaSettings
 ) -> None:
     url, service, env = registry
-    with SchemaRegistryClient({"url": url}) as client:
+    with SchemaRegistryClient({"url": url, "basic.auth.user.info": USER_INFO}) as client:
         second = _use_registry(client, kafka)
     assert _error(f"{url}/subjects/nope/versions") == (404, 40401)
-    assert _error(f"{url}/subjects/x/versions", {"schema": "{oops"}) == (422, 42201)
+    assert _error(f"{url}/subjects/x/versions", {"schema": "{oops"}, auth=WRITER) == (422, 42201)
     assert _error(f"{url}/schemas/ids/999") == (404, 40403)
-    assert _error(f"{url}/config", {"compatibility": "SOMETIMES"}, "PUT") == (422, 42203)
+    assert _error(f"{url}/config", {"compatibility": "SOMETIMES"}, "PUT", WRITER) == (422, 42203)
     # Restarted, the registry rebuilds the same ids and versions from its log.
     service.stop()
     _start(service, env, url)
-    with SchemaRegistryClient({"url": url}) as again:
+    with SchemaRegistryClient({"url": url, "basic.auth.user.info": USER_INFO}) as again:
         assert again.get_versions("orders-value") == [1, 2]
         assert again.get_schema(second).schema_str == json.dumps(V2, separators=(",", ":"))
         assert again.register_schema("orders-value", Schema(json.dumps(V2), "AVRO")) == second
 
 
-def _error(url: str, body: Any = None, method: str | None = None) -> tuple[int, int]:
-    """The HTTP status and Confluent error code of a request that must fail."""
+def _error(
+    url: str,
+    body: Any = None,
+    method: str | None = None,
+    auth: tuple[str, str] | None = None,
+    challenge: list[str] | None = None,
+) -> tuple[int, int]:
+    """The HTTP status and Confluent error code of a request that must fail.
+
+    With `challenge`, the response's `WWW-Authenticate` header is appended to it.
+    """
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+    if auth is not None:
+        req.add_header("Authorization", basic_auth(*auth))
     try:
         urllib.request.urlopen(req, timeout=10).close()
     except urllib.error.HTTPError as exc:
         with exc:
+            if challenge is not None:
+                challenge.append(exc.headers.get("WWW-Authenticate", ""))
             return exc.code, json.loads(exc.read())["error_code"]
     pytest.fail(f"{url} did not fail")
+
+
+def basic_auth(user: str, password: str) -> str:
+    """An `Authorization` header value for HTTP Basic auth."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.integration
+def test_writes_need_the_credential(
+    registry: tuple[str, Service, dict[str, str]], kafka: KafkaSettings
+) -> None:
+    url, _service, _env = registry
+    with SchemaRegistryClient({"url": url, "basic.auth.user.info": USER_INFO}) as writer:
+        first = writer.register_schema("orders-value", Schema(json.dumps(V1), "AVRO"))
+    v2 = {"schema": json.dumps(V2)}
+    wrong = (WRITER[0], WRITER[1] + "x")
+    writes: list[tuple[str, Any, str]] = [
+        (f"{url}/subjects/orders-value/versions", v2, "POST"),
+        (f"{url}/subjects/fresh-value/versions", v2, "POST"),
+        (f"{url}/config", {"compatibility": "NONE"}, "PUT"),
+        (f"{url}/config/orders-value", {"compatibility": "NONE"}, "PUT"),
+        (f"{url}/subjects/orders-value", None, "DELETE"),
+        (f"{url}/subjects/orders-value/versions/1", None, "DELETE"),
+        (f"{url}/mode", {"mode": "IMPORT"}, "PUT"),
+    ]
+    for auth in (None, wrong, ("someone", WRITER[1]), ("", "")):
+        for target, body, method in writes:
+            challenge: list[str] = []
+            assert _error(target, body, method, auth, challenge) == (401, 401), (target, auth)
+            assert challenge == ['Basic realm="sluice-registry", charset="UTF-8"']
+    # Confluent's client without credentials, and with wrong ones: refused, not retried.
+    for conf in ({"url": url}, {"url": url, "basic.auth.user.info": ":".join(wrong)}):
+        with SchemaRegistryClient(conf) as anonymous:
+            with pytest.raises(SchemaRegistryError) as refused:
+                anonymous.register_schema("orders-value", Schema(json.dumps(V2), "AVRO"))
+            assert refused.value.http_status_code == 401
+            with pytest.raises(SchemaRegistryError) as refused:
+                anonymous.set_compatibility("orders-value", "NONE")
+            assert refused.value.http_status_code == 401
+            # Reads stay open.
+            assert anonymous.get_versions("orders-value") == [1]
+            assert anonymous.get_schema(first).schema_str == json.dumps(V1, separators=(",", ":"))
+            no_default = Schema(json.dumps(NO_DEFAULT), "AVRO")
+            assert anonymous.test_compatibility("orders-value", no_default) is False
+    # Nothing changed: one version, no new subject, the default level.
+    with SchemaRegistryClient({"url": url}) as reader:
+        envelope = f"{kafka.topic_prefix}.events.ingest-value"
+        assert set(reader.get_subjects()) == {"orders-value", envelope}
+        assert reader.get_versions("orders-value") == [1]
+        assert reader.get_compatibility() == "BACKWARD"
+    # With the credential, the same writes work.
+    with SchemaRegistryClient({"url": url, "basic.auth.user.info": USER_INFO}) as writer:
+        assert writer.set_compatibility("orders-value", "NONE") == {"compatibility": "NONE"}
+        second = writer.register_schema("orders-value", Schema(json.dumps(NO_DEFAULT), "AVRO"))
+        assert writer.get_versions("orders-value") == [1, 2]
+        assert second != first
+
+
+@pytest.mark.integration
+def test_without_a_configured_password_nothing_may_write(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    apply_topics(required_topics(parse_config("sources: []"), kafka), kafka)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    service = Service("registry", tmp_path)
+    _start(
+        service,
+        {
+            "SLUICE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "SLUICE_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+            "SLUICE_REGISTRY_PORT": str(port),
+        },
+        url,
+    )
+    try:
+        body = {"schema": json.dumps(V1)}
+        for auth in (None, ("sluice", ""), WRITER):
+            assert _error(f"{url}/subjects/o-value/versions", body, "POST", auth) == (403, 40301)
+        with SchemaRegistryClient({"url": url}) as reader:
+            assert "o-value" not in reader.get_subjects()
+            assert reader.get_schema(1).schema_str is not None  # the envelope, registered
+    finally:
+        service.stop()
 
 
 def _use_registry(client: SchemaRegistryClient, kafka: KafkaSettings) -> int:
