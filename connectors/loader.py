@@ -3,6 +3,12 @@
 Every insert of a batch carries a token derived from the batch's offset range, so loading
 the same batch again (after a crash) changes nothing. New properties become columns;
 a value that does not fit its column's type is recorded in `discards`, not lost.
+
+Two limits keep a hostile or careless source from exploding the warehouse: a source
+writes into at most `max_event_tables` distinct track-event tables (the tables it has
+are kept in `_sluice_event_tables`), and a table gets at most `max_columns` columns.
+Past them an event still lands in the raw table and `tracks`; what did not fit (the
+event table's row, the property's value) is recorded in `discards` with the reason.
 """
 
 from __future__ import annotations
@@ -24,6 +30,13 @@ from connectors.clickhouse import (
     table_ddl,
 )
 from connectors.layout import TableRows, infer_type, layout_rows
+
+EVENT_TABLES = "_sluice_event_tables"
+EVENT_TABLES_COLUMNS = (
+    ("source_id", "String"),
+    ("table_name", "String"),
+    ("added_at", "DateTime64(3, 'UTC') DEFAULT now64(3)"),
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,12 @@ class LoadResult:
     rows: int = 0
     tables: int = 0
     new_columns: int = 0
+    # Values that did not fit their column's type, or met another key's column.
     discarded: int = 0
+    # Track events kept out of their event table: their source has `max_event_tables`.
+    overflow_tables: int = 0
+    # Property values kept out of a table that has `max_columns` columns.
+    overflow_columns: int = 0
 
 
 # Python types that fit a column type as they are; other values are converted or discarded.
@@ -77,14 +95,39 @@ def _convert(value: Any, base: str) -> tuple[bool, Any]:
 class Loader:
     """Creates tables and columns as needed and inserts batches idempotently."""
 
-    def __init__(self, warehouse: Warehouse, table_prefix: str = "") -> None:
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        table_prefix: str = "",
+        max_event_tables: int | None = None,
+        max_columns: int | None = None,
+    ) -> None:
         self.warehouse = warehouse
         self.prefix = table_prefix
+        settings = warehouse.settings
+        self.max_event_tables = (
+            settings.max_event_tables if max_event_tables is None else max_event_tables
+        )
+        self.max_columns = settings.max_columns if max_columns is None else max_columns
         self._columns: dict[str, dict[str, str]] = {}
+        # Raw tables (without the prefix) that no event table may be.
+        self._raw: set[str] = set()
+        # Source id -> the event tables it writes into (read from the warehouse once).
+        self._event_tables: dict[str, set[str]] = {}
 
     def prepare(self, events_table: str) -> None:
         """Create the raw events table and the bookkeeping tables."""
         self.warehouse.ensure_table(events_table)
+        if events_table.startswith(self.prefix):
+            self._raw.add(events_table.removeprefix(self.prefix))
+        self.warehouse.command(
+            table_ddl(
+                self.prefix + EVENT_TABLES,
+                EVENT_TABLES_COLUMNS,
+                "(source_id, table_name)",
+                replacing=False,
+            )
+        )
         self.warehouse.command(
             table_ddl(OFFSETS_TABLE, OFFSETS_COLUMNS, "(topic, partition, first)", replacing=False)
         )
@@ -107,9 +150,16 @@ class Loader:
             result.tables += 1
         if layout and batch.events:
             discards: list[list[Any]] = []
-            for table, rows in sorted(layout_rows(batch.events).items()):
+            tables = layout_rows(batch.events, frozenset(self._raw))
+            self._limit_event_tables(tables, batch.token, discards, result)
+            for table, rows in sorted(tables.items()):
                 name = self.prefix + table
-                names, cols, added = self._columns_for(name, rows, discards)
+                for column, value, row_id, received_at, reason in rows.lost:
+                    discards.append(
+                        [name, column, "", _text(value), str(row_id), received_at, reason]
+                    )
+                    result.discarded += 1
+                names, cols, added = self._columns_for(name, rows, discards, result)
                 self.warehouse.insert(name, names, cols, f"{batch.token}:{name}")
                 result.rows += len(rows.rows)
                 result.tables += 1
@@ -119,7 +169,6 @@ class Loader:
                 cols = [list(c) for c in zip(*discards, strict=True)]
                 names = [n for n, _ in DISCARDS_COLUMNS]
                 self.warehouse.insert(table, names, cols, f"{batch.token}:{table}")
-                result.discarded = len(discards)
         self.warehouse.insert(
             OFFSETS_TABLE,
             ["topic", "partition", "first", "last"],
@@ -127,6 +176,78 @@ class Loader:
             f"{batch.token}:offsets",
         )
         return result
+
+    def _tables_of(self, source: str) -> set[str]:
+        tables = self._event_tables.get(source)
+        if tables is None:
+            # A string literal with its quote and escape characters escaped.
+            quoted = source.replace("\\", "\\\\").replace("'", "\\'")
+            found = self.warehouse.query(
+                f"SELECT DISTINCT table_name FROM `{self.prefix}{EVENT_TABLES}` "  # noqa: S608
+                f"WHERE source_id = '{quoted}'"
+            )
+            tables = self._event_tables[source] = {str(r[0]) for r in found.rows}
+        return tables
+
+    def _limit_event_tables(
+        self,
+        tables: dict[str, TableRows],
+        token: str,
+        discards: list[list[Any]],
+        result: LoadResult,
+    ) -> None:
+        """Keep each source within `max_event_tables`; the rest to `discards`.
+
+        Decided in the batch's order from the tables recorded before it, so loading the
+        same batch again decides the same; the tables a batch adds are recorded (with the
+        batch's token) before any of its rows are inserted.
+        """
+        added: dict[str, list[str]] = {}
+        for table, rows in list(tables.items()):
+            if not rows.event:
+                continue
+            kept: list[dict[str, Any]] = []
+            for row in rows.rows:
+                source = str(row["source_id"])
+                have = self._tables_of(source)
+                new = added.setdefault(source, [])
+                if table in have or table in new:
+                    kept.append(row)
+                elif len(have) + len(new) < self.max_event_tables:
+                    new.append(table)
+                    kept.append(row)
+                else:
+                    result.overflow_tables += 1
+                    discards.append(
+                        [
+                            self.prefix + table,
+                            "",
+                            "",
+                            _text(row.get("event_text")),
+                            str(row["id"]),
+                            row["received_at"],
+                            f"source {source!r} has {self.max_event_tables} event tables "
+                            "(SLUICE_WAREHOUSE_MAX_EVENT_TABLES); the event is in the raw "
+                            "table and tracks only",
+                        ]
+                    )
+            if not kept:
+                del tables[table]
+            elif len(kept) < len(rows.rows):
+                ids = {row["id"] for row in kept}
+                rows.rows = kept
+                rows.lost = [lost for lost in rows.lost if lost[2] in ids]
+        pairs = [(source, table) for source, names in added.items() for table in names]
+        if pairs:
+            name = self.prefix + EVENT_TABLES
+            self.warehouse.insert(
+                name,
+                ["source_id", "table_name"],
+                [[s for s, _ in pairs], [t for _, t in pairs]],
+                f"{token}:{name}",
+            )
+            for source, table in pairs:
+                self._event_tables[source].add(table)
 
     def _known(self, table: str, rows: TableRows) -> dict[str, str]:
         known = self._columns.get(table)
@@ -136,7 +257,7 @@ class Loader:
         return known
 
     def _columns_for(
-        self, table: str, rows: TableRows, discards: list[list[Any]]
+        self, table: str, rows: TableRows, discards: list[list[Any]], result: LoadResult
     ) -> tuple[list[str], list[list[Any]], int]:
         known = self._known(table, rows)
         seen: dict[str, Counter[str]] = {}
@@ -145,11 +266,35 @@ class Loader:
                 if name not in known and value is not None:
                     seen.setdefault(name, Counter())[infer_type(value)] += 1
         new: dict[str, str] = {}
+        room = self.max_columns - len(known)
+        over: set[str] = set()
         for name, kinds in seen.items():
-            if set(kinds) == {"Int64", "Float64"}:
+            if len(new) >= room:
+                over.add(name)
+            elif set(kinds) == {"Int64", "Float64"}:
                 new[name] = "Nullable(Float64)"
             else:
                 new[name] = f"Nullable({kinds.most_common(1)[0][0]})"
+        now = datetime.now(UTC)
+        if over:
+            # First seen, first in: the batch decides the same when it is loaded again.
+            reason = f"table {table} has {self.max_columns} columns (SLUICE_WAREHOUSE_MAX_COLUMNS)"
+            for row in rows.rows:
+                for name, value in row.items():
+                    if name not in over or value is None:
+                        continue
+                    discards.append(
+                        [
+                            table,
+                            name,
+                            "",
+                            _text(value),
+                            str(row.get("id", "")),
+                            row.get("received_at", now),
+                            reason,
+                        ]
+                    )
+                    result.overflow_columns += 1
         if new:
             self.warehouse.add_columns(table, new)
             # Another sink may have added one of them first, with its own type: read back.
@@ -158,7 +303,6 @@ class Loader:
         present.update(name for name, _ in rows.fixed)
         names = [n for n in known if n in present]
         columns: list[list[Any]] = []
-        now = datetime.now(UTC)
         for name in names:
             ctype = known[name]
             fits = _FITS.get(_base(ctype))
@@ -171,6 +315,7 @@ class Loader:
                     continue
                 ok, converted = _convert(value, _base(ctype))
                 if not ok:
+                    result.discarded += 1
                     row = rows.rows[i]
                     discards.append(
                         [
@@ -186,3 +331,8 @@ class Loader:
                 values[i] = converted
             columns.append(values)
         return names, columns, len(new)
+
+
+def _text(value: Any) -> str:
+    """A value as `discards` keeps it: JSON text."""
+    return orjson.dumps(value).decode()

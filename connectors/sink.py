@@ -71,6 +71,14 @@ class SinkMetrics:
             ["destination"],
             registry=self.registry,
         )
+        self.overflow = Counter(
+            "sluice_sink_overflow_total",
+            "What a table limit kept out (recorded in `discards`): track events past a "
+            "source's SLUICE_WAREHOUSE_MAX_EVENT_TABLES (limit=event_tables), property "
+            "values past a table's SLUICE_WAREHOUSE_MAX_COLUMNS (limit=columns).",
+            ["destination", "limit"],
+            registry=self.registry,
+        )
         self.flush_seconds = Histogram(
             "sluice_sink_flush_seconds",
             "Time to insert a batch and commit it.",
@@ -322,6 +330,9 @@ class WarehouseSink:
                     result = self.loader.load(batch, target.table, target.layout)
                     self.metrics.new_columns.labels(target.destination).inc(result.new_columns)
                     self.metrics.discarded.labels(target.destination).inc(result.discarded)
+                    overflow = self.metrics.overflow
+                    overflow.labels(target.destination, "event_tables").inc(result.overflow_tables)
+                    overflow.labels(target.destination, "columns").inc(result.overflow_columns)
                     buf.loaded = _merge([*buf.loaded, (buf.first, buf.last)])
                 self._commit(buf, buf.last + 1, "")
                 break

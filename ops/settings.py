@@ -151,6 +151,12 @@ class WarehouseSettings(BaseSettings):
     # where only one sink process can own the warehouse anyway.
     instance_id: str | None = None
     session_timeout_ms: int = 10_000
+    # Each source writes into at most this many distinct track-event tables; events of
+    # further names land in the raw table and `tracks` only, and in `discards`.
+    max_event_tables: int = 200
+    # A layout table gets at most this many columns; values of further properties go to
+    # `discards` (the event itself still lands).
+    max_columns: int = 500
 
 
 class DeliverySettings(BaseSettings):

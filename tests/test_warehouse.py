@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from connectors.clickhouse import Warehouse
-from connectors.layout import event_table, layout_rows, sql_name
+from connectors.clickhouse import EVENT_COLUMNS, Warehouse
+from connectors.layout import COMMON_COLUMNS, event_table, layout_rows, sql_name
 from connectors.loader import Batch, Loader
 from ops.settings import WarehouseSettings
 
@@ -172,3 +172,217 @@ def test_numbers_that_mix_ints_and_floats_become_floats(
     load.load(_batch(400, events), prefix + "events", layout=True)
     assert warehouse.columns(prefix + "rated")["score"] == "Nullable(Float64)"
     assert warehouse.query(f"SELECT score FROM {prefix}rated ORDER BY id").rows == [[4.0], [4.5]]
+
+
+def _rows(warehouse: Warehouse, sql: str) -> list[list[Any]]:
+    return warehouse.query(sql).rows
+
+
+def _tables(warehouse: Warehouse, prefix: str) -> set[str]:
+    rows = _rows(
+        warehouse,
+        f"SELECT name FROM system.tables WHERE database = currentDatabase() "
+        f"AND startsWith(name, '{prefix}')",
+    )
+    return {str(r[0]).removeprefix(prefix) for r in rows}
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("Заказ оформлен", "Заказ отменён"),
+        ("Заказ отменён", "Заказ отменен"),  # transliterate alike: the hash keeps them apart
+        ("注文完了", "注文取消"),
+        ("注文", "注文!"),
+    ],
+)
+def test_distinct_non_ascii_event_names_get_distinct_readable_tables(
+    warehouse: Warehouse, loader: tuple[Loader, str], first: str, second: str
+) -> None:
+    load, prefix = loader
+    events = [
+        envelope("track", 1, event=first, properties='{"сумма": 10, "金额": 1}'),
+        envelope("track", 2, event=second, properties='{"сумма": 20, "数量": 2}'),
+        envelope("track", 3, event=first, properties='{"Сумма": 30}'),
+    ]
+    load.load(_batch(500, events), prefix + "events", layout=True)
+
+    one, two = event_table(first), event_table(second)
+    assert one != two
+    assert {one, two} <= _tables(warehouse, prefix)
+    assert one.isascii()
+    assert one.split("_")[0] in ("zakaz", "zhu")
+    assert _rows(warehouse, f"SELECT id, event_text FROM {prefix}{one} ORDER BY id") == [
+        ["e1", first],
+        ["e3", first],
+    ]
+    assert _rows(warehouse, f"SELECT id, event_text FROM {prefix}{two}") == [["e2", second]]
+    # Property names likewise: `Сумма` is `сумма` in another case, so the same column.
+    amount, total, count = sql_name("сумма"), sql_name("金额"), sql_name("数量")
+    assert len({amount, total, count}) == 3
+    assert amount.startswith("summa_")
+    assert _rows(warehouse, f"SELECT id, {amount}, {total} FROM {prefix}{one} ORDER BY id") == [
+        ["e1", 10, 1],
+        ["e3", 30, None],
+    ]
+    assert _rows(warehouse, f"SELECT {amount}, {count} FROM {prefix}{two}") == [[20, 2]]
+
+
+def test_case_variants_share_a_table_and_column_and_none_is_overwritten(
+    warehouse: Warehouse, loader: tuple[Loader, str]
+) -> None:
+    load, prefix = loader
+    events = [
+        envelope("track", 1, event="Order Completed", properties='{"userId": "a"}'),
+        envelope("track", 2, event="order completed", properties='{"userid": "b"}'),
+        # One event with both spellings: the first keeps the column, the other is reported.
+        envelope("track", 3, event="ORDER COMPLETED", properties='{"userId": "c", "userid": 7}'),
+    ]
+    load.load(_batch(510, events), prefix + "events", layout=True)
+
+    assert {"order_completed"} == _tables(warehouse, prefix) - {
+        "events",
+        "tracks",
+        "discards",
+        "_sluice_event_tables",
+    }
+    assert _rows(
+        warehouse, f"SELECT id, userid, event_text FROM {prefix}order_completed ORDER BY id"
+    ) == [
+        ["e1", "a", "Order Completed"],
+        ["e2", "b", "order completed"],
+        ["e3", "c", "ORDER COMPLETED"],
+    ]
+    assert _rows(
+        warehouse, f"SELECT table_name, column_name, value, row_id FROM {prefix}discards"
+    ) == [[f"{prefix}order_completed", "userid", "7", "e3"]]
+
+
+@pytest.mark.parametrize("name", ["events", "_sluice_offsets", "discards", "identifies", "Users"])
+def test_an_event_named_like_a_reserved_table_gets_its_own_table(
+    warehouse: Warehouse, loader: tuple[Loader, str], name: str
+) -> None:
+    load, prefix = loader
+    load.load(_batch(520, [envelope("track", 0, event="Signed Up")]), prefix + "events", True)
+    before = {
+        t: _rows(warehouse, f"SELECT count() FROM {prefix}{t}")[0][0]
+        for t in ("events", "tracks", "discards")
+    }
+    props = '{"id": "forged", "received_at": "x", "context_ip": "1.2.3.4", "plan": "pro"}'
+    load.load(
+        _batch(521, [envelope("track", 1, event=name, properties=props)]), prefix + "events", True
+    )
+
+    table = event_table(name)
+    assert table not in {"events", "discards", "_sluice_offsets", "identifies", "users"}
+    assert _rows(warehouse, f"SELECT id, event_text, plan FROM {prefix}{table}") == [
+        ["e1", name, "pro"]
+    ]
+    # Properties named like the event's own columns do not overwrite them.
+    assert _rows(warehouse, f"SELECT id, _id, _received_at, _context_ip FROM {prefix}{table}") == [
+        ["e1", "forged", "x", "1.2.3.4"]
+    ]
+    # The reserved tables got what they get for any track event, nothing else.
+    assert _rows(warehouse, f"SELECT count() FROM {prefix}events")[0][0] == before["events"] + 1
+    assert _rows(warehouse, f"SELECT count() FROM {prefix}tracks")[0][0] == before["tracks"] + 1
+    assert _rows(warehouse, f"SELECT count() FROM {prefix}discards")[0][0] == before["discards"]
+    assert set(warehouse.columns(prefix + "events")) == {n for n, _ in EVENT_COLUMNS} | {
+        "_loaded_at"
+    }
+
+
+def test_an_event_named_like_a_configured_raw_table_does_not_write_into_it(
+    warehouse: Warehouse, loader: tuple[Loader, str]
+) -> None:
+    load, prefix = loader
+    load.prepare(prefix + "audit_events")
+    load.load(_batch(530, [envelope("track", 1, event="Audit Events")]), prefix + "events", True)
+
+    assert _rows(warehouse, f"SELECT count() FROM {prefix}audit_events") == [[0]]
+    assert _rows(warehouse, f"SELECT id FROM {prefix}_audit_events") == [["e1"]]
+
+
+def _limited(warehouse: Warehouse, **limits: int) -> tuple[Loader, str]:
+    prefix = f"t{uuid.uuid4().hex[:8]}_"
+    load = Loader(warehouse, table_prefix=prefix, **limits)
+    load.prepare(prefix + "events")
+    return load, prefix
+
+
+def test_past_the_event_table_limit_events_land_in_events_tracks_and_discards(
+    warehouse: Warehouse,
+) -> None:
+    limit, names = 5, 12
+    load, prefix = _limited(warehouse, max_event_tables=limit)
+    events = [envelope("track", i, event=f"Event {i % names}") for i in range(3 * names)]
+    # Another source has a limit of its own.
+    events += [envelope("track", 100 + i, event=f"Other {i}", source_id="app") for i in range(3)]
+    half = len(events) // 2
+    result = load.load(_batch(600, events[:half]), prefix + "events", layout=True)
+    result2 = load.load(_batch(600 + half, events[half:]), prefix + "events", layout=True)
+
+    web = {f"event_{i}" for i in range(limit)}
+    app = {f"other_{i}" for i in range(3)}
+    assert _tables(warehouse, prefix) == web | app | {
+        "events",
+        "tracks",
+        "discards",
+        "_sluice_event_tables",
+    }
+    ids = {f"e{i}" for i in range(3 * names)} | {f"e{100 + i}" for i in range(3)}
+    for table in ("events", "tracks"):
+        assert {
+            r[0]
+            for r in _rows(
+                warehouse,
+                f"SELECT {'event_id' if table == 'events' else 'id'} FROM {prefix}{table}",
+            )
+        } == ids
+        assert _rows(warehouse, f"SELECT count() FROM {prefix}{table}") == [[len(ids)]]
+    over = [f"e{i}" for i in range(3 * names) if i % names >= limit]
+    assert result.overflow_tables + result2.overflow_tables == len(over)
+    discards = _rows(warehouse, f"SELECT table_name, value, row_id, reason FROM {prefix}discards")
+    assert sorted(r[2] for r in discards) == sorted(over)
+    assert {r[0] for r in discards} == {f"{prefix}event_{i}" for i in range(limit, names)}
+    assert all("SLUICE_WAREHOUSE_MAX_EVENT_TABLES" in r[3] for r in discards)
+    # The limit holds for a new loader (a restarted sink) too: the tables are recorded.
+    again, _ = Loader(warehouse, table_prefix=prefix, max_event_tables=limit), None
+    again.prepare(prefix + "events")
+    later = again.load(
+        _batch(700, [envelope("track", 900, event="Event 0"), envelope("track", 901, event="New")]),
+        prefix + "events",
+        layout=True,
+    )
+    assert later.overflow_tables == 1
+    assert "new" not in _tables(warehouse, prefix)
+    assert _rows(warehouse, f"SELECT id FROM {prefix}event_0 WHERE id = 'e900'") == [["e900"]]
+
+
+def test_past_the_column_limit_properties_go_to_discards_and_events_still_land(
+    warehouse: Warehouse,
+) -> None:
+    load, prefix = _limited(warehouse, max_columns=20)
+    fixed = len(COMMON_COLUMNS) + 2  # the common columns, event and event_text
+    context = len(orjson.loads(envelope("track", 0)["context"]))  # context_library_name
+    room = 20 - fixed - context
+    props = {f"p{i:02d}": i for i in range(30)}
+    events = [
+        envelope("track", i, event="Wide", properties=orjson.dumps(props).decode())
+        for i in range(4)
+    ]
+    result = load.load(_batch(800, events), prefix + "events", layout=True)
+
+    columns = warehouse.columns(prefix + "wide")
+    assert len(columns) == 20
+    kept = [f"p{i:02d}" for i in range(room)]
+    assert [c for c in columns if c.startswith("p")] == kept
+    assert _rows(warehouse, f"SELECT id, {kept[-1]} FROM {prefix}wide ORDER BY id") == [
+        [f"e{i}", room - 1] for i in range(4)
+    ]
+    for table in ("events", "tracks"):
+        assert _rows(warehouse, f"SELECT count() FROM {prefix}{table}") == [[4]]
+    assert result.overflow_columns == 4 * (30 - room)
+    discards = _rows(warehouse, f"SELECT column_name, value, row_id, reason FROM {prefix}discards")
+    assert len(discards) == 4 * (30 - room)
+    assert {r[0] for r in discards} == {f"p{i:02d}" for i in range(room, 30)}
+    assert all("SLUICE_WAREHOUSE_MAX_COLUMNS" in r[3] for r in discards)
