@@ -107,7 +107,7 @@ def redrive_(
     ] = False,
     rate: Annotated[float | None, typer.Option(help="At most this many records a second.")] = None,
 ) -> None:
-    """Send dead letters back to the destination (each at most once), with an audit record."""
+    """Send dead letters back to the destination (each at most once), with audit records."""
     with Progress(console=Console(stderr=True)) as progress:
         task = progress.add_task("redriving", total=None)
         try:
@@ -122,7 +122,14 @@ def redrive_(
         except DlqError as exc:
             fail(str(exc))
     verb = "would redrive" if dry_run else "redrove"
+    if report.recovered:
+        console.print(
+            f"an earlier redrive had sent {report.recovered} records without auditing them: "
+            "found on the destination's topic and "
+            + ("counted as redriven" if dry_run else "audited now")
+        )
     console.print(
         f"{verb} {report.redriven} of {report.matched} matching records "
         f"({report.skipped} already redriven); audit {report.audit['id']}"
+        f" in {report.audit_records} record{'s' if report.audit_records != 1 else ''}"
     )

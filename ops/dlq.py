@@ -2,12 +2,23 @@
 
 A DLQ record keeps the original key and value and says in its headers where it came
 from and why it failed. A redrive produces matching records back onto the
-destination's topic (history headers added) and writes one audit record; records that
-an earlier redrive already sent are skipped, so redriving twice delivers once.
+destination's topic (history headers added) and audits itself on `sluice.dlq.audit`:
+
+1. a `start` record (its id, the filter, the counts and the target topic's end offsets)
+   before it produces anything; nothing is sent if it cannot be written;
+2. the records, each with `sluice.redrive.from` (the DLQ record) and `sluice.redrive.id`;
+3. once Kafka confirmed them, `done` records listing what was sent as offset ranges,
+   split into parts that each fit the audit topic's `max.message.bytes`.
+
+Records that an earlier redrive sent are skipped, so redriving twice delivers once. A
+redrive whose `done` records are missing (it was killed, or the audit write failed) is
+finished by the next one: it reads the target topic from the `start` record's offsets,
+takes the records carrying that redrive's id as sent, and writes their `done` records.
 """
 
 from __future__ import annotations
 
+import bisect
 import getpass
 import socket
 import time
@@ -18,8 +29,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import ConfigResource
 
+from ops.admin import admin_client
 from ops.producer import Headers
 from ops.settings import KafkaSettings
 from ops.topics import Topics
@@ -72,8 +85,16 @@ class DlqFilter:
         return not self.refs or rec.ref in self.refs
 
 
-def read_topic(kafka: KafkaSettings, topic: str, timeout: float = 10.0) -> Iterator[Any]:
-    """Every record of `topic` up to its end now, read without a consumer group's commits."""
+def read_topic(
+    kafka: KafkaSettings,
+    topic: str,
+    timeout: float = 10.0,
+    start: dict[int, int] | None = None,
+) -> Iterator[Any]:
+    """Every record of `topic` up to its end now, read without a consumer group's commits.
+
+    `start` (partition -> offset) skips what comes before those offsets.
+    """
     consumer = Consumer(
         kafka.client_config()
         | {
@@ -89,6 +110,7 @@ def read_topic(kafka: KafkaSettings, topic: str, timeout: float = 10.0) -> Itera
         parts = []
         for p in meta.topics[topic].partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            low = max(low, (start or {}).get(p, low))
             if high > low:
                 parts.append(TopicPartition(topic, p, low))
         if not parts:
@@ -114,6 +136,21 @@ def read_topic(kafka: KafkaSettings, topic: str, timeout: float = 10.0) -> Itera
         consumer.close()
 
 
+def end_offsets(kafka: KafkaSettings, topic: str, timeout: float = 10.0) -> dict[int, int]:
+    """Partition -> the offset the next record of `topic` gets."""
+    consumer = Consumer(kafka.client_config() | {"group.id": f"sluice-reader-{uuid.uuid4().hex}"})
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout)
+        if topic not in meta.topics or meta.topics[topic].error is not None:
+            raise DlqError(f"topic {topic} does not exist")
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+            for p in meta.topics[topic].partitions
+        }
+    finally:
+        consumer.close()
+
+
 def dead_letters(
     kafka: KafkaSettings, destination: str, flt: DlqFilter | None = None
 ) -> list[DeadLetter]:
@@ -135,14 +172,107 @@ def dead_letters(
     return out
 
 
-def redriven_refs(kafka: KafkaSettings, destination: str) -> set[str]:
-    """DLQ records (`partition:offset`) that earlier redrives of `destination` sent."""
-    done: set[str] = set()
+class RefSet:
+    """DLQ records (`partition:offset`) as sorted offset ranges per partition."""
+
+    def __init__(self) -> None:
+        self._ranges: dict[int, list[tuple[int, int]]] = {}
+        self._dirty: set[int] = set()
+
+    def add(self, partition: int, first: int, last: int | None = None) -> None:
+        """Add one offset or the range first..last."""
+        self._ranges.setdefault(partition, []).append((first, first if last is None else last))
+        self._dirty.add(partition)
+
+    def add_text(self, text: str) -> None:
+        """Add `p:o` or `p:a-b` as the audit records write them (junk is ignored)."""
+        part, _, span = text.partition(":")
+        first, _, last = span.partition("-")
+        try:
+            self.add(int(part), int(first), int(last) if last else None)
+        except ValueError:
+            return
+
+    def _merged(self, partition: int) -> list[tuple[int, int]]:
+        ranges = self._ranges.get(partition, [])
+        if partition in self._dirty:
+            merged: list[tuple[int, int]] = []
+            for first, last in sorted(ranges):
+                if merged and first <= merged[-1][1] + 1:
+                    merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+                else:
+                    merged.append((first, last))
+            ranges = self._ranges[partition] = merged
+            self._dirty.discard(partition)
+        return ranges
+
+    def __contains__(self, ref: object) -> bool:
+        if not isinstance(ref, str):
+            return False
+        part, _, offset = ref.partition(":")
+        try:
+            p, o = int(part), int(offset)
+        except ValueError:
+            return False
+        ranges = self._merged(p)
+        i = bisect.bisect_right(ranges, (o, 1 << 62)) - 1
+        return i >= 0 and ranges[i][0] <= o <= ranges[i][1]
+
+    def __len__(self) -> int:
+        return sum(b - a + 1 for p in list(self._ranges) for a, b in self._merged(p))
+
+    def texts(self) -> list[str]:
+        """The ranges as `p:o` / `p:a-b`, partition by partition."""
+        return [
+            f"{p}:{a}" if a == b else f"{p}:{a}-{b}"
+            for p in sorted(self._ranges)
+            for a, b in self._merged(p)
+        ]
+
+
+@dataclass
+class RedriveHistory:
+    """What the audit topic says about the redrives of one destination."""
+
+    done: RefSet = field(default_factory=RefSet)
+    # `start` records of redrives whose `done` records are not all there.
+    unfinished: list[dict[str, Any]] = field(default_factory=list)
+
+
+def redrive_history(kafka: KafkaSettings, destination: str) -> RedriveHistory:
+    """The DLQ records earlier redrives of `destination` sent, and those left unfinished."""
+    history = RedriveHistory()
+    starts: dict[str, dict[str, Any]] = {}
+    parts: dict[tuple[str, str], set[int]] = {}
+    complete: set[str] = set()
     for msg in read_topic(kafka, Topics(kafka.topic_prefix).dlq_audit):
-        audit = orjson.loads(msg.value() or b"{}")
-        if audit.get("destination") == destination and not audit.get("dry_run"):
-            done.update(audit.get("records", []))
-    return done
+        try:
+            audit = orjson.loads(msg.value() or b"{}")
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(audit, dict) or audit.get("destination") != destination:
+            continue
+        if audit.get("dry_run"):
+            continue
+        kind, run = audit.get("kind"), str(audit.get("id"))
+        if kind == "start":
+            starts[run] = audit
+            continue
+        for text in audit.get("records", []):
+            history.done.add_text(str(text))
+        if kind == "done":
+            write = (run, str(audit.get("write")))
+            seen = parts.setdefault(write, set())
+            seen.add(int(audit.get("part", 0)))
+            if len(seen) >= int(audit.get("parts", 1)):
+                complete.add(run)
+    history.unfinished = [a for run, a in starts.items() if run not in complete]
+    return history
+
+
+def redriven_refs(kafka: KafkaSettings, destination: str) -> RefSet:
+    """DLQ records (`partition:offset`) that earlier redrives of `destination` sent."""
+    return redrive_history(kafka, destination).done
 
 
 @dataclass
@@ -152,7 +282,106 @@ class RedriveReport:
     matched: int = 0
     skipped: int = 0
     redriven: int = 0
+    # Records an unfinished earlier redrive had sent, found on the target and recorded.
+    recovered: int = 0
     audit: dict[str, Any] = field(default_factory=dict)
+    # How many audit records this redrive wrote (the `done` record is split to fit).
+    audit_records: int = 0
+
+
+REDRIVE_FROM = "sluice.redrive.from"
+REDRIVE_ID = "sluice.redrive.id"
+# Room left in an audit message for Kafka's record and batch framing and the key.
+_FRAMING = 256
+# What librdkafka refuses to send whatever the topic says (its message.max.bytes).
+_CLIENT_MAX = 1_000_000
+
+
+def audit_limit(kafka: KafkaSettings, timeout: float = 10.0) -> int:
+    """The largest audit record the audit topic takes (its `max.message.bytes`, framing off)."""
+    topic = Topics(kafka.topic_prefix).dlq_audit
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    try:
+        admin = admin_client(kafka)  # held until the answer is in: its end cancels the call
+        configs = admin.describe_configs([resource])[resource].result(timeout)
+        limit = int(configs["max.message.bytes"].value)
+    except (KafkaException, KeyError, ValueError) as exc:
+        raise DlqError(f"cannot read max.message.bytes of {topic}: {exc}") from exc
+    return min(limit, _CLIENT_MAX) - _FRAMING
+
+
+def _parts(audit: dict[str, Any], records: list[str], limit: int) -> list[dict[str, Any]]:
+    """`audit` with `records` spread over as few records as fit in `limit` bytes each."""
+    base = len(orjson.dumps({**audit, "part": 1 << 30, "parts": 1 << 30, "records": []}))
+    chunks: list[list[str]] = [[]]
+    size = base
+    for text in records:
+        cost = len(text) + 3  # the quotes and a comma
+        if base + cost > limit:
+            raise DlqError(f"the audit topic's max.message.bytes is too small ({limit} bytes)")
+        if size + cost > limit:
+            chunks.append([])
+            size = base
+        chunks[-1].append(text)
+        size += cost
+    return [
+        {**audit, "part": i, "parts": len(chunks), "records": chunk}
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+class _Audit:
+    """Writes audit records one at a time, each confirmed before the next step."""
+
+    def __init__(self, kafka: KafkaSettings, producer: Producer, key: bytes) -> None:
+        self.topic = Topics(kafka.topic_prefix).dlq_audit
+        self.producer = producer
+        self.key = key
+        self.limit = audit_limit(kafka) - len(key)
+        self.written = 0
+
+    def write(self, record: dict[str, Any], what: str) -> None:
+        body = orjson.dumps(record)
+        if len(body) > self.limit:
+            raise DlqError(
+                f"the {what} does not fit the audit topic's max.message.bytes "
+                f"({len(body)} > {self.limit} bytes)"
+            )
+        failures: list[str] = []
+        self.producer.produce(
+            self.topic,
+            body,
+            self.key,
+            on_delivery=lambda err, _m: failures.append(err.str()) if err else None,
+        )
+        if self.producer.flush(30) or failures:
+            raise DlqError(f"the {what} was not written: {failures[:1] or 'timeout'}")
+        self.written += 1
+
+    def write_parts(self, audit: dict[str, Any], records: list[str], what: str) -> None:
+        write = str(uuid.uuid4())
+        for part in _parts({**audit, "write": write}, records, self.limit):
+            self.write(part, what)
+
+
+def _sent_by(kafka: KafkaSettings, start: dict[str, Any], dlq: str) -> RefSet:
+    """The DLQ records the redrive of `start` put on its target topic."""
+    found = RefSet()
+    run = str(start["id"]).encode()
+    offsets = {int(p): int(o) for p, o in dict(start.get("target_offsets", {})).items()}
+    for msg in read_topic(kafka, str(start["target"]), start=offsets):
+        headers = dict(msg.headers() or [])
+        origin = (headers.get(REDRIVE_FROM) or b"").decode("utf-8", "replace")
+        if headers.get(REDRIVE_ID) == run and origin.startswith(f"{dlq}:"):
+            found.add_text(origin.removeprefix(f"{dlq}:"))
+    return found
+
+
+def _identity() -> dict[str, Any]:
+    return {
+        "at": datetime.now(UTC).isoformat(),
+        "by": f"{getpass.getuser()}@{socket.gethostname()}",
+    }
 
 
 def redrive(
@@ -163,52 +392,41 @@ def redrive(
     rate: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> RedriveReport:
-    """Send matching DLQ records back to the destination's topic, at most `rate` a second."""
+    """Send matching DLQ records back to the destination's topic, at most `rate` a second.
+
+    Safe to run again after any failure: nothing is sent before the `start` audit record
+    is written, and a redrive that did not write its `done` records is finished (from
+    the target topic's records) by the next run before that run picks what to send.
+    """
     topics = Topics(kafka.topic_prefix)
-    target = topics.destination(destination).main
+    dest = topics.destination(destination)
+    target, dlq = dest.main, dest.dlq
     records = dead_letters(kafka, destination, flt)
-    done = redriven_refs(kafka, destination)
-    todo = [r for r in records if r.ref not in done]
-    report = RedriveReport(matched=len(records), skipped=len(records) - len(todo))
+    history = redrive_history(kafka, destination)
     producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all"})
-    failures: list[str] = []
-
-    def delivered(err: KafkaError | None, _msg: Any) -> None:
-        if err is not None:
-            failures.append(err.str())
-
-    started = time.monotonic()
-    for i, rec in enumerate(todo):
-        if rate:
-            wait = started + i / rate - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
+    audit = _Audit(kafka, producer, destination.encode())
+    report = RedriveReport()
+    for start in history.unfinished:
+        sent = _sent_by(kafka, start, dlq)
+        report.recovered += len(sent)
+        for text in sent.texts():
+            history.done.add_text(text)
         if not dry_run:
-            count = int(rec.headers.get("sluice.redrive.count", "0")) + 1
-            history: Headers = [
-                (k, v.encode())
-                for k, v in rec.headers.items()
-                if not k.startswith("sluice.redrive.")
-            ]
-            history += [
-                ("sluice.redrive.count", str(count).encode()),
-                (
-                    "sluice.redrive.from",
-                    f"{topics.destination(destination).dlq}:{rec.ref}".encode(),
-                ),
-            ]
-            producer.produce(target, rec.value, rec.key, headers=history, on_delivery=delivered)
-            producer.poll(0)
-        report.redriven += 1
-        if on_progress:
-            on_progress(i + 1, len(todo))
-    if producer.flush(60) or failures:
-        raise DlqError(f"redrive not confirmed by Kafka: {failures[:1] or 'timeout'}")
+            recovered = {
+                **start,
+                **_identity(),
+                "kind": "done",
+                "recovered": True,
+                "redriven": len(sent),
+            }
+            audit.write_parts(recovered, sent.texts(), "audit of an unfinished redrive")
+    todo = [r for r in records if r.ref not in history.done]
+    report.matched, report.skipped = len(records), len(records) - len(todo)
+    run = str(uuid.uuid4())
     report.audit = {
-        "id": str(uuid.uuid4()),
+        "id": run,
         "destination": destination,
-        "at": datetime.now(UTC).isoformat(),
-        "by": f"{getpass.getuser()}@{socket.gethostname()}",
+        **_identity(),
         "dry_run": dry_run,
         "filter": {
             "error_class": flt.error_class,
@@ -217,10 +435,61 @@ def redrive(
         },
         "matched": report.matched,
         "skipped_already_redriven": report.skipped,
-        "redriven": 0 if dry_run else report.redriven,
-        "records": [r.ref for r in todo],
     }
-    producer.produce(topics.dlq_audit, orjson.dumps(report.audit), destination.encode())
-    if producer.flush(30):
-        raise DlqError("the audit record was not confirmed by Kafka")
+    if todo and not dry_run:
+        audit.write(
+            {
+                **report.audit,
+                "kind": "start",
+                "todo": len(todo),
+                "target": target,
+                "target_offsets": {str(p): o for p, o in end_offsets(kafka, target).items()},
+            },
+            "start of the redrive's audit (nothing was sent)",
+        )
+    failures: list[str] = []
+
+    def delivered(err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:
+            failures.append(err.str())
+
+    sent = RefSet()
+    started = time.monotonic()
+    for i, rec in enumerate(todo):
+        if rate:
+            wait = started + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        if not dry_run:
+            count = int(rec.headers.get("sluice.redrive.count", "0")) + 1
+            history_headers: Headers = [
+                (k, v.encode())
+                for k, v in rec.headers.items()
+                if not k.startswith("sluice.redrive.")
+            ]
+            history_headers += [
+                ("sluice.redrive.count", str(count).encode()),
+                (REDRIVE_FROM, f"{dlq}:{rec.ref}".encode()),
+                (REDRIVE_ID, run.encode()),
+            ]
+            producer.produce(
+                target, rec.value, rec.key, headers=history_headers, on_delivery=delivered
+            )
+            producer.poll(0)
+        sent.add(rec.partition, rec.offset)
+        report.redriven += 1
+        if on_progress:
+            on_progress(i + 1, len(todo))
+    if producer.flush(60) or failures:
+        raise DlqError(
+            f"redrive not confirmed by Kafka: {failures[:1] or 'timeout'}; "
+            "run it again to send what is missing"
+        )
+    report.audit |= {"kind": "done", "redriven": 0 if dry_run else report.redriven}
+    audit.write_parts(
+        report.audit,
+        sent.texts(),
+        "audit of the redrive (its records are sent; the next redrive records them)",
+    )
+    report.audit_records = audit.written
     return report
