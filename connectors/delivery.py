@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-import aiohttp
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -45,10 +44,16 @@ from connectors.retry import (
     origin_of,
     plan_retry,
 )
-from connectors.webhook import CircuitBreaker, DeliveryRejected, Pacer, WebhookClient
+from connectors.webhook import (
+    CircuitBreaker,
+    DeliveryRejected,
+    Pacer,
+    WebhookClient,
+    webhook_session,
+)
 from ops.config import RetryPolicy, WebhookConfig
 from ops.producer import EventProducer, Record
-from ops.settings import KafkaSettings
+from ops.settings import DeliverySettings, KafkaSettings
 from ops.topics import DestinationTopics
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerUnavailable, DestinationUnavailable, SchemaError
@@ -155,8 +160,10 @@ class WebhookDelivery:
         codec: AvroCodec,
         metrics: DeliveryMetrics,
         policy: RetryPolicy | None = None,
+        settings: DeliverySettings | None = None,
     ) -> None:
         self.destination = destination
+        self.settings = settings or DeliverySettings()
         self.topics = topics
         self.cfg = cfg
         self.policy = policy or RetryPolicy(tiers=topics.tiers or ("5s",))
@@ -215,8 +222,8 @@ class WebhookDelivery:
         self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_commit = 0.0
         try:
-            async with aiohttp.ClientSession() as session:
-                self._client = WebhookClient(self.cfg, session)
+            async with webhook_session(self.settings) as session:
+                self._client = WebhookClient(self.cfg, session, self.settings)
                 while not self._stopping.is_set():
                     self._apply_flow()
                     msgs = await loop.run_in_executor(None, self._consumer.consume, 500, 0.1)

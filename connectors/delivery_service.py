@@ -30,7 +30,11 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
 def webhook_deliveries(
-    cfg: PipelineConfig, kafka: KafkaSettings, group: str, metrics: DeliveryMetrics
+    cfg: PipelineConfig,
+    kafka: KafkaSettings,
+    group: str,
+    metrics: DeliveryMetrics,
+    settings: DeliverySettings | None = None,
 ) -> dict[str, WebhookDelivery]:
     """One delivery loop per enabled webhook destination, each in a group of its own."""
     topics = Topics(kafka.topic_prefix)
@@ -47,6 +51,7 @@ def webhook_deliveries(
                 event_codec(logical_types=False),
                 metrics,
                 dest.retry,
+                settings,
             )
     return deliveries
 
@@ -54,8 +59,15 @@ def webhook_deliveries(
 class Deliveries:
     """The running delivery loops; `apply` makes them match a config."""
 
-    def __init__(self, kafka: KafkaSettings, group: str, metrics: DeliveryMetrics) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        group: str,
+        metrics: DeliveryMetrics,
+        settings: DeliverySettings | None = None,
+    ) -> None:
         self.kafka = kafka
+        self.settings = settings
         self.group = group
         self.metrics = metrics
         self.running: dict[str, WebhookDelivery] = {}
@@ -65,7 +77,7 @@ class Deliveries:
     async def apply(self, cfg: PipelineConfig) -> None:
         """Start, restart (settings or retry policy changed) and stop loops to match `cfg`."""
         async with self._changing:
-            wanted = webhook_deliveries(cfg, self.kafka, self.group, self.metrics)
+            wanted = webhook_deliveries(cfg, self.kafka, self.group, self.metrics, self.settings)
             gone = [
                 name
                 for name, running in self.running.items()
@@ -126,7 +138,9 @@ def create_app(
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        deliveries = Deliveries(kafka, settings.consumer_group, DeliveryMetrics(app[REGISTRY]))
+        deliveries = Deliveries(
+            kafka, settings.consumer_group, DeliveryMetrics(app[REGISTRY]), settings
+        )
         await deliveries.apply(cfg)
         changes: set[asyncio.Task[None]] = set()
 

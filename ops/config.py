@@ -10,11 +10,14 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, model_validator
 
+from ops.settings import DeliverySettings
 from schemas.errors import ConfigError
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _TIER = re.compile(r"^(\d+)(ms|s|m|h)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# `${NAME}` in a webhook's settings; in a URL's path pydantic keeps it percent-encoded.
+SECRET_REF = re.compile(r"\$(?:\{|%7[Bb])([A-Z0-9_]+)(?:\}|%7[Dd])")
 
 
 def tier_seconds(tier: str) -> float:
@@ -103,7 +106,7 @@ class RetryPolicy(_Model):
 
 
 class WebhookAuth(_Model):
-    """Basic or bearer credentials; values may name environment variables as `${NAME}`."""
+    """Basic or bearer credentials; values may name allowed environment variables as `${NAME}`."""
 
     type: Literal["basic", "bearer"]
     username: str = ""
@@ -134,6 +137,27 @@ class WebhookConfig(_Model):
     batch_size: int = Field(default=1, ge=1, le=1000)
     rate_limit: WebhookRateLimit | None = None
     breaker: Breaker = Breaker()
+    # Environment variables that `${NAME}` may expand besides SLUICE_DELIVERY_SECRET_PREFIX's.
+    secrets: tuple[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")], ...] = ()
+    # Off: a 3xx answer is a fatal error. On: redirects within the URL's origin are
+    # followed (the POST repeated there); one to another origin is still refused.
+    follow_redirects: bool = False
+
+    @model_validator(mode="after")
+    def _no_reference_in_the_host(self) -> WebhookConfig:
+        if "$" in (self.url.host or ""):
+            raise ValueError("url: `${NAME}` may stand in its path or query, not in its host")
+        return self
+
+    def secret_references(self) -> list[tuple[str, str]]:
+        """Every `${NAME}` the settings use, as (field, NAME), fields like `headers.X-Key`."""
+        fields = [("url", str(self.url))]
+        fields += [(f"headers.{name}", value) for name, value in self.headers.items()]
+        if self.auth is not None:
+            fields += [
+                (f"auth.{k}", getattr(self.auth, k)) for k in ("username", "password", "token")
+            ]
+        return [(where, m.group(1)) for where, text in fields for m in SECRET_REF.finditer(text)]
 
 
 class ClickHouseConfig(_Model):
@@ -220,7 +244,17 @@ class Destination(_Model):
 
     @model_validator(mode="after")
     def _settings_fit_the_type(self) -> Destination:
-        self.connector()
+        connector = self.connector()
+        if isinstance(connector, WebhookConfig):
+            # Every process validates configs (CLI, gateway, worker, sink and delivery
+            # followers), so the rule is read from the environment they are started with.
+            delivery = DeliverySettings()
+            for where, name in connector.secret_references():
+                if reason := delivery.secret_refusal(name, connector.secrets):
+                    raise ValueError(
+                        f"destination {self.id!r}: settings.{where} names ${{{name}}},"
+                        f" which is not expanded: {reason}"
+                    )
         return self
 
     def connector(self) -> ClickHouseConfig | WebhookConfig:

@@ -172,11 +172,11 @@ class DeliverySettings(BaseSettings):
     # `${NAME}` in a webhook's URL, headers and auth expands only names that start with
     # this prefix (empty: none do), or that the destination lists in `secrets`; anything
     # else refuses the config. Every process checks configs: set it alike on all of them.
-    secret_prefix: str = "SLUICE_SECRET_"
+    secret_prefix: str = "SLUICE_SECRET_"  # noqa: S105 -- a prefix of names, no secret
     # Names a destination's `secrets` may never list (comma-separated prefixes): Sluice's
     # own settings and the usual cloud and platform credentials.
     secret_denied_prefixes: str = (
-        "SLUICE_,AWS_,AZURE_,ARM_,GOOGLE_,GCP_,GCLOUD_,CLOUDSDK_,KUBE,DOCKER_,GITHUB_,"
+        "SLUICE_,AWS_,AZURE_,ARM_,GOOGLE_,GCP_,GCLOUD_,CLOUDSDK_,KUBE,DOCKER_,GITHUB_,"  # noqa: S105
         "GITLAB_,CI_,VAULT_,KAFKA_,CLICKHOUSE_,PG,MYSQL_,REDIS_"
     )
     # Refuse webhook targets (the URL's address, every address its name resolves to when

@@ -8,16 +8,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from confluent_kafka import Consumer
 
-from connectors.webhook import DeliveryRejected, WebhookClient, payload
+from connectors.webhook import DeliveryRejected, WebhookClient, payload, webhook_session
 from ops.config import WebhookConfig
-from ops.settings import KafkaSettings
+from ops.settings import DeliverySettings, KafkaSettings
 from ops.traffic import sample_events, send_batches
 from schemas.errors import DestinationUnavailable
 from tests.pipeline import free_port, pipeline_with_topics, webhook_receiver
@@ -82,8 +81,9 @@ async def test_responses_are_classified(
         "group_id": None,
         "previous_id": None,
     }
-    async with aiohttp.ClientSession() as session:
-        client = WebhookClient(cfg, session)
+    settings = DeliverySettings()
+    async with webhook_session(settings) as session:
+        client = WebhookClient(cfg, session, settings)
         if error is None:
             await client.send([event])
             return
