@@ -22,7 +22,7 @@ from connectors.clickhouse import QueryRefused, Warehouse
 from connectors.sink import SinkMetrics, SinkTarget, WarehouseSink
 from ops.config import ClickHouseConfig, PipelineConfig
 from ops.live import ConfigFollower
-from ops.settings import KafkaSettings, WarehouseSettings
+from ops.settings import KafkaSettings, TransformSettings, WarehouseSettings
 from ops.topics import Topics
 from schemas.codec import event_codec
 
@@ -95,9 +95,15 @@ def sink_targets(
 
 
 def create_app(
-    settings: WarehouseSettings, kafka: KafkaSettings, cfg: PipelineConfig
+    settings: WarehouseSettings,
+    kafka: KafkaSettings,
+    cfg: PipelineConfig,
+    transforms: TransformSettings | None = None,
 ) -> web.Application:
-    """The sink process's app: the sink runs from startup to cleanup."""
+    """The sink process's app: the sink runs from startup to cleanup.
+
+    `transforms`: the modules config records may name transforms from (None: none).
+    """
     app = web.Application()
     app[METRICS] = SinkMetrics()
 
@@ -116,6 +122,8 @@ def create_app(
             lambda new: sink.update_targets(
                 sink_targets(new, Topics(kafka.topic_prefix), settings)
             ),
+            transforms,
+            app[METRICS].registry,
         )
         follower.start()
         log.info("sink started", targets=[t.topic for t in targets], dsn=settings.dsn)
@@ -132,10 +140,15 @@ def create_app(
     return app
 
 
-def run(settings: WarehouseSettings, kafka: KafkaSettings, cfg: PipelineConfig) -> None:
+def run(
+    settings: WarehouseSettings,
+    kafka: KafkaSettings,
+    cfg: PipelineConfig,
+    transforms: TransformSettings,
+) -> None:
     """Serve until SIGTERM/SIGINT, then flush and commit what is open."""
     web.run_app(
-        create_app(settings, kafka, cfg),
+        create_app(settings, kafka, cfg, transforms),
         host=settings.query_host,
         port=settings.query_port,
         access_log=None,

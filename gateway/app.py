@@ -24,7 +24,7 @@ from gateway.openapi import openapi_document
 from ops.config import PipelineConfig, Source
 from ops.live import ConfigFollower
 from ops.producer import EventProducer, Headers, Record
-from ops.settings import GatewaySettings, KafkaSettings
+from ops.settings import GatewaySettings, KafkaSettings, TransformSettings
 from ops.topics import Topics
 from schemas.codec import AvroCodec, event_codec
 from schemas.errors import BrokerUnavailable, SchemaError
@@ -351,13 +351,17 @@ def _producer_ctx(
 
 
 def _config_ctx(
-    kafka: KafkaSettings, cfg: PipelineConfig
+    kafka: KafkaSettings, cfg: PipelineConfig, transforms: TransformSettings | None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         sources = app[SOURCES]
         follower = ConfigFollower(
-            kafka, cfg, lambda new: loop.call_soon_threadsafe(sources.update, new)
+            kafka,
+            cfg,
+            lambda new: loop.call_soon_threadsafe(sources.update, new),
+            transforms,
+            app[METRICS].registry,
         )
         follower.start()
         yield
@@ -367,9 +371,15 @@ def _config_ctx(
 
 
 def create_app(
-    settings: GatewaySettings, kafka: KafkaSettings, cfg: PipelineConfig
+    settings: GatewaySettings,
+    kafka: KafkaSettings,
+    cfg: PipelineConfig,
+    transforms: TransformSettings | None = None,
 ) -> web.Application:
-    """The gateway app; the producer opens with the app and flushes when it closes."""
+    """The gateway app; the producer opens with the app and flushes when it closes.
+
+    `transforms`: the modules config records may name transforms from (None: none).
+    """
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[_observe])
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
@@ -378,7 +388,7 @@ def create_app(
     app[TOPICS] = Topics(kafka.topic_prefix)
     app[FAST] = FastWriter(app[CODEC], settings.max_event_bytes, settings.max_json_depth)
     app.cleanup_ctx.append(_producer_ctx(kafka, settings))
-    app.cleanup_ctx.append(_config_ctx(kafka, cfg))
+    app.cleanup_ctx.append(_config_ctx(kafka, cfg, transforms))
     app.router.add_post("/v1/batch", handle_batch)
     for etype in ("track", "identify", "page", "screen", "group", "alias"):
         app.router.add_post(f"/v1/{etype}", single(etype))
@@ -390,7 +400,12 @@ def create_app(
     return app
 
 
-def run(settings: GatewaySettings, kafka: KafkaSettings, cfg: PipelineConfig) -> None:
+def run(
+    settings: GatewaySettings,
+    kafka: KafkaSettings,
+    cfg: PipelineConfig,
+    transforms: TransformSettings,
+) -> None:
     """Serve until SIGTERM/SIGINT; in-flight requests finish and the producer flushes."""
     import uvloop  # noqa: PLC0415 - only the served process needs it
 
@@ -402,7 +417,7 @@ def run(settings: GatewaySettings, kafka: KafkaSettings, cfg: PipelineConfig) ->
     gc.set_threshold(20_000, 20, 50)
 
     web.run_app(
-        create_app(settings, kafka, cfg),
+        create_app(settings, kafka, cfg, transforms),
         host=settings.host,
         port=settings.port,
         access_log=None,

@@ -21,7 +21,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ops.console import fail
-from ops.settings import KafkaSettings
+from ops.settings import KafkaSettings, TransformSettings
 
 Bootstrap = Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results here.")]
@@ -46,6 +46,10 @@ TRANSFORM_CONFIG = (
     transform: {function: "ops.benchmarks:enrich"}
 """
 )
+
+
+# Where the benchmark's transform lives: the only module its routers may import from.
+BENCH_TRANSFORM_MODULES = "ops.benchmarks"
 
 
 def enrich(event: dict[str, Any]) -> dict[str, Any]:
@@ -446,6 +450,7 @@ def plain_loop_rate(
         parse_config(config),
         Topics(f"{kafka.topic_prefix}-plain"),
         event_codec(logical_types=False),
+        TransformSettings(modules=(BENCH_TRANSFORM_MODULES,)),
     )
     consumer = Consumer(
         kafka.client_config()
@@ -529,6 +534,7 @@ def bench_processor(
                     "SLUICE_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
                     "SLUICE_WORKER_APP_ID": f"{kafka.topic_prefix}-worker",
                     "SLUICE_WORKER_DATA_DIR": str(workdir / "data"),
+                    "SLUICE_TRANSFORM_MODULES": BENCH_TRANSFORM_MODULES,
                 },
             )
             first = 0.0

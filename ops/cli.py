@@ -21,6 +21,7 @@ from ops.settings import (
     GatewaySettings,
     KafkaSettings,
     RegistrySettings,
+    TransformSettings,
     WarehouseSettings,
     WorkerSettings,
 )
@@ -49,8 +50,19 @@ ConfigOption = Annotated[
 
 
 def _config(path: Path | None) -> PipelineConfig:
+    """The pipeline file, validated (transform modules checked by name, not imported)."""
     try:
-        return load_config(path or AppSettings().config_file)
+        return load_config(path or AppSettings().config_file, TransformSettings())
+    except SluiceError as exc:
+        fail(str(exc))
+
+
+def _import_transforms(cfg: PipelineConfig) -> None:
+    """Early feedback: import each transform here, as the workers will (allowed modules only)."""
+    from ops.config import resolve_transforms  # noqa: PLC0415
+
+    try:
+        resolve_transforms(cfg, TransformSettings())
     except SluiceError as exc:
         fail(str(exc))
 
@@ -87,6 +99,7 @@ def config_apply(
     from ops.live import apply_config  # noqa: PLC0415
 
     cfg = _config(path)
+    _import_transforms(cfg)
     try:
         apply_config(cfg, KafkaSettings())
     except SluiceError as exc:
@@ -101,8 +114,9 @@ def config_apply(
 def config_check(
     path: Annotated[Path, typer.Argument(help="The pipeline YAML to check.")],
 ) -> None:
-    """Validate FILE without applying it."""
+    """Validate FILE without applying it (its transforms are imported here to check them)."""
     cfg = _config(path)
+    _import_transforms(cfg)
     out.print(f"{path} is valid: {len(cfg.sources)} sources, {len(cfg.destinations)} destinations")
 
 
@@ -113,7 +127,7 @@ def gateway(config: ConfigOption = None) -> None:
 
     cfg = _config(config)
     _setup_logging()
-    run(GatewaySettings(), KafkaSettings(), cfg)
+    run(GatewaySettings(), KafkaSettings(), cfg, TransformSettings())
 
 
 @app.command()
@@ -137,7 +151,11 @@ def worker(config: ConfigOption = None) -> None:
     _setup_logging()
     kafka = KafkaSettings()
     codec = event_codec(logical_types=False)  # routing needs no datetimes
-    run(WorkerSettings(), kafka, Router(cfg, Topics(kafka.topic_prefix), codec), cfg)
+    try:
+        router = Router(cfg, Topics(kafka.topic_prefix), codec, TransformSettings())
+    except SluiceError as exc:
+        fail(str(exc))
+    run(WorkerSettings(), kafka, router, cfg)
 
 
 @app.command()
@@ -148,7 +166,7 @@ def sink(config: ConfigOption = None) -> None:
     cfg = _config(config)
     _setup_logging()
     try:
-        run(WarehouseSettings(), KafkaSettings(), cfg)
+        run(WarehouseSettings(), KafkaSettings(), cfg, TransformSettings())
     except SluiceError as exc:
         fail(str(exc))
 
@@ -160,7 +178,7 @@ def deliver(config: ConfigOption = None) -> None:
 
     cfg = _config(config)
     _setup_logging()
-    run(DeliverySettings(), KafkaSettings(), cfg)
+    run(DeliverySettings(), KafkaSettings(), cfg, TransformSettings())
 
 
 def query_warehouse(sql: str, settings: WarehouseSettings) -> tuple[list[str], list[list[Any]]]:
@@ -324,6 +342,7 @@ def replay(
                 dry_run,
                 rate,
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+                transforms=TransformSettings(),
             )
     except SluiceError as exc:
         fail(str(exc))

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, cast
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
-from ops.settings import DeliverySettings
+from ops.settings import DeliverySettings, TransformSettings
 from schemas.errors import ConfigError
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -203,31 +212,89 @@ class EventFilter(_Model):
     where: tuple[PropertyRule, ...] = ()
 
 
-class Transform(_Model):
-    """A user function `transform(event) -> event | list[event] | None`, by import path."""
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+FUNCTION_PATTERN = rf"^{_IDENT}(?:\.{_IDENT})*[:.]{_IDENT}$"
+# The validation context key under which the allowed transform modules are passed.
+TRANSFORMS_CONTEXT = "transform_modules"
 
-    function: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")]
+TransformFunction = Callable[[dict[str, Any]], Any]
+
+
+class Transform(_Model):
+    """A user function `transform(event) -> event | list[event] | None`, by import path.
+
+    Validating one never imports anything: it checks the path's syntax and, when the
+    validation context carries `TransformSettings` (see `parse_config`), that its module
+    is allowed. Only `resolve_function`, called where the transform runs, imports.
+    """
+
+    function: Annotated[str, Field(pattern=FUNCTION_PATTERN)]
     timeout_s: float = Field(default=1.0, gt=0, le=60)
 
     @model_validator(mode="after")
-    def _function_exists(self) -> Transform:
-        resolve_function(self.function)
+    def _module_allowed(self, info: ValidationInfo) -> Transform:
+        context = info.context
+        allowed = context.get(TRANSFORMS_CONTEXT) if isinstance(context, dict) else None
+        if isinstance(allowed, TransformSettings):
+            check_module(self.function, allowed)
         return self
 
 
-def resolve_function(path: str) -> object:
-    """The callable at `package.module:function` (or `package.module.function`)."""
+def split_function(path: str) -> tuple[str, str]:
+    """`package.module:function` (or `package.module.function`) as (module, function)."""
     module_name, sep, name = path.partition(":")
     if not sep:
         module_name, _, name = path.rpartition(".")
+    return module_name, name
+
+
+def check_module(path: str, transforms: TransformSettings) -> str:
+    """The module of transform `path`; ValueError when its module is not allowed."""
+    module_name, _ = split_function(path)
+    if not transforms.allows(module_name):
+        allowed = ", ".join(transforms.modules) or "none"
+        raise ValueError(
+            f"transform {path!r}: module {module_name!r} is not under an allowed prefix"
+            f" (SLUICE_TRANSFORM_MODULES: {allowed})"
+        )
+    return module_name
+
+
+def resolve_function(path: str, transforms: TransformSettings) -> TransformFunction:
+    """Import the callable at `path`, from an allowed module only.
+
+    ConfigError when the module is not allowed, cannot be imported (any failure while
+    importing, `SystemExit` included; only `KeyboardInterrupt` passes) or has no such
+    function.
+    """
+    try:
+        module_name = check_module(path, transforms)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    name = split_function(path)[1]
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # any failure to import the module makes the config invalid
-        raise ValueError(f"transform {path!r}: cannot import {module_name!r}: {exc}") from None
-    function = getattr(module, name, None)
+        function = getattr(module, name, None)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a module's import runs its code: contain whatever it does
+        raise ConfigError(
+            f"transform {path!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
     if not callable(function):
-        raise ValueError(f"transform {path!r}: {module_name!r} has no function {name!r}")
-    return function
+        raise ConfigError(f"transform {path!r}: {module_name!r} has no function {name!r}")
+    return cast(TransformFunction, function)
+
+
+def resolve_transforms(
+    cfg: PipelineConfig, transforms: TransformSettings
+) -> dict[str, TransformFunction]:
+    """Import the transform of every destination that has one: destination id -> function."""
+    return {
+        dest.id: resolve_function(dest.transform.function, transforms)
+        for dest in cfg.destinations
+        if dest.transform is not None
+    }
 
 
 class Destination(_Model):
@@ -311,16 +378,32 @@ def _unique(what: str, values: list[str]) -> None:
         seen.add(value)
 
 
-def parse_config(text: str, origin: str = "<config>") -> PipelineConfig:
-    """Parse and validate YAML text; ConfigError with a readable reason when it is invalid."""
+def parse_config(
+    text: str, origin: str = "<config>", transforms: TransformSettings | None = None
+) -> PipelineConfig:
+    """Parse and validate YAML text; ConfigError with a readable reason when it is invalid.
+
+    With `transforms`, a transform from a module they do not allow is invalid too.
+    """
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping")
+    return validate_config(data, origin, transforms)
+
+
+def validate_config(
+    data: object, origin: str = "<config>", transforms: TransformSettings | None = None
+) -> PipelineConfig:
+    """Validate parsed config data (a dict); ConfigError with the reasons when it is invalid.
+
+    Nothing is imported: with `transforms`, transform modules are checked by name only.
+    """
+    context = {TRANSFORMS_CONTEXT: transforms} if transforms is not None else None
     try:
-        return PipelineConfig.model_validate(data)
+        return PipelineConfig.model_validate(data, context=context)
     except ValidationError as exc:
         reasons = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
@@ -329,10 +412,10 @@ def parse_config(text: str, origin: str = "<config>") -> PipelineConfig:
         raise ConfigError(f"{origin}: {reasons}") from exc
 
 
-def load_config(path: Path) -> PipelineConfig:
-    """Read and validate the YAML file at `path`."""
+def load_config(path: Path, transforms: TransformSettings | None = None) -> PipelineConfig:
+    """Read and validate the YAML file at `path` (see `parse_config`)."""
     try:
         text = path.read_text("utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-    return parse_config(text, str(path))
+    return parse_config(text, str(path), transforms)

@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from ops.config import PipelineConfig
 from ops.producer import Headers
-from ops.settings import KafkaSettings
+from ops.settings import KafkaSettings, TransformSettings
 from ops.topics import Topics
 from schemas.errors import SluiceError
 
@@ -137,13 +137,17 @@ def run_replay(
     dry_run: bool = False,
     rate: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    transforms: TransformSettings | None = None,
 ) -> ReplayReport:
-    """Produce the range of `source` (default: the destination's topic) onto the destination."""
+    """Produce the range of `source` (default: the destination's topic) onto the destination.
+
+    `transforms`: where the destination's transform may be imported from (None: nowhere).
+    """
     dest = cfg.destination(destination)
     topics = Topics(kafka.topic_prefix)
     target = topics.destination(dest.id).main
     source = source or target
-    route = None if source == target else _router(cfg, dest.id, kafka)
+    route = None if source == target else _router(cfg, dest.id, kafka, transforms)
     report = ReplayReport(id=str(uuid.uuid4()))
     consumer = Consumer(
         kafka.client_config()
@@ -195,7 +199,10 @@ def run_replay(
 
 
 def _router(
-    cfg: PipelineConfig, destination: str, kafka: KafkaSettings
+    cfg: PipelineConfig,
+    destination: str,
+    kafka: KafkaSettings,
+    transforms: TransformSettings | None,
 ) -> Callable[[Message], list[tuple[bytes | None, bytes]]]:
     """Route envelopes as the processor would, to this one destination only."""
     from schemas.codec import event_codec  # noqa: PLC0415
@@ -206,7 +213,8 @@ def _router(
         destinations=tuple(d for d in cfg.destinations if d.id == destination),
     )
     topics = Topics(kafka.topic_prefix)
-    router = Router(only, topics, event_codec(logical_types=False))
+    allowed = transforms if transforms is not None else TransformSettings(modules=())
+    router = Router(only, topics, event_codec(logical_types=False), allowed)
     target = topics.destination(destination).main
 
     def route(msg: Message) -> list[tuple[bytes | None, bytes]]:

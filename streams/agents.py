@@ -378,7 +378,9 @@ def run(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, kafka)
     metrics = ProcessorMetrics()
-    follower = ConfigFollower(kafka, cfg, router.update)
+    # The router imports a new config's transforms (allowed modules only); a failure to
+    # import refuses that config and the worker keeps routing by the one it has.
+    follower = ConfigFollower(kafka, cfg, router.update, router.transforms, metrics.registry)
     register(app, settings, kafka, router, metrics, follower.wait_current)
     if settings.metrics_port:
         try:

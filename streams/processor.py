@@ -9,10 +9,11 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
-from ops.config import EventFilter, PipelineConfig, resolve_function
+from ops.config import EventFilter, PipelineConfig, resolve_transforms
 from ops.producer import Headers
+from ops.settings import TransformSettings
 from ops.topics import Topics
 from schemas.codec import AvroCodec
 from schemas.errors import SchemaError
@@ -84,27 +85,38 @@ def _bump(counts: dict[str, int], key: str, by: int = 1) -> None:
 
 
 class Router:
-    """Routes by source id from a config snapshot; build a new one when the config changes."""
+    """Routes by source id from a config snapshot; build a new one when the config changes.
 
-    def __init__(self, cfg: PipelineConfig, topics: Topics, codec: AvroCodec) -> None:
+    Transforms are imported here, and only from the modules `transforms` allows.
+    """
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        topics: Topics,
+        codec: AvroCodec,
+        transforms: TransformSettings,
+    ) -> None:
         self.topics = topics
         self.codec = codec
+        self.transforms = transforms
         self.update(cfg)
 
     def update(self, cfg: PipelineConfig) -> None:
-        """Route by `cfg` from the next batch on (one attribute swap, safe from any thread)."""
+        """Route by `cfg` from the next batch on (one attribute swap, safe from any thread).
+
+        ConfigError when a transform cannot be imported; the routes in use stay as they were.
+        """
+        functions = resolve_transforms(cfg, self.transforms)
         by_id: dict[str, Route] = {}
         for dest in cfg.destinations:
             dt = self.topics.destination(dest.id)
-            fn = None
-            if dest.transform is not None:
-                fn = cast(TransformFn, resolve_function(dest.transform.function))
             by_id[dest.id] = Route(
                 dest.id,
                 dt.main,
                 dt.dlq,
                 dest.filter,
-                fn,
+                functions.get(dest.id),
                 dest.transform.timeout_s if dest.transform else 1.0,
             )
         routes = {src: tuple(by_id[d] for d in dests) for src, dests in cfg.routes().items()}

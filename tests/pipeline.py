@@ -99,6 +99,8 @@ class Pipeline:
             "SLUICE_WAREHOUSE_BATCH_SECONDS": "0.5",
             "SLUICE_DELIVERY_PORT": str(self.delivery_port),
             "SLUICE_DELIVERY_CONSUMER_GROUP": f"{self.prefix}-delivery",
+            # The tests' transforms are the only ones a test's services may import.
+            "SLUICE_TRANSFORM_MODULES": "tests.transforms",
             **self.env,
         }
         self.services = {

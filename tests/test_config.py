@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
-from ops.config import load_config, parse_config, tier_seconds
-from ops.settings import KafkaSettings
+from ops.config import load_config, parse_config, resolve_function, tier_seconds
+from ops.settings import KafkaSettings, TransformSettings
 from ops.topics import Topics, required_topics
 from schemas.errors import ConfigError
 
@@ -77,3 +79,119 @@ def test_invalid_config_is_refused_with_the_reason(text: str, reason: str) -> No
 
 def test_tier_seconds() -> None:
     assert [tier_seconds(t) for t in ("500ms", "5s", "1m", "2h")] == [0.5, 5, 60, 7200]
+
+
+def _probe_package(root: Path, body: str) -> str:
+    """A fresh package under `root` whose module `mod` runs `body` when imported; its name.
+
+    `body` may use MARKER, a file the import creates first, to show that it ran.
+    """
+    name = f"probe_{uuid.uuid4().hex[:12]}"
+    package = root / name
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    marker = root / f"{name}.imported"
+    (package / "mod.py").write_text(
+        f"import pathlib\nMARKER = pathlib.Path({str(marker)!r})\nMARKER.touch()\n{body}\n"
+    )
+    return name
+
+
+def _transform_config(function: str) -> str:
+    return (
+        "sources: [{id: s, write_keys: [k]}]\n"
+        f"destinations: [{{id: d, type: clickhouse, sources: [s], transform: {{function: '{function}'}}}}]"
+    )
+
+
+def test_validating_a_transform_imports_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = _probe_package(tmp_path, "raise SystemExit(3)\ndef f(event): return event")
+    allowed = TransformSettings(modules=(name,))
+    cfg = parse_config(_transform_config(f"{name}.mod:f"), transforms=allowed)
+    assert cfg.destinations[0].transform is not None
+    # Outside the allowed prefixes: refused by name, still without importing.
+    with pytest.raises(ConfigError, match="is not under an allowed prefix"):
+        parse_config(_transform_config(f"{name}.mod:f"), transforms=TransformSettings())
+    assert not (tmp_path / f"{name}.imported").exists()
+    assert f"{name}.mod" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    ("function", "allowed"),
+    [
+        ("os:system", ("transforms",)),
+        ("transformsx.crm:f", ("transforms",)),
+        ("tests.transforms_evil:f", ("tests.transforms",)),
+        ("tests:f", ("tests.transforms",)),
+        ("subprocess.run", ("transforms.",)),
+        ("transforms.crm:f", ()),
+    ],
+)
+def test_a_transform_outside_the_allowed_prefixes_is_refused(
+    function: str, allowed: tuple[str, ...]
+) -> None:
+    transforms = TransformSettings(modules=allowed)
+    with pytest.raises(ConfigError, match="is not under an allowed prefix"):
+        parse_config(_transform_config(function), transforms=transforms)
+    with pytest.raises(ConfigError, match="is not under an allowed prefix"):
+        resolve_function(function, transforms)
+
+
+@pytest.mark.parametrize(
+    "function",
+    ["transforms:f", "transforms.crm:f", "transforms.crm.deep.f", "tests.transforms:fan_out"],
+)
+def test_a_transform_under_an_allowed_prefix_validates(function: str) -> None:
+    transforms = TransformSettings(modules=("transforms.", "tests.transforms"))
+    assert parse_config(_transform_config(function), transforms=transforms).destinations
+
+
+@pytest.mark.parametrize(
+    "function", ["transforms..crm:f", ".transforms:f", "transforms:a.b", "trans forms:f", "f"]
+)
+def test_a_transform_path_that_is_not_a_dotted_name_is_refused(function: str) -> None:
+    with pytest.raises(ConfigError, match=r"transform\.function"):
+        parse_config(_transform_config(function), transforms=TransformSettings())
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ("raise SystemExit(3)", "SystemExit"),
+        ("import os\nos._exit", "has no function"),  # imports, but no `f`
+        ("raise RuntimeError('boom')", "RuntimeError: boom"),
+        ("class Weird(BaseException): pass\nraise Weird()", "Weird"),
+    ],
+)
+def test_importing_a_transform_contains_whatever_its_module_does(
+    body: str, error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = _probe_package(tmp_path, body)
+    with pytest.raises(ConfigError, match=error):
+        resolve_function(f"{name}.mod:f", TransformSettings(modules=(name,)))
+    assert (tmp_path / f"{name}.imported").exists()  # it did run, and nothing escaped
+
+
+def test_keyboard_interrupt_while_importing_a_transform_is_not_swallowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = _probe_package(tmp_path, "raise KeyboardInterrupt")
+    with pytest.raises(KeyboardInterrupt):
+        resolve_function(f"{name}.mod:f", TransformSettings(modules=(name,)))
+
+
+def test_allowed_transform_modules_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert TransformSettings().modules == ("transforms",)
+    monkeypatch.setenv("SLUICE_TRANSFORM_MODULES", " tests.transforms, acme.rules ,")
+    settings = TransformSettings()
+    assert settings.modules == ("tests.transforms", "acme.rules")
+    assert settings.allows("acme.rules.crm")
+    assert not settings.allows("acme.rulesx")
+    assert not settings.allows("acme")

@@ -21,7 +21,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from ops.admin import apply_topics
 from ops.config import parse_config
 from ops.services import Service
-from ops.settings import KafkaSettings
+from ops.settings import KafkaSettings, TransformSettings
 from ops.topics import Topics, required_topics
 from ops.traffic import sample_events
 from schemas.codec import event_codec, load_schema
@@ -101,6 +101,7 @@ def test_invalid_schemas_are_refused_with_a_reason(text: str, code: int) -> None
     assert refused.value.status == 422
 
 
+NO_TRANSFORMS = TransformSettings(modules=())
 # The registry's write credential in these tests, as `basic.auth.user.info` carries it.
 WRITER = ("schemas-ci", "s3cret-for-tests")
 USER_INFO = ":".join(WRITER)
@@ -308,7 +309,7 @@ def _use_registry(client: SchemaRegistryClient, kafka: KafkaSettings) -> int:
         Incoming(e["user_id"].encode(), codec.encode(e), topics.ingest, 0, i, 0)
         for i, e in enumerate(events)
     ]
-    routed = Router(cfg, topics, event_codec(logical_types=False)).route(incoming)
+    routed = Router(cfg, topics, event_codec(logical_types=False), NO_TRANSFORMS).route(incoming)
     producer = Producer(kafka.client_config())
     for key, value, _ in routed.outputs[dest]:
         producer.produce(dest, value, key)

@@ -10,6 +10,7 @@ import pytest
 
 from gateway.envelope import build_event
 from ops.config import parse_config
+from ops.settings import TransformSettings
 from ops.topics import Topics
 from schemas.codec import event_codec
 from schemas.errors import ConfigError
@@ -17,6 +18,7 @@ from streams.processor import Incoming, Router
 
 TOPICS = Topics("t")
 CODEC = event_codec(logical_types=False)
+TRANSFORMS = TransformSettings(modules=("tests.transforms",))
 MESSAGES: list[dict[str, Any]] = [
     {
         "type": "track",
@@ -45,8 +47,11 @@ MESSAGES: list[dict[str, Any]] = [
 
 
 def _router(destination: str) -> Router:
-    cfg = parse_config(f"sources: [{{id: web, write_keys: [k]}}]\ndestinations: [{destination}]")
-    return Router(cfg, TOPICS, CODEC)
+    cfg = parse_config(
+        f"sources: [{{id: web, write_keys: [k]}}]\ndestinations: [{destination}]",
+        transforms=TRANSFORMS,
+    )
+    return Router(cfg, TOPICS, CODEC, TRANSFORMS)
 
 
 def _batch() -> list[Incoming]:
@@ -162,11 +167,11 @@ def test_destinations_without_rules_get_the_record_as_it_came() -> None:
     [
         (
             "{id: d, type: clickhouse, transform: {function: 'nowhere.module:f'}}",
-            "cannot import 'nowhere.module'",
+            "module 'nowhere.module' is not under an allowed prefix",
         ),
         (
-            "{id: d, type: clickhouse, transform: {function: 'tests.transforms:missing'}}",
-            "has no function 'missing'",
+            "{id: d, type: clickhouse, transform: {function: 'tests.transforms:a.b'}}",
+            r"transform\.function",
         ),
         (
             "{id: d, type: clickhouse, filter: {where: [{property: a, op: in, value: 3}]}}",
@@ -180,7 +185,30 @@ def test_destinations_without_rules_get_the_record_as_it_came() -> None:
 )
 def test_invalid_rules_are_refused_with_the_reason(destination: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=reason):
-        parse_config(f"destinations: [{destination}]")
+        parse_config(f"destinations: [{destination}]", transforms=TRANSFORMS)
+
+
+@pytest.mark.parametrize(
+    ("function", "reason"),
+    [
+        ("tests.transforms:missing", "has no function 'missing'"),
+        ("tests.transforms.nowhere:f", "cannot import 'tests.transforms.nowhere'"),
+    ],
+)
+def test_a_transform_that_cannot_be_imported_is_refused_by_the_router(
+    function: str, reason: str
+) -> None:
+    # Validating never imports: the config is valid by name; the router, which imports
+    # what it runs, refuses it and keeps routing by the config it had.
+    router = _router("{id: d, type: clickhouse, sources: [web]}")
+    cfg = parse_config(
+        "sources: [{id: web, write_keys: [k]}]\n"
+        f"destinations: [{{id: d, type: clickhouse, sources: [web], transform: {{function: '{function}'}}}}]",
+        transforms=TRANSFORMS,
+    )
+    with pytest.raises(ConfigError, match=reason):
+        router.update(cfg)
+    assert router.route(_batch()).delivered == {"d": len(MESSAGES)}
 
 
 PLAN = (
@@ -195,7 +223,7 @@ def _planned_router(mode: str) -> Router:
         f"sources: [{{id: web, write_keys: [k], {PLAN.format(mode=mode)}}}]\n"
         "destinations: [{id: d, type: clickhouse, sources: [web]}]"
     )
-    return Router(cfg, TOPICS, CODEC)
+    return Router(cfg, TOPICS, CODEC, TRANSFORMS)
 
 
 def test_a_tracking_plan_rejects_what_breaks_it_with_the_reason() -> None:
