@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+import aiohttp
 import structlog
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from connectors.parking import Held, ParkedKeys
+from connectors.parking import Held, ParkedKeys, Restored
 from connectors.retry import (
-    RETRY_DUE,
     RETRY_REF,
     Failure,
     Origin,
@@ -43,18 +45,14 @@ from connectors.retry import (
     message_headers,
     origin_of,
     plan_retry,
+    retry_due_ms,
 )
-from connectors.webhook import (
-    CircuitBreaker,
-    DeliveryRejected,
-    Pacer,
-    WebhookClient,
-    webhook_session,
-)
+from connectors.webhook import CircuitBreaker, DeliveryRejected, Pacer, WebhookClient
 from ops.config import RetryPolicy, WebhookConfig
 from ops.producer import EventProducer, Record
 from ops.settings import DeliverySettings, KafkaSettings
 from ops.topics import DestinationTopics
+from ops.watchdog import StallWatchdog
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerUnavailable, DestinationUnavailable, SchemaError
 
@@ -117,7 +115,28 @@ class DeliveryMetrics:
         )
         self.paused = Gauge(
             "sluice_delivery_paused_partitions",
-            "Partitions paused: a retry waiting for its due time, or a full lane.",
+            "Partitions paused: a retry waiting for its due time, a full lane, the held-records"
+            " bound reached, or the parked changelog being restored.",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.held = Gauge(
+            "sluice_retry_held_records",
+            "Records held in memory behind parked keys (at most SLUICE_DELIVERY_MAX_HELD_RECORDS,"
+            " plus what a restored changelog brought).",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.restoring = Gauge(
+            "sluice_retry_restoring_partitions",
+            "Partitions whose parked changelog is being read (paused until it is).",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.since_progress = Gauge(
+            "sluice_delivery_seconds_since_progress",
+            "Seconds since the destination last moved a record on while records wait"
+            " (0 when none wait).",
             ["destination"],
             registry=self.registry,
         )
@@ -133,6 +152,7 @@ class _Lane:
     pending: deque[Message] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     waiting: bool = False  # the head is not due yet
+    blocked: bool = False  # its next record must be held, and the held-records bound is reached
     stopping: bool = False
     task: asyncio.Task[None] | None = None
 
@@ -141,7 +161,7 @@ class _Lane:
         return (self.topic, self.partition)
 
     def wants_pause(self, paused: bool) -> bool:
-        if self.waiting:
+        if self.waiting or self.blocked:
             return True
         # Hysteresis: a paused lane resumes at half the high-water mark.
         return len(self.pending) >= (LANE_HIGH_WATER // 2 if paused else LANE_HIGH_WATER)
@@ -185,9 +205,9 @@ class WebhookDelivery:
                 # Partition p of the topic and of every tier goes to the same member, so
                 # one process sees every record of a key (order-preserving mode).
                 "partition.assignment.strategy": "range",
-                # A paused destination (open breaker, long Retry-After) must not be
-                # evicted from the group for not polling.
-                "max.poll.interval.ms": 3_600_000,
+                # The poll loop never blocks on a destination (an open breaker, a long
+                # Retry-After, a long parked changelog wait beside it with partitions paused).
+                "max.poll.interval.ms": self.settings.max_poll_interval_ms,
                 "session.timeout.ms": 10_000,
                 # Members learn of a rebalance from heartbeats: partitions of a member that
                 # left move on within half a second, so their retries are not held up.
@@ -207,14 +227,31 @@ class WebhookDelivery:
         self._partitions_total = 0
         self._mine: set[int] = set()
         self._crashed: BaseException | None = None
-        metrics.parked.labels(destination).set(0)
-        metrics.paused.labels(destination).set(0)
+        # Partitions whose parked changelog is being read, each with the flag that gives
+        # the read up; records of them fetched meanwhile are read again from `_rewind`.
+        self._restoring: dict[int, threading.Event] = {}
+        self._restore_lock = threading.Lock()  # rebalance callbacks run on another thread
+        self._restores: set[asyncio.Task[None]] = set()
+        self._rewind: dict[tuple[str, int], int] = {}
+        self._assigned: set[tuple[str, int]] = set()
+        self._restore_pool = ThreadPoolExecutor(1, thread_name_prefix=f"restore-{destination}")
+        self._room = asyncio.Event()  # set when held records drop below the bound
+        self._polled = time.monotonic()
+        self.watchdog = StallWatchdog(f"delivery of {destination}", self.settings.stall_after_s)
 
     # -- the consumer loop -------------------------------------------------------------
 
     async def run(self) -> None:
         """Consume and deliver until stopped."""
         loop = self._loop = asyncio.get_running_loop()
+        # Set here, not when built: a loop is built for every config, also when the running
+        # one for the destination stays.
+        for gauge in (self.metrics.parked, self.metrics.paused, self.metrics.held):
+            gauge.labels(self.destination).set(0)
+        self.metrics.restoring.labels(self.destination).set(0)
+        self.metrics.since_progress.labels(self.destination).set_function(
+            self.watchdog.seconds_stalled
+        )
         self._producer = EventProducer(self.kafka, timeout_s=30.0)
         if self.policy.preserve_order:
             self._parking = ParkedKeys(self.topics.parked, self.kafka, self._producer)
@@ -222,23 +259,33 @@ class WebhookDelivery:
         self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_commit = 0.0
         try:
-            async with webhook_session(self.settings) as session:
-                self._client = WebhookClient(self.cfg, session, self.settings)
+            async with aiohttp.ClientSession() as session:
+                self._client = WebhookClient(self.cfg, session)
                 while not self._stopping.is_set():
+                    self._polled = time.monotonic()
                     self._apply_flow()
                     msgs = await loop.run_in_executor(None, self._consumer.consume, 500, 0.1)
                     for msg in msgs:
-                        if _ok(msg):
+                        if _ok(msg) and not self._set_aside(msg):
                             self._lane_of(msg).pending.append(msg)
                     for lane in self._lanes.values():
                         if lane.pending and not lane.waiting:
                             lane.wake.set()
                     if time.monotonic() - last_commit >= 0.5:
+                        self.watchdog.lag(self._waiting())
                         await loop.run_in_executor(None, self._commit_done)
                         last_commit = time.monotonic()
                 await self._stop_lanes(list(self._lanes.values()))
                 await loop.run_in_executor(None, self._commit_done)
         finally:
+            with self._restore_lock:
+                for cancelled in self._restoring.values():
+                    cancelled.set()
+            for task in self._restores:
+                task.cancel()
+            await asyncio.gather(*self._restores, return_exceptions=True)
+            self._restore_pool.shutdown(wait=False, cancel_futures=True)
+            self.watchdog.lag(0)
             await loop.run_in_executor(None, self._consumer.close)
             await loop.run_in_executor(None, self._producer.close)
         if self._crashed is not None:
@@ -247,9 +294,44 @@ class WebhookDelivery:
     def stop(self) -> None:
         """Finish the records in flight, commit what is done, stop."""
         self._stopping.set()
+        self._room.set()
         for lane in self._lanes.values():
             lane.stopping = True
             lane.wake.set()
+
+    def problem(self) -> str | None:
+        """Why this destination's delivery is not ready (None when it is)."""
+        if self._crashed is not None:
+            return f"delivery of {self.destination} failed: {self._crashed!r}"
+        if problem := self.watchdog.problem():
+            return problem
+        # A rebalance may hold the poll loop while lanes finish their records (bounded).
+        bound = self.settings.stall_after_s + self.cfg.timeout_s + 40
+        if (silent := time.monotonic() - self._polled) > bound:
+            return f"delivery of {self.destination}: the consumer has not polled for {silent:.0f} s"
+        return None
+
+    def _waiting(self) -> int:
+        """Records this loop could move on now: the stall watchdog's lag.
+
+        Records waiting on purpose are left out: a tier lane's head that is not due, a
+        lane paused at the held-records bound, everything while the breaker is open.
+        """
+        if self.breaker.state == "open":
+            return 0
+        return sum(
+            len(lane.pending) for lane in self._lanes.values() if not (lane.waiting or lane.blocked)
+        )
+
+    def _set_aside(self, msg: Message) -> bool:
+        """True for a record of a partition being restored: it is read again afterwards."""
+        partition = msg.partition() or 0
+        if partition not in self._restoring:
+            return False
+        tp = (msg.topic() or "", partition)
+        offset = msg.offset() or 0
+        self._rewind[tp] = min(self._rewind.get(tp, offset), offset)
+        return True
 
     def _lane_of(self, msg: Message) -> _Lane:
         tp = (msg.topic() or "", msg.partition() or 0)
@@ -270,6 +352,12 @@ class WebhookDelivery:
 
     def _apply_flow(self) -> None:
         want = {tp for tp, lane in self._lanes.items() if lane.wants_pause(tp in self._paused)}
+        with self._restore_lock:
+            restoring = set(self._restoring)
+        want |= {tp for tp in self._assigned if tp[1] in restoring}
+        for tp in [tp for tp in self._rewind if tp[1] not in restoring]:
+            # Records fetched before the partition was paused for its restore: again.
+            self._consumer.seek(TopicPartition(tp[0], tp[1], self._rewind.pop(tp)))
         if pause := want - self._paused:
             self._consumer.pause([TopicPartition(t, p) for t, p in pause])
         if resume := self._paused - want:
@@ -298,15 +386,27 @@ class WebhookDelivery:
         consumer.resume(parts)
         mine = {tp.partition for tp in parts if tp.topic == self.topics.main}
         self._mine |= mine
+        self._assigned |= {(tp.topic, tp.partition) for tp in parts}
         self._share(consumer)
         self._halting -= {tp.partition for tp in parts}
         if self._parking is None or self._loop is None:
             return
-        for partition in sorted({tp.partition for tp in parts} - self._parking.partitions()):
-            to_release = self._parking.restore(partition)
-            if to_release:
-                self._loop.call_soon_threadsafe(self._start_releases, partition, to_release)
-        self.metrics.parked.labels(self.destination).set(len(self._parking))
+        # The parked state is read beside the poll loop, however long its changelog, with
+        # the partition paused in every topic until it is in: never inside this callback,
+        # where a long read would hold up polling and the group.
+        with self._restore_lock:
+            new = sorted(
+                {tp.partition for tp in parts} - self._parking.partitions() - set(self._restoring)
+            )
+            if not new:
+                return
+            paused = [tp for tp in parts if tp.partition in new]
+            consumer.pause(paused)
+            self._paused |= {(tp.topic, tp.partition) for tp in paused}
+            for partition in new:
+                self._restoring[partition] = threading.Event()
+        self.metrics.restoring.labels(self.destination).set(len(self._restoring))
+        self._loop.call_soon_threadsafe(self._start_restores, new)
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in parts}
@@ -321,6 +421,14 @@ class WebhookDelivery:
             self._committed.pop(tp, None)
             self._paused.discard(tp)
         self._mine -= {tp.partition for tp in parts if tp.topic == self.topics.main}
+        self._assigned -= revoked
+        for tp in revoked:
+            self._rewind.pop(tp, None)
+        with self._restore_lock:
+            for partition in {tp.partition for tp in parts}:
+                if (cancelled := self._restoring.pop(partition, None)) is not None:
+                    cancelled.set()
+        self.metrics.restoring.labels(self.destination).set(len(self._restoring))
         self._share(consumer)
 
     async def _revoke(self, lanes: list[_Lane], partitions: set[int]) -> None:
@@ -332,6 +440,63 @@ class WebhookDelivery:
         if self._parking is not None:
             for partition in partitions:
                 self._parking.drop(partition)
+            self._count_parked()
+
+    # -- restoring the parked state ------------------------------------------------------
+
+    def _start_restores(self, partitions: list[int]) -> None:
+        task = asyncio.create_task(self._restore(partitions))
+        self._restores.add(task)
+        task.add_done_callback(self._restores.discard)
+
+    async def _restore(self, partitions: list[int]) -> None:
+        """Read each partition's parked state off the poll loop, then let it flow again."""
+        parking, loop = self._parking, self._loop
+        assert parking is not None
+        assert loop is not None
+        for partition in partitions:
+            delay = 1.0
+            while (cancelled := self._restoring.get(partition)) is not None:
+                try:
+                    restored: Restored = await loop.run_in_executor(
+                        self._restore_pool,
+                        partial(parking.read, partition, cancelled, self.watchdog.progress),
+                    )
+                except (RuntimeError, TimeoutError, KafkaException) as exc:
+                    log.warning(
+                        "restoring parked keys failed; retrying",
+                        destination=self.destination,
+                        partition=partition,
+                        error=str(exc),
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                if restored is None or self._restoring.get(partition) is not cancelled:
+                    break  # revoked meanwhile (and maybe assigned again: read again)
+                to_release = parking.install(partition, restored)
+                with self._restore_lock:
+                    del self._restoring[partition]  # the next `_apply_flow` resumes it
+                self.metrics.restoring.labels(self.destination).set(len(self._restoring))
+                self._count_parked()
+                log.info(
+                    "parked keys restored",
+                    destination=self.destination,
+                    partition=partition,
+                    keys=len(restored[0]),
+                )
+                if to_release:
+                    self._start_releases(partition, to_release)
+                break
+
+    def _count_parked(self) -> None:
+        parking = self._parking
+        if parking is None:
+            return
+        self.metrics.parked.labels(self.destination).set(len(parking))
+        self.metrics.held.labels(self.destination).set(parking.held_count)
+        if parking.held_count < self.settings.max_held_records:
+            self._room.set()
 
     async def _stop_lanes(
         self, lanes: list[_Lane], releases: list[asyncio.Task[None]] | None = None
@@ -371,17 +536,19 @@ class WebhookDelivery:
                 continue
             chunk = [lane.pending[i] for i in range(min(size, len(lane.pending)))]
             if lane.tier is None:
-                await self._handle_new(lane, chunk)
+                if not await self._handle_new(lane, chunk):
+                    continue  # stopping at the held-records bound: nothing of it done
             else:
                 await self._handle_retry(lane, chunk[0])
             for msg in chunk:
                 lane.pending.popleft()
                 self._done[lane.tp] = (msg.offset() or 0) + 1
+            self.watchdog.progress()
 
     async def _until_due(self, lane: _Lane) -> bool:
         """Wait until the head of a tier lane is due; False when the lane is stopping."""
         head = lane.pending[0]
-        due_ms = int_header(header_map(message_headers(head)), RETRY_DUE) or 0
+        due_ms = retry_due_ms(header_map(message_headers(head)), _ts(head), _now_ms(), self.policy)
         wait = due_ms / 1000 - time.time()
         if wait > 0:
             lane.waiting = True
@@ -397,9 +564,14 @@ class WebhookDelivery:
         )
         return True
 
-    async def _handle_new(self, lane: _Lane, chunk: list[Message]) -> None:
-        """Records of the destination topic: deliver, or hold behind their parked key."""
+    async def _handle_new(self, lane: _Lane, chunk: list[Message]) -> bool:
+        """Records of the destination topic: deliver, or hold behind their parked key.
+
+        False (nothing done) when the lane stops while it waits for room to hold a record.
+        """
         parking = self._parking
+        if parking is not None and not await self._room_to_hold(lane, chunk):
+            return False
         ready: list[tuple[Message, dict[str, Any]]] = []
         for msg in chunk:
             key = msg.key()
@@ -407,13 +579,13 @@ class WebhookDelivery:
                 held = parking.hold(lane.partition, key, _held(msg, _ref(msg)))
                 await self._durably(partial(parking.persist, lane.partition, key, held))
                 self.metrics.events.labels(self.destination, "held").inc()
-                self.metrics.parked.labels(self.destination).set(len(parking))
+                self._count_parked()
                 continue
             event = await self._decode(msg)
             if event is not None:
                 ready.append((msg, event))
         if not ready:
-            return
+            return True
         error = await self._attempt([event for _, event in ready])
         now = _now_ms()
         for msg, _ in ready:
@@ -432,7 +604,30 @@ class WebhookDelivery:
             )
             if moved and parking is not None and key is not None:
                 await self._durably(partial(parking.park, lane.partition, key, _ref(msg), 1))
-                self.metrics.parked.labels(self.destination).set(len(parking))
+                self._count_parked()
+        return True
+
+    async def _room_to_hold(self, lane: _Lane, chunk: list[Message]) -> bool:
+        """Wait while a record of `chunk` must be held and the held-records bound is reached.
+
+        The lane's partition is paused meanwhile; records of other partitions, retries and
+        releases go on, and a release makes room. False when the lane stops first.
+        """
+        parking = self._parking
+        assert parking is not None
+        bound = self.settings.max_held_records
+        if parking.held_count < bound or not any(
+            (key := msg.key()) is not None and parking.get(lane.partition, key) for msg in chunk
+        ):
+            return True
+        lane.blocked = True
+        try:
+            while parking.held_count >= bound and not lane.stopping:
+                self._room.clear()
+                await self._room.wait()
+        finally:
+            lane.blocked = False
+        return not lane.stopping
 
     async def _handle_retry(self, lane: _Lane, msg: Message) -> None:
         """A due record of a retry tier: try again; on to the next tier, or the DLQ."""
@@ -516,12 +711,15 @@ class WebhookDelivery:
                     # The held record is the key's new head: the rest waits behind it.
                     await self._durably(partial(parking.park, partition, key, held.ref, 1))
                     await self._durably(partial(parking.released, partition, key, held))
+                    self._count_parked()
                     return
             await self._durably(partial(parking.released, partition, key, held))
+            self._count_parked()
+            self.watchdog.progress()
         if partition in self._halting:
             return  # revoked: the next owner goes on from the changelog
         await self._durably(partial(parking.freed, partition, key))
-        self.metrics.parked.labels(self.destination).set(len(parking))
+        self._count_parked()
 
     # -- attempts and their outcomes -----------------------------------------------------
 

@@ -4,6 +4,11 @@ It owns no warehouse, so any number of them can run side by side: each destinati
 is a consumer group of its own (`<SLUICE_DELIVERY_CONSUMER_GROUP>-<destination>`) and
 Kafka shares its partitions between the processes. It follows the config topic:
 destinations appear, change and go without a restart.
+
+`/ready` tells the truth: it fails while a destination's loop has records it could move
+on but moved none for `SLUICE_DELIVERY_STALL_AFTER_S` (a loop stuck in an await), and
+once a loop died; a dead loop also stops the process with exit status 1, so that its
+supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from connectors.delivery import DeliveryMetrics, WebhookDelivery
 from ops.config import PipelineConfig, WebhookConfig
 from ops.live import ConfigFollower
-from ops.settings import DeliverySettings, KafkaSettings, TransformSettings
+from ops.settings import DeliverySettings, KafkaSettings
 from ops.topics import Topics
 from schemas.codec import event_codec
 
@@ -71,6 +76,8 @@ class Deliveries:
         self.group = group
         self.metrics = metrics
         self.running: dict[str, WebhookDelivery] = {}
+        # Loops that died, with why: the process is not ready again and exits with 1.
+        self.failed: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._changing = asyncio.Lock()
 
@@ -94,13 +101,24 @@ class Deliveries:
                     self._tasks[name] = task
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
+        if task.cancelled() or (error := task.exception()) is None:
             return
-        # A loop that failed (not one that was stopped): stop the process, so that its
-        # supervisor restarts it and the destination's partitions go on from their
-        # committed offsets (here or in another delivery process).
+        # A loop that failed (not one that was stopped): not ready from now on, and the
+        # process stops (exit status 1), so that its supervisor restarts it and the
+        # destination's partitions go on from their committed offsets (here or in another
+        # delivery process).
+        cause = error.__cause__ or error
+        self.failed[task.get_name()] = f"delivery loop {task.get_name()} died: {cause!r}"
         log.error("delivery loop failed; stopping", destination=task.get_name())
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def problems(self) -> dict[str, str]:
+        """Why destinations are not ready: a dead loop, a stall; empty when all are ready."""
+        found = dict(self.failed)
+        for name, delivery in self.running.items():
+            if name not in found and (problem := delivery.problem()) is not None:
+                found[name] = problem
+        return found
 
     async def stop(self) -> None:
         """Stop every loop: each finishes the records in hand and commits."""
@@ -118,9 +136,21 @@ class Deliveries:
                 log.error("delivery loop failed", destination=name, error=repr(result))
 
 
+DELIVERIES = web.AppKey("deliveries", Deliveries)
+
+
 async def handle_health(_request: web.Request) -> web.Response:
     """`GET /health`."""
     return web.json_response({"status": "ok"})
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    """`GET /ready`: 200 while every destination's loop is alive and moving; else 503."""
+    deliveries = request.app[DELIVERIES]
+    problems = deliveries.problems()
+    if problems:
+        return web.json_response({"status": "not ready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready", "destinations": sorted(deliveries.running)})
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -130,23 +160,18 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 
 def create_app(
-    settings: DeliverySettings,
-    kafka: KafkaSettings,
-    cfg: PipelineConfig,
-    transforms: TransformSettings | None = None,
+    settings: DeliverySettings, kafka: KafkaSettings, cfg: PipelineConfig
 ) -> web.Application:
-    """The delivery process's app: the loops run from startup to cleanup.
-
-    `transforms`: the modules config records may name transforms from (None: none).
-    """
+    """The delivery process's app: the loops run from startup to cleanup."""
     app = web.Application()
     app[REGISTRY] = CollectorRegistry()
+    app[DELIVERIES] = Deliveries(
+        kafka, settings.consumer_group, DeliveryMetrics(app[REGISTRY]), settings
+    )
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        deliveries = Deliveries(
-            kafka, settings.consumer_group, DeliveryMetrics(app[REGISTRY]), settings
-        )
+        deliveries = app[DELIVERIES]
         await deliveries.apply(cfg)
         changes: set[asyncio.Task[None]] = set()
 
@@ -155,13 +180,7 @@ def create_app(
             changes.add(change)
             change.add_done_callback(changes.discard)
 
-        follower = ConfigFollower(
-            kafka,
-            cfg,
-            lambda new: loop.call_soon_threadsafe(follow, new),
-            transforms,
-            app[REGISTRY],
-        )
+        follower = ConfigFollower(kafka, cfg, lambda new: loop.call_soon_threadsafe(follow, new))
         follower.start()
         log.info("deliveries started", destinations=sorted(deliveries.running))
         yield
@@ -173,21 +192,25 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/health", handle_health)
+    app.router.add_get("/ready", handle_ready)
     app.router.add_get("/metrics", handle_metrics)
     return app
 
 
-def run(
-    settings: DeliverySettings,
-    kafka: KafkaSettings,
-    cfg: PipelineConfig,
-    transforms: TransformSettings,
-) -> None:
-    """Serve until SIGTERM/SIGINT; in-flight records finish and their offsets are committed."""
+def run(settings: DeliverySettings, kafka: KafkaSettings, cfg: PipelineConfig) -> None:
+    """Serve until SIGTERM/SIGINT; in-flight records finish and their offsets are committed.
+
+    Exits with status 1 when it stopped because a delivery loop died.
+    """
+    app = create_app(settings, kafka, cfg)
     web.run_app(
-        create_app(settings, kafka, cfg, transforms),
+        app,
         host=settings.host,
         port=settings.port,
         access_log=None,
         print=lambda *_: None,
     )
+    if failed := app[DELIVERIES].failed:
+        # A dead loop stopped the process: say so to its supervisor.
+        log.error("stopped after a delivery loop died", destinations=sorted(failed))
+        raise SystemExit(1)

@@ -19,9 +19,11 @@ A tombstone removes either once it is done.
 from __future__ import annotations
 
 import base64
+import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -81,6 +83,11 @@ def _decode_held(seq: int, data: bytes) -> Held:
     )
 
 
+# A partition's state as read from the changelog (keys, next sequence number); None when
+# the read was given up.
+Restored = tuple[dict[bytes, "KeyState"], int] | None
+
+
 class ParkedKeys:
     """The parked keys of one destination, by partition, backed by its changelog topic."""
 
@@ -90,6 +97,7 @@ class ParkedKeys:
         self.producer = producer
         self._parts: dict[int, dict[bytes, KeyState]] = {}
         self._next_seq: dict[int, int] = {}
+        self._held: dict[int, int] = {}
 
     def __len__(self) -> int:
         return sum(len(keys) for keys in self._parts.values())
@@ -98,11 +106,19 @@ class ParkedKeys:
         """The partitions whose state is loaded."""
         return set(self._parts)
 
-    def restore(self, partition: int, timeout: float = 30.0) -> list[bytes]:
-        """Load a partition's state from the changelog (blocking); keys to release now.
+    def read(
+        self,
+        partition: int,
+        cancelled: threading.Event | None = None,
+        progress: Callable[[], None] | None = None,
+        idle_timeout: float = 30.0,
+    ) -> Restored:
+        """Read a partition's state from the changelog (blocking; run it beside the poll loop).
 
-        The returned keys have no head in a tier (a release was under way when the
-        previous owner stopped): their held records must be released by the caller.
+        However long the changelog, this only reads: `install` makes the state current.
+        It gives up (None) when `cancelled` is set (the partition was revoked meanwhile),
+        calls `progress` after each batch, and raises TimeoutError only when the broker
+        sent nothing for `idle_timeout` s before the end was reached.
         """
         consumer = Consumer(
             self.kafka.client_config()
@@ -117,15 +133,23 @@ class ParkedKeys:
         seq = 0
         try:
             tp = TopicPartition(self.topic, partition)
-            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            low, high = consumer.get_watermark_offsets(tp, timeout=idle_timeout)
             if high > low:
                 consumer.assign([TopicPartition(self.topic, partition, low)])
-                deadline = time.monotonic() + timeout
+                last_seen = time.monotonic()
                 done = False
                 while not done:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"restoring {self.topic}[{partition}] timed out")
-                    for msg in consumer.consume(1000, 0.5):
+                    if cancelled is not None and cancelled.is_set():
+                        return None
+                    msgs = consumer.consume(1000, 0.5)
+                    if msgs:
+                        last_seen = time.monotonic()
+                    elif time.monotonic() - last_seen > idle_timeout:
+                        raise TimeoutError(
+                            f"restoring {self.topic}[{partition}]: nothing read for"
+                            f" {idle_timeout:.0f} s"
+                        )
+                    for msg in msgs:
                         err = msg.error()
                         if err is not None:
                             if err.code() == KafkaError._PARTITION_EOF:
@@ -149,20 +173,45 @@ class ParkedKeys:
                                 held.setdefault(key, {})[n] = _decode_held(n, value)
                         if (msg.offset() or 0) >= high - 1:
                             done = True
+                    if progress is not None:
+                        progress()
         finally:
             consumer.close()
         for key, records in held.items():
             if records:
                 state = states.setdefault(key, KeyState(None))
                 state.held.extend(records[n] for n in sorted(records))
+        return states, seq
+
+    def install(self, partition: int, restored: tuple[dict[bytes, KeyState], int]) -> list[bytes]:
+        """Make a partition's state (from `read`) current; the keys to release now.
+
+        The returned keys have no head in a tier (a release was under way when the
+        previous owner stopped): their held records must be released by the caller.
+        """
+        states, seq = restored
+        self.drop(partition)
         self._parts[partition] = states
         self._next_seq[partition] = seq
+        self._held[partition] = sum(len(state.held) for state in states.values())
         return [key for key, state in states.items() if state.head is None]
+
+    def restore(self, partition: int, timeout: float = 30.0) -> list[bytes]:
+        """`read` and `install` in one blocking call; the keys to release now."""
+        restored = self.read(partition, idle_timeout=timeout)
+        assert restored is not None  # never cancelled
+        return self.install(partition, restored)
+
+    @property
+    def held_count(self) -> int:
+        """Records held in memory behind parked keys, over every partition."""
+        return sum(self._held.values())
 
     def drop(self, partition: int) -> None:
         """Forget a partition's state (it was revoked; its next owner restores it)."""
         self._parts.pop(partition, None)
         self._next_seq.pop(partition, None)
+        self._held.pop(partition, None)
 
     def get(self, partition: int, key: bytes) -> KeyState | None:
         """The state of a parked key, or None when the key is free."""
@@ -183,6 +232,7 @@ class ParkedKeys:
         self._next_seq[partition] = seq + 1
         held = Held(seq, record.ref, record.value, record.headers, record.timestamp_ms)
         self._parts[partition][key].held.append(held)
+        self._held[partition] = self._held.get(partition, 0) + 1
         return held
 
     async def persist(self, partition: int, key: bytes, held: Held) -> None:
@@ -212,6 +262,7 @@ class ParkedKeys:
         state = self.get(partition, key)
         if state is not None and state.held and state.held[0].seq == held.seq:
             state.held.popleft()
+            self._held[partition] = max(0, self._held.get(partition, 0) - 1)
         await self._write(partition, [(_held_key(key, held.seq), None, None)])
 
     async def freed(self, partition: int, key: bytes) -> None:

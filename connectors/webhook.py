@@ -32,6 +32,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
+from connectors.retry import parse_retry_after
 from ops.config import SECRET_REF, Breaker, WebhookConfig
 from ops.settings import DeliverySettings
 from schemas.errors import DestinationUnavailable, SluiceError
@@ -364,9 +365,5 @@ def _is_ip(host: str) -> bool:
 
 
 def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
+    # Seconds or an HTTP-date; how long is too long is the retry policy's cap.
+    return parse_retry_after(value)

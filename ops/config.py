@@ -100,6 +100,10 @@ class RetryPolicy(_Model):
     max_age_s: float = Field(default=0.0, ge=0)
     jitter: float = Field(default=0.1, ge=0, le=1)
     preserve_order: bool = False
+    # The longest wait a destination's `Retry-After` is honoured for; longer (or
+    # infinite) values are capped to it, unparseable ones ignored, so a header never
+    # parks a record for years.
+    max_retry_after_s: float = Field(default=3600.0, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _tiers_parse(self) -> RetryPolicy:

@@ -169,6 +169,16 @@ class DeliverySettings(BaseSettings):
     port: int = 8125
     # Each destination is delivered by the consumer group `<consumer_group>-<destination>`.
     consumer_group: str = "sluice-delivery"
+    # `/ready` fails when a destination has records waiting but moved none on (delivered,
+    # to a retry tier, dead-lettered, held) for this long: a loop stuck in an await.
+    stall_after_s: float = 120.0
+    # Order-preserving retries: at most this many records of a destination are held in
+    # memory behind parked keys; at the bound, a partition whose next record must be held
+    # is paused until they drain (records of other partitions go on).
+    max_held_records: int = 10_000
+    # The consumer's max.poll.interval.ms: the poll loop never blocks (restores of the
+    # parked changelog run beside it), so Kafka's default is kept.
+    max_poll_interval_ms: int = 300_000
     # `${NAME}` in a webhook's URL, headers and auth expands only names that start with
     # this prefix (empty: none do), or that the destination lists in `secrets`; anything
     # else refuses the config. Every process checks configs: set it alike on all of them.

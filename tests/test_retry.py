@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -13,7 +14,9 @@ from connectors.retry import (
     failure_headers,
     header_map,
     origin_of,
+    parse_retry_after,
     plan_retry,
+    retry_due_ms,
 )
 from ops.config import RetryPolicy, parse_config
 from schemas.errors import ConfigError, DestinationUnavailable
@@ -60,6 +63,73 @@ def test_retry_after_picks_a_tier_at_least_that_long_and_is_never_early() -> Non
     assert plan_retry(policy, 1, NOW, NOW, retry_after_s=30) == RetryPlan(1, NOW + 60_000)
     # Longer than every tier: the last one, due when the destination asked.
     assert plan_retry(policy, 1, NOW, NOW, retry_after_s=900) == RetryPlan(2, NOW + 900_000)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 2.5 ", 2.5),
+        ("-5", 0.0),
+        ("inf", math.inf),
+        ("1e400", math.inf),
+        ("99999999999", 99_999_999_999.0),
+        ("nan", None),
+        ("", None),
+        (None, None),
+        ("soon", None),
+        ("\u00ff\u0000", None),
+        # HTTP-dates: in the past means now; far out is taken as asked (the policy caps it).
+        ("Sun, 06 Nov 1994 08:49:37 GMT", 0.0),
+        ("Fri, 15 Jan 2027 08:00:30 GMT", 30.0),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 253_402_300_799.0 - NOW / 1000),
+        ("Fri, 31 Dec 99999 23:59:59 GMT", None),
+        ("Mon, 32 Foo 2026 99:99:99 GMT", None),
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_a_date_and_junk_is_ignored(
+    header: str | None, seconds: float | None
+) -> None:
+    assert parse_retry_after(header, now_s=NOW / 1000) == seconds
+
+
+@pytest.mark.parametrize(
+    "retry_after_s",
+    [math.inf, -math.inf, math.nan, -5.0, 99_999_999_999.0, 1e308, 10**30],
+)
+def test_an_absurd_retry_after_is_capped_by_the_policy_never_a_crash(retry_after_s: float) -> None:
+    policy = RetryPolicy(tiers=("1s", "5s"), jitter=0)
+    plan = plan_retry(policy, 1, NOW, NOW, retry_after_s=retry_after_s)
+    assert plan is not None
+    # Never before the tier's delay, never after the default cap of an hour.
+    assert NOW + 1000 <= plan.due_ms <= NOW + 3_600_000
+    capped = RetryPolicy(tiers=("1s", "5s"), jitter=0.5, max_retry_after_s=60)
+    plan = plan_retry(capped, 1, NOW, NOW, retry_after_s=retry_after_s)
+    assert plan is not None
+    assert NOW + 1000 <= plan.due_ms <= NOW + 90_000
+
+
+def test_a_retry_after_up_to_the_cap_is_honoured() -> None:
+    policy = RetryPolicy(tiers=("1s", "5s"), jitter=0, max_retry_after_s=120)
+    assert plan_retry(policy, 1, NOW, NOW, retry_after_s=90) == RetryPlan(1, NOW + 90_000)
+    assert plan_retry(policy, 1, NOW, NOW, retry_after_s=900) == RetryPlan(1, NOW + 120_000)
+    # A cap below the last tier: the tier's own delay still holds.
+    short = RetryPolicy(tiers=("1s", "5s"), jitter=0, max_retry_after_s=2)
+    assert plan_retry(short, 1, NOW, NOW, retry_after_s=math.inf) == RetryPlan(1, NOW + 5000)
+    with pytest.raises(ValueError, match="max_retry_after_s"):
+        RetryPolicy(max_retry_after_s=math.inf)
+
+
+def test_a_due_time_further_out_than_the_policy_allows_is_brought_in() -> None:
+    policy = RetryPolicy(tiers=("1s", "5s"), jitter=0.1, max_retry_after_s=60)
+    written = NOW - 2000
+    assert retry_due_ms({"sluice.retry.due": str(NOW + 3000)}, written, NOW, policy) == NOW + 3000
+    for junk in (str(10**30), "99999999999999", "x", "-7"):
+        due = retry_due_ms({"sluice.retry.due": junk}, written, NOW, policy)
+        assert due <= written + 66_000
+    # A record claiming to be written in the future is measured from now.
+    far = retry_due_ms({"sluice.retry.due": str(10**20)}, NOW + 10**12, NOW, policy)
+    assert far == NOW + 66_000
 
 
 def test_tiers_must_grow() -> None:

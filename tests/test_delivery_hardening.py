@@ -1,0 +1,303 @@
+"""The delivery process against hostile destinations and long waits, on the real broker:
+absurd `Retry-After` values, a key parked behind a long retry, a long parked changelog,
+a stalled destination loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+
+from ops.settings import KafkaSettings
+from ops.traffic import sample_events
+from tests.pipeline import (
+    Pipeline,
+    envelope_records,
+    free_port,
+    group_lag,
+    pipeline_with_topics,
+    produce,
+    read_records,
+    until,
+    webhook_receiver,
+)
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+sources:
+  - id: test-src
+    write_keys: [{key}]
+destinations:
+  - id: hook
+    type: webhook
+    sources: [test-src]
+    retry: RETRY
+    settings:
+      url: http://127.0.0.1:PORT/hook
+      timeout_s: TIMEOUT
+      breaker: {failures: 1000, cooldown_s: 1}
+"""
+
+
+def _pipeline(
+    tmp_path: Path, broker: str, prefix: str, port: int, retry: str, timeout_s: float = 2
+) -> Pipeline:
+    config = (
+        CONFIG.replace("PORT", str(port)).replace("RETRY", retry).replace("TIMEOUT", str(timeout_s))
+    )
+    return pipeline_with_topics(tmp_path, broker, prefix, config)
+
+
+def _kafka(pipe: Pipeline) -> KafkaSettings:
+    return KafkaSettings(bootstrap_servers=pipe.bootstrap, topic_prefix=pipe.prefix)
+
+
+def _ready(pipe: Pipeline) -> tuple[int, dict[str, object]]:
+    """The delivery process's `/ready`: status and body."""
+    url = f"http://127.0.0.1:{pipe.delivery_port}/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+# What hostile or broken destinations send as Retry-After: non-finite, negative, absurdly
+# large, dates far out or long past, garbage.
+HOSTILE_RETRY_AFTER = [
+    "inf",
+    "Infinity",
+    "-inf",
+    "nan",
+    "1e400",
+    "-5",
+    "99999999999",
+    str(10**30),
+    "Fri, 31 Dec 9999 23:59:59 GMT",
+    "Sun, 06 Nov 1994 08:49:37 GMT",
+    "Fri, 31 Dec 99999 23:59:59 GMT",
+    "soon, maybe",
+    "",
+]
+
+
+async def test_absurd_retry_after_values_are_capped_and_every_record_is_delivered(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    per_header = 4
+    messages = sample_events(len(HOSTILE_RETRY_AFTER) * per_header, users=40, seed=21)
+    header_of = {
+        m["messageId"]: HOSTILE_RETRY_AFTER[i % len(HOSTILE_RETRY_AFTER)]
+        for i, m in enumerate(messages)
+    }
+    attempts: dict[str, list[float]] = defaultdict(list)
+    delivered: dict[str, int] = defaultdict(int)
+
+    async def hook(request: web.Request) -> web.Response:
+        mid = orjson.loads(await request.read())["messageId"]
+        attempts[mid].append(time.time())
+        if len(attempts[mid]) == 1:
+            status = 429 if len(mid) % 2 else 503
+            return web.Response(status=status, headers={"Retry-After": header_of[mid]})
+        delivered[mid] += 1
+        return web.Response(status=200)
+
+    # The policy caps a Retry-After at 3 s; the tiers are 1 s and 2 s.
+    pipe = _pipeline(
+        tmp_path, broker, prefix, port, "{tiers: [1s, 2s], max_attempts: 5, max_retry_after_s: 3}"
+    )
+    kafka = _kafka(pipe)
+    topic = f"{prefix}.dest.hook"
+    tiers = [f"{topic}.retry.1s", f"{topic}.retry.2s"]
+    async with webhook_receiver(port, hook):
+        await asyncio.to_thread(pipe.start, "deliver")
+        try:
+            await asyncio.to_thread(produce, kafka, topic, envelope_records(messages))
+            await until(lambda: len(delivered) == len(messages), 90, "every record delivered")
+            await until(
+                lambda: group_lag(kafka, f"{prefix}-delivery-hook", [topic, *tiers]) == 0,
+                30,
+                "the consumer lag drained",
+            )
+            # The process is alive, and ready.
+            assert pipe.services["deliver"].pid() is not None
+            status, body = await asyncio.to_thread(_ready, pipe)
+            assert status == 200, body
+        finally:
+            await asyncio.to_thread(pipe.stop)
+
+    assert set(delivered.values()) == {1}
+    assert all(len(times) == 2 for times in attempts.values())
+    retried = [m for t in tiers for m in await asyncio.to_thread(read_records, kafka, t)]
+    assert len(retried) == len(messages)
+    assert not await asyncio.to_thread(read_records, kafka, f"{topic}.dlq")
+    for msg in retried:
+        h = {k: v.decode() for k, v in msg.headers()}
+        wait_s = (int(h["sluice.retry.due"]) - int(h["sluice.last.failure"])) / 1000
+        # Within the cap (plus the policy's jitter), never negative.
+        assert 1.0 <= wait_s <= 3 * 1.1 + 0.01, h
+
+
+def _metric(pipe: Pipeline, name: str) -> float:
+    text = urllib.request.urlopen(
+        f"http://127.0.0.1:{pipe.delivery_port}/metrics", timeout=10
+    ).read()
+    for line in text.decode().splitlines():
+        if line.startswith(name) and 'destination="hook"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in the delivery process's metrics")
+
+
+async def test_a_stalled_destination_loop_fails_ready_with_the_reason_and_progress_clears_it(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    answer = asyncio.Event()
+    delivered: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        # The first request hangs (a destination that accepts the connection and never
+        # answers, within a 60 s timeout) until the test lets it go.
+        await answer.wait()
+        delivered.append(orjson.loads(await request.read())["messageId"])
+        return web.Response(status=200)
+
+    pipe = _pipeline(tmp_path, broker, prefix, port, "{tiers: [1s]}", timeout_s=60)
+    pipe.env["SLUICE_DELIVERY_STALL_AFTER_S"] = "3"
+    kafka = _kafka(pipe)
+    messages = sample_events(5, users=1, seed=4)
+    async with webhook_receiver(port, hook):
+        await asyncio.to_thread(pipe.start, "deliver")
+        try:
+            status, body = await asyncio.to_thread(_ready, pipe)
+            assert status == 200, body
+            await asyncio.to_thread(
+                produce, kafka, f"{prefix}.dest.hook", envelope_records(messages), 0
+            )
+
+            async def not_ready() -> tuple[int, dict[str, object]]:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    status, body = await asyncio.to_thread(_ready, pipe)
+                    if status != 200:
+                        return status, body
+                    await asyncio.sleep(0.5)
+                raise AssertionError("/ready never failed while the loop was stuck")
+
+            status, body = await not_ready()
+            assert status == 503
+            problems = body["problems"]
+            assert isinstance(problems, dict)
+            assert "stalled" in problems["hook"]
+            assert "records waiting" in problems["hook"]
+            stalled_for = await asyncio.to_thread(
+                _metric, pipe, "sluice_delivery_seconds_since_progress"
+            )
+            assert stalled_for > 3
+            assert delivered == []
+
+            # The destination answers: records move again and /ready is green.
+            answer.set()
+            await until(lambda: len(delivered) == len(messages), 60, "every record delivered")
+            await until(lambda: _ready(pipe)[0] == 200, 30, "/ready green again")
+            assert (
+                await asyncio.to_thread(_metric, pipe, "sluice_delivery_seconds_since_progress")
+                == 0
+            )
+        finally:
+            answer.set()
+            await asyncio.to_thread(pipe.stop)
+    assert sorted(delivered) == sorted(m["messageId"] for m in messages)
+
+
+async def test_records_held_behind_a_parked_key_stay_within_the_bound_and_go_out_in_order(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    bound, hot_count = 50, 400
+    failing = True
+    arrived: dict[str, list[str]] = defaultdict(list)
+
+    async def hook(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        if body["messageId"] == "hot-0" and failing:
+            return web.Response(status=503)
+        arrived[body["userId"]].append(body["messageId"])
+        return web.Response(status=200)
+
+    retry = "{tiers: [1s], max_attempts: 1000, preserve_order: true}"
+    pipe = _pipeline(tmp_path, broker, prefix, port, retry)
+    pipe.env["SLUICE_DELIVERY_MAX_HELD_RECORDS"] = str(bound)
+    kafka = _kafka(pipe)
+    topic = f"{prefix}.dest.hook"
+    hot = [
+        {"type": "track", "event": "Step", "userId": "hot", "messageId": f"hot-{i}"}
+        for i in range(hot_count)
+    ]
+    # Other keys behind the hot one in its partition, and keys in the other partitions.
+    behind = [
+        {"type": "track", "event": "Step", "userId": f"b{i}", "messageId": f"b-{i}"}
+        for i in range(20)
+    ]
+    others = [
+        {"type": "track", "event": "Step", "userId": f"o{i}", "messageId": f"o-{i}"}
+        for i in range(60)
+    ]
+    held_seen: list[float] = []
+    async with webhook_receiver(port, hook):
+        await asyncio.to_thread(pipe.start, "deliver")
+        try:
+            await asyncio.to_thread(produce, kafka, topic, envelope_records(hot + behind), 0)
+            for p in (1, 2, 3):
+                await asyncio.to_thread(
+                    produce, kafka, topic, envelope_records(others[(p - 1) * 20 : p * 20]), p
+                )
+            # The head keeps failing: the partition fills up to the bound and is paused
+            # there, while the other partitions are delivered.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                held_seen.append(
+                    await asyncio.to_thread(_metric, pipe, "sluice_retry_held_records")
+                )
+                if held_seen[-1] >= bound and len(held_seen) > 20:
+                    break
+                await asyncio.sleep(0.2)
+            for _ in range(15):  # and stays there
+                await asyncio.sleep(0.2)
+                held_seen.append(
+                    await asyncio.to_thread(_metric, pipe, "sluice_retry_held_records")
+                )
+            assert max(held_seen) == bound, held_seen
+            assert held_seen[-1] == bound
+            assert await asyncio.to_thread(_metric, pipe, "sluice_delivery_paused_partitions") >= 1
+            await until(
+                lambda: sum(len(arrived[f"o{i}"]) for i in range(60)) == 60,
+                60,
+                "the other partitions delivered meanwhile",
+            )
+            assert arrived["hot"] == []
+            status, body = await asyncio.to_thread(_ready, pipe)
+            assert status == 200, body  # waiting on purpose is not a stall
+
+            failing = False
+            await until(
+                lambda: (
+                    len(arrived["hot"]) == hot_count and all(arrived[f"b{i}"] for i in range(20))
+                ),
+                120,
+                "everything delivered after the head",
+            )
+            await until(lambda: _metric(pipe, "sluice_retry_held_records") == 0, 30, "nothing held")
+        finally:
+            await asyncio.to_thread(pipe.stop)
+    assert arrived["hot"] == [f"hot-{i}" for i in range(hot_count)]
+    assert all(arrived[f"b{i}"] == [f"b-{i}"] for i in range(20))
