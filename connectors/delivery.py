@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-import aiohttp
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -47,7 +46,13 @@ from connectors.retry import (
     plan_retry,
     retry_due_ms,
 )
-from connectors.webhook import CircuitBreaker, DeliveryRejected, Pacer, WebhookClient
+from connectors.webhook import (
+    CircuitBreaker,
+    DeliveryRejected,
+    Pacer,
+    WebhookClient,
+    webhook_session,
+)
 from ops.config import RetryPolicy, WebhookConfig
 from ops.producer import EventProducer, Record
 from ops.settings import DeliverySettings, KafkaSettings
@@ -259,8 +264,8 @@ class WebhookDelivery:
         self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_commit = 0.0
         try:
-            async with aiohttp.ClientSession() as session:
-                self._client = WebhookClient(self.cfg, session)
+            async with webhook_session(self.settings) as session:
+                self._client = WebhookClient(self.cfg, session, self.settings)
                 while not self._stopping.is_set():
                     self._polled = time.monotonic()
                     self._apply_flow()

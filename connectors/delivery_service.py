@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from connectors.delivery import DeliveryMetrics, WebhookDelivery
 from ops.config import PipelineConfig, WebhookConfig
 from ops.live import ConfigFollower
-from ops.settings import DeliverySettings, KafkaSettings
+from ops.settings import DeliverySettings, KafkaSettings, TransformSettings
 from ops.topics import Topics
 from schemas.codec import event_codec
 
@@ -160,9 +160,15 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 
 def create_app(
-    settings: DeliverySettings, kafka: KafkaSettings, cfg: PipelineConfig
+    settings: DeliverySettings,
+    kafka: KafkaSettings,
+    cfg: PipelineConfig,
+    transforms: TransformSettings | None = None,
 ) -> web.Application:
-    """The delivery process's app: the loops run from startup to cleanup."""
+    """The delivery process's app: the loops run from startup to cleanup.
+
+    `transforms`: the modules config records may name transforms from (None: none).
+    """
     app = web.Application()
     app[REGISTRY] = CollectorRegistry()
     app[DELIVERIES] = Deliveries(
@@ -180,7 +186,13 @@ def create_app(
             changes.add(change)
             change.add_done_callback(changes.discard)
 
-        follower = ConfigFollower(kafka, cfg, lambda new: loop.call_soon_threadsafe(follow, new))
+        follower = ConfigFollower(
+            kafka,
+            cfg,
+            lambda new: loop.call_soon_threadsafe(follow, new),
+            transforms,
+            app[REGISTRY],
+        )
         follower.start()
         log.info("deliveries started", destinations=sorted(deliveries.running))
         yield
@@ -197,12 +209,17 @@ def create_app(
     return app
 
 
-def run(settings: DeliverySettings, kafka: KafkaSettings, cfg: PipelineConfig) -> None:
+def run(
+    settings: DeliverySettings,
+    kafka: KafkaSettings,
+    cfg: PipelineConfig,
+    transforms: TransformSettings,
+) -> None:
     """Serve until SIGTERM/SIGINT; in-flight records finish and their offsets are committed.
 
     Exits with status 1 when it stopped because a delivery loop died.
     """
-    app = create_app(settings, kafka, cfg)
+    app = create_app(settings, kafka, cfg, transforms)
     web.run_app(
         app,
         host=settings.host,
