@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 from typer.testing import CliRunner
 
@@ -176,6 +177,19 @@ def test_which_addresses_are_refused(address: str, kind: str | None) -> None:
         assert reason is None
     else:
         assert reason == f"{address} is {kind}"
+
+
+def test_docker_compose_blocks_private_targets_for_the_delivery_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compose = yaml.safe_load(
+        (Path(__file__).parent.parent / "docker-compose.kafka.yml").read_text()
+    )
+    env = compose["services"]["deliver"]["environment"]
+    monkeypatch.setenv(
+        "SLUICE_DELIVERY_BLOCK_PRIVATE_TARGETS", env["SLUICE_DELIVERY_BLOCK_PRIVATE_TARGETS"]
+    )
+    assert DeliverySettings().block_private_targets is True
 
 
 # -- real HTTP, one client ----------------------------------------------------------------
