@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -67,8 +68,8 @@ def expand(value: str, cfg: WebhookConfig, settings: DeliverySettings) -> str:
 def _expand(
     value: str, cfg: WebhookConfig, settings: DeliverySettings, escape: Callable[[str], str]
 ) -> str:
-    def one(match: Any) -> str:
-        name = str(match.group(1))
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
         # Checked again here: this process's settings decide, whoever validated the config.
         if reason := settings.secret_refusal(name, cfg.secrets):
             raise SecretUnavailable(f"${{{name}}} is not expanded: {reason}")
