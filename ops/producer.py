@@ -18,7 +18,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from ops.settings import KafkaSettings
-from schemas.errors import BrokerUnavailable
+from schemas.errors import BrokerUnavailable, RecordRefused, SluiceError
 
 Headers = list[tuple[str, str | bytes | None]]
 # (key, value, headers); a None value is a tombstone on a compacted topic.
@@ -27,13 +27,67 @@ Record = tuple[bytes | None, bytes | None, Sequence[tuple[str, str | bytes | Non
 _BUSY_POLL_S = 0.001
 _IDLE_POLL_S = 0.1
 
+# Delivery errors that come again however often the record is sent: the record is too
+# large, invalid or not allowed on its topic, or the topic is not there after librdkafka's
+# own retries. (librdkafka's `KafkaError.retriable()` is set for errors of its
+# transactional API only, never on a delivery report, so the code decides.)
+PERMANENT_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_TIMESTAMP,
+        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+    }
+)
+# Of those, the errors of a topic, not of a record: a smaller record is refused as well.
+TOPIC_ERRORS = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+    }
+)
+# Of those, the errors a broker gives a whole record batch: every record sent in it gets
+# the error, though one of them may have caused it. Sent alone, each gets its own verdict.
+BATCH_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_TIMESTAMP,
+    }
+)
+
+
+def delivery_error(err: KafkaError, topic: str) -> SluiceError:
+    """The Sluice error for a record Kafka did not take; its class says whether to send again.
+
+    RecordRefused (not retriable) for the errors in PERMANENT_ERRORS; BrokerUnavailable
+    (retriable) for everything else: a broker away, a timeout, not enough replicas, and
+    fatal producer states too (a new producer sends the record again).
+    """
+    if err.code() in PERMANENT_ERRORS and not err.retriable():
+        return RecordRefused(f"{topic}: {err.str()} ({err.name()})")
+    return BrokerUnavailable(f"{topic}: {err.str()} ({err.name()})")
+
+
+# A record's failed delivery: its index in the records sent, and the error.
+Failure = tuple[int, KafkaError]
+
 
 class _Batch:
     """Counts the delivery reports of one batch; resolves the future when the last arrives."""
 
-    __slots__ = ("error", "future", "loop", "remaining")
+    __slots__ = ("error", "failed", "future", "loop", "remaining")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int, track: bool = False) -> None:
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
         # A caller that gave up waiting (timeout) never reads the outcome: read it here so
@@ -41,12 +95,26 @@ class _Batch:
         self.future.add_done_callback(_consume_outcome)
         self.remaining = count
         self.error: str | None = None
+        # With `track`: each failed record (its index when known at once, else its
+        # message) with its error, and the batch resolves without an exception.
+        self.failed: list[tuple[int | Message, KafkaError]] | None = [] if track else None
 
-    def on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+    def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         # Runs inside Producer.poll/flush: on the loop's thread, or on the thread that
         # flushes at shutdown (then the future is resolved through the loop).
-        if err is not None and self.error is None:
-            self.error = err.str()
+        if err is not None:
+            if self.failed is not None:
+                self.failed.append((msg, err))
+            elif self.error is None:
+                self.error = err.str()
+        self.remaining -= 1
+        if self.remaining == 0:
+            self._done()
+
+    def refuse(self, index: int, err: KafkaError) -> None:
+        """Record `index` was refused before it was sent (only with `track`)."""
+        assert self.failed is not None
+        self.failed.append((index, err))
         self.remaining -= 1
         if self.remaining == 0:
             self._done()
@@ -70,7 +138,7 @@ class _Batch:
     def _resolve(self) -> None:
         if self.future.done():
             return
-        if self.error is None:
+        if self.error is None or self.failed is not None:
             self.future.set_result(None)
         else:
             self.future.set_exception(BrokerUnavailable(self.error))
@@ -81,6 +149,38 @@ _THREADS: dict[int, int] = {}
 
 def _loop_thread(loop: asyncio.AbstractEventLoop) -> int:
     return _THREADS.get(id(loop), -1)
+
+
+def _error_of(exc: BaseException) -> KafkaError:
+    """The KafkaError a produce call raised (a full local queue for a BufferError)."""
+    if isinstance(exc, KafkaException) and isinstance(exc.args[0], KafkaError):
+        return exc.args[0]
+    return KafkaError(KafkaError._QUEUE_FULL, str(exc))
+
+
+def failed_records(
+    records: Sequence[Record], failed: list[tuple[int | Message, KafkaError]]
+) -> list[Failure]:
+    """Failures by index: a delivery report names its message, found again by key and value.
+
+    Records with the same key and value are interchangeable here; each index is used once.
+    """
+    out: list[Failure] = []
+    refused = {who for who, _ in failed if isinstance(who, int)}
+    by_content: dict[tuple[bytes | None, bytes | None], list[int]] | None = None
+    for who, err in failed:
+        if isinstance(who, int):
+            out.append((who, err))
+            continue
+        if by_content is None:
+            by_content = {}
+            for i, (key, value, _) in enumerate(records):
+                if i not in refused:
+                    by_content.setdefault((key, value), []).append(i)
+        candidates = by_content.get((who.key(), who.value()))
+        if candidates:
+            out.append((candidates.pop(), err))
+    return out
 
 
 def _consume_outcome(future: asyncio.Future[None]) -> None:
@@ -159,6 +259,95 @@ class EventProducer:
             await batch.future
         finally:
             timeout.cancel()
+
+    async def send_each(
+        self, topic: str, records: Sequence[Record], partition: int | None = None
+    ) -> list[Failure]:
+        """Produce every record and wait for every delivery report; returns the failed ones.
+
+        Unlike `send_batch`, one record's failure does not fail the rest: each failed record
+        comes back with its index in `records` and its error (`delivery_error` says whether
+        to send it again); every other record was confirmed. Raises BrokerUnavailable only
+        when the reports did not come in time: then no record is known to be confirmed.
+        """
+        if not records:
+            return []
+        loop = asyncio.get_running_loop()
+        batch = _Batch(loop, len(records), track=True)
+        part = -1 if partition is None else partition
+        if all(headers is None for _, _, headers in records):
+            self._produce_many_tracked(topic, records, batch, part)
+        else:
+            self._produce_each_tracked(topic, records, batch, part)
+        self._poll_on(loop)
+        timeout = loop.call_later(self.timeout_s + 2.0, batch.expire)
+        try:
+            await batch.future
+        finally:
+            timeout.cancel()
+        assert batch.failed is not None
+        return failed_records(records, batch.failed)
+
+    def _produce_many_tracked(
+        self, topic: str, records: Sequence[Record], batch: _Batch, partition: int
+    ) -> None:
+        messages: list[dict[str, Any]] = [{"key": key, "value": value} for key, value, _ in records]
+        indexes = list(range(len(records)))
+        for attempt in range(2):
+            try:
+                queued = self._producer.produce_batch(
+                    topic, messages, partition=partition, on_delivery=batch.on_delivery
+                )
+            except (BufferError, KafkaException) as exc:
+                err = _error_of(exc)
+                for i in indexes:
+                    batch.refuse(i, err)
+                return
+            if queued == len(messages):
+                return
+            # Refused by the producer itself: over `message.max.bytes` is final; a full
+            # local queue is offered once more after serving delivery reports.
+            again: list[tuple[int, dict[str, Any]]] = []
+            for i, message in zip(indexes, messages, strict=True):
+                refusal: KafkaError | None = message.get("_error")
+                if refusal is None:
+                    continue
+                if attempt == 0 and refusal.code() == KafkaError._QUEUE_FULL:
+                    again.append((i, message))
+                else:
+                    batch.refuse(i, refusal)
+            if not again:
+                return
+            self._producer.poll(0)
+            indexes = [i for i, _ in again]
+            messages = [{"key": m["key"], "value": m["value"]} for _, m in again]
+
+    def _produce_each_tracked(
+        self, topic: str, records: Sequence[Record], batch: _Batch, partition: int
+    ) -> None:
+        produce = self._producer.produce
+        on_delivery = batch.on_delivery
+        for i, (key, value, given) in enumerate(records):
+            headers = given if given is None or isinstance(given, list) else list(given)
+            for attempt in range(2):
+                try:
+                    produce(
+                        topic,
+                        value,
+                        key,
+                        partition=partition,
+                        on_delivery=on_delivery,
+                        headers=headers,
+                    )
+                    break
+                except BufferError as exc:
+                    if attempt == 1:
+                        batch.refuse(i, _error_of(exc))
+                    else:
+                        self._producer.poll(0)  # the local queue is full: serve reports
+                except KafkaException as exc:
+                    batch.refuse(i, _error_of(exc))
+                    break
 
     def _produce_many(
         self, topic: str, records: Sequence[Record], batch: _Batch, partition: int

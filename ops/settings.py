@@ -129,6 +129,9 @@ class WorkerSettings(BaseSettings):
     # exactly_once: each batch's outputs and input offsets in one Kafka transaction per
     # input partition (streams/transactions.py); slower, no duplicates on read_committed.
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    # `/ready` on the metrics port fails once ingest records wait and no batch's outputs
+    # were confirmed for this long (or the agent died), so an orchestrator restarts it.
+    stall_after_s: float = 120.0
 
 
 class WarehouseSettings(BaseSettings):

@@ -33,3 +33,7 @@ class BrokerUnavailable(SluiceError):
     """Kafka did not confirm a write in time."""
 
     retriable = True
+
+
+class RecordRefused(SluiceError):
+    """Kafka refused a record for good (too large, invalid, not authorised): to a DLQ with it."""

@@ -19,16 +19,20 @@ from typing import Any, cast
 
 import faust
 import structlog
+from confluent_kafka import KafkaError
 from faust.types import TP, ChannelT, EventT, Message
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ops.config import PipelineConfig
 from ops.live import ConfigFollower
-from ops.producer import EventProducer, Record
+from ops.producer import BATCH_ERRORS, TOPIC_ERRORS, Record, delivery_error
 from ops.settings import KafkaSettings, WorkerSettings
+from ops.watchdog import StallWatchdog
 from schemas.errors import BrokerUnavailable
-from streams.processor import Incoming, Routed, Router
-from streams.transactions import Fenced, PartitionTransactions
+from streams.health import serve
+from streams.outputs import Outputs
+from streams.processor import Incoming, OutRecord, Routed, Router
+from streams.transactions import Fenced, PartitionTransactions, Refused
 from streams.transport import (
     QUEUED_BATCHES,
     BatchedTransport,
@@ -103,23 +107,6 @@ def create_app(settings: WorkerSettings, kafka: KafkaSettings) -> faust.App:
     return app
 
 
-async def _send_until_confirmed(
-    producer: EventProducer, topic: str, records: list[Any], stopping: asyncio.Event
-) -> None:
-    """Retry a batch until Kafka confirms it: an unconfirmed batch must never be acked."""
-    delay = 0.5
-    while True:
-        try:
-            await producer.send_batch(topic, records)
-            return
-        except BrokerUnavailable as exc:
-            log.warning("output not confirmed; retrying", topic=topic, error=str(exc))
-            if stopping.is_set():
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-
 async def take_batches(
     stream: faust.StreamT[bytes], max_events: int, within_s: float
 ) -> AsyncIterator[list[Message]]:
@@ -181,39 +168,29 @@ async def take_batches(
         yield batch
 
 
-def _observe_lag(app: faust.App, metrics: ProcessorMetrics, batch: list[Incoming]) -> None:
-    last: dict[tuple[str, int], int] = {}
-    for rec in batch:
-        last[(rec.topic, rec.partition)] = max(rec.offset, last.get((rec.topic, rec.partition), -1))
-    assigned = app.consumer.assignment()
-    for (topic, partition), offset in last.items():
-        tp = TP(topic, partition)
-        if tp not in assigned:
-            continue  # revoked by a rebalance while the batch was under way
-        highwater = app.consumer.highwater(tp)
-        if highwater is not None:
-            metrics.lag.labels(topic, str(partition)).set(max(0, highwater - offset - 1))
-
-
 async def _route_in_transactions(
     app: faust.App,
     transactions: PartitionTransactions,
+    router: Router,
     route: Callable[[list[Incoming]], Awaitable[list[Routed]]],
     messages: list[Message],
     batch: list[Incoming],
     stopping: asyncio.Event,
-) -> tuple[list[Routed], list[Message]]:
+) -> tuple[list[Routed], list[Message], dict[str, int]]:
     """Exactly-once: each input partition's outputs and next offset in one transaction.
 
-    Returns what was routed and the messages to ack: those of partitions whose transaction
-    committed (a fenced partition belongs to another worker now, which reads it again).
+    Returns what was routed, the messages to ack (those of partitions whose transaction
+    committed; a partition that moved belongs to another worker now, which reads it
+    again) and the outputs Kafka refused, by destination (in DLQs instead).
     """
     loop = asyncio.get_running_loop()
     parts: dict[tuple[str, int], list[int]] = {}
     for i, rec in enumerate(batch):
         parts.setdefault((rec.topic, rec.partition), []).append(i)
 
-    async def one(tp: tuple[str, int], indexes: list[int]) -> tuple[list[Routed], list[int]]:
+    async def one(
+        tp: tuple[str, int], indexes: list[int]
+    ) -> tuple[list[Routed], list[int], dict[str, int]]:
         start = await loop.run_in_executor(
             None, transactions.committed_offset, tp[0], tp[1], app.consumer_generation_id
         )
@@ -221,28 +198,63 @@ async def _route_in_transactions(
         # transaction that was still completing when Faust read the offsets: ack them.
         done = [i for i in indexes if start is not None and batch[i].offset < start]
         todo = [i for i in indexes if start is None or batch[i].offset >= start]
-        if not todo:
-            return [], done
+        if not todo or transactions.lost(*tp):
+            return [], done, {}
         passes = await route([batch[i] for i in todo])
-        outputs: dict[str, list[Record]] = {}
+        outputs: dict[str, list[OutRecord]] = {}
+        origins: dict[str, list[Incoming]] = {}
         for routed in passes:
             for topic, records in routed.outputs.items():
                 outputs.setdefault(topic, []).extend(records)
-        next_offset = batch[todo[-1]].offset + 1
-        delay = 0.5
+                origins.setdefault(topic, []).extend(routed.origins[topic])
+        first, next_offset = batch[todo[0]].offset, batch[todo[-1]].offset + 1
+        alone: dict[str, list[OutRecord]] = {}
+        origin_of: dict[int, Incoming] = {}
+        refused: dict[str, int] = {}
+        renew, delay = False, 0.5
         while True:
             if TP(*tp) not in app.consumer.assignment():
                 # Revoked meanwhile: opening its producer again would fence the new owner.
-                return [], []
+                return [], [], {}
             try:
+                if renew:
+                    # A failed transaction's producer is never used again. The new one
+                    # fences any other, and then the committed offset is final.
+                    committed = await loop.run_in_executor(None, transactions.renew, *tp)
+                    renew = False
+                    if committed is not None and committed >= next_offset:
+                        return [], done + todo, {}  # committed meanwhile, by another owner
+                    if committed is not None and committed != first:
+                        log.warning(
+                            "partition committed by another owner; leaving it",
+                            topic=tp[0],
+                            partition=tp[1],
+                            committed=committed,
+                        )
+                        transactions.lose(*tp)
+                        return [], [], {}
                 await loop.run_in_executor(
-                    None, transactions.commit, tp[0], tp[1], outputs, next_offset
+                    None, transactions.commit, tp[0], tp[1], outputs, next_offset, alone
                 )
-                return passes, done + todo
+                return passes, done + todo, refused
+            except Refused as exc:
+                renew = True
+                if not origin_of:
+                    origin_of = {
+                        id(record): origin
+                        for topic, listed in outputs.items()
+                        for record, origin in zip(listed, origins[topic], strict=True)
+                    }
+                if not _replace_refused(router, exc.records, outputs, alone, origin_of, refused):
+                    if stopping.is_set():
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
             except Fenced as exc:
-                log.warning("partition moved to another worker", error=str(exc))
-                return [], []
+                renew = True
+                log.warning("transactional producer fenced; replacing it", error=str(exc))
             except BrokerUnavailable as exc:
+                renew = True
                 if stopping.is_set():
                     raise
                 log.warning("transaction not committed; retrying", error=str(exc))
@@ -250,28 +262,135 @@ async def _route_in_transactions(
                 delay = min(delay * 2, 10.0)
 
     results = await asyncio.gather(*(one(tp, idx) for tp, idx in parts.items()))
-    routed = [r for passes, _ in results for r in passes]
-    acked = [messages[i] for _, indexes in results for i in indexes]
-    return routed, acked
-
-
-def _count(metrics: ProcessorMetrics, routed: Routed) -> None:
-    for outcome, counts in (
-        ("routed", routed.delivered),
-        ("filtered", routed.filtered),
-        ("transformed", routed.transformed),
-        ("dropped", routed.dropped),
-        ("failed", routed.failed),
-    ):
+    routed = [r for passes, _, _ in results for r in passes]
+    acked = [messages[i] for _, indexes, _ in results for i in indexes]
+    refused: dict[str, int] = {}
+    for _, _, counts in results:
         for dest, count in counts.items():
-            metrics.events.labels(dest, outcome).inc(count)
-    for outcome, count in (
-        ("rejected", routed.rejected),
-        ("unrouted", routed.unrouted),
-        ("flagged", routed.flagged),
-    ):
+            refused[dest] = refused.get(dest, 0) + count
+    return routed, acked, refused
+
+
+def _replace_refused(
+    router: Router,
+    records: list[tuple[str, Record, KafkaError]],
+    outputs: dict[str, list[OutRecord]],
+    alone: dict[str, list[OutRecord]],
+    origin_of: dict[int, Incoming],
+    refused: dict[str, int],
+) -> bool:
+    """Change a transaction's outputs after Kafka refused some of them for good.
+
+    A record refused together with others (a record batch's error) is sent alone next
+    time, for its own verdict; one refused alone (or by the producer itself, or for its
+    topic) is replaced by its dead letter (`Router.dead_letter`). Records are found by
+    identity; `origin_of` maps each to its input record. False when a record could not be
+    dead-lettered either: the caller waits before it tries again.
+    """
+    replaced = True
+    for topic, refused_record, err in records:
+        record = cast(OutRecord, refused_record)  # one of `outputs`' own records
+        origin = origin_of[id(record)]
+        if any(r is record for r in alone.get(topic, ())):
+            alone[topic] = [r for r in alone[topic] if r is not record]
+        else:
+            outputs[topic] = [r for r in outputs[topic] if r is not record]
+            if err.code() in BATCH_ERRORS:
+                alone.setdefault(topic, []).append(record)
+                continue
+        error = delivery_error(err, topic)
+        dead = router.dead_letter(topic, record, origin, error, err.code() in TOPIC_ERRORS)
+        if dead is None:
+            # Even the dead letter without its value was refused: keep trying (the stall
+            # shows in `/ready`), never drop it.
+            outputs[topic].append(record)
+            replaced = False
+            continue
+        log.warning(
+            "output refused; dead-lettered",
+            topic=topic,
+            to=dead.topic,
+            error=str(error),
+            offset=origin.offset,
+            partition=origin.partition,
+        )
+        outputs.setdefault(dead.topic, []).append(dead.record)
+        origin_of[id(dead.record)] = origin
+        if dead.refused_for is not None:
+            refused[dead.refused_for] = refused.get(dead.refused_for, 0) + 1
+    return replaced
+
+
+def _count(metrics: ProcessorMetrics, passes: list[Routed], refused: dict[str, int]) -> None:
+    """Count a batch's outcomes; outputs Kafka refused count as refused, not routed."""
+    delivered: dict[str, int] = {}
+    for routed in passes:
+        for dest, count in routed.delivered.items():
+            delivered[dest] = delivered.get(dest, 0) + count
+    for dest, count in refused.items():
+        delivered[dest] = max(0, delivered.get(dest, 0) - count)
+    for dest, count in delivered.items():
         if count:
-            metrics.events.labels("", outcome).inc(count)
+            metrics.events.labels(dest, "routed").inc(count)
+    for dest, count in refused.items():
+        metrics.events.labels(dest, "refused").inc(count)
+    for routed in passes:
+        for outcome, counts in (
+            ("filtered", routed.filtered),
+            ("transformed", routed.transformed),
+            ("dropped", routed.dropped),
+            ("failed", routed.failed),
+        ):
+            for dest, count in counts.items():
+                metrics.events.labels(dest, outcome).inc(count)
+        for outcome, count in (
+            ("rejected", routed.rejected),
+            ("unrouted", routed.unrouted),
+            ("flagged", routed.flagged),
+        ):
+            if count:
+                metrics.events.labels("", outcome).inc(count)
+
+
+class _Progress:
+    """Where the agent is per partition, for the lag gauge and the stall watchdog."""
+
+    def __init__(self, app: faust.App, metrics: ProcessorMetrics, watchdog: StallWatchdog) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.watchdog = watchdog
+        # Per ingest partition, the offset after the last event processed (acked) here.
+        self.next_offsets: dict[TP, int] = {}
+        self.died: str | None = None
+
+    def moved(self, acked: list[Message]) -> None:
+        """A batch's outputs are confirmed and these messages acked."""
+        if not acked:
+            return
+        next_offsets = self.next_offsets
+        for message in acked:
+            tp = message.tp
+            if message.offset >= next_offsets.get(tp, -1):
+                next_offsets[tp] = message.offset + 1
+        self.watchdog.progress()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Lag of each assigned partition: what the broker has past what was processed."""
+        consumer = self.app.consumer
+        committed = cast(Any, consumer)._committed_offset
+        total = 0
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            position = self.next_offsets.get(tp)
+            if position is None:
+                position = committed.get(tp) or 0
+            if highwater is None:
+                continue
+            waiting = max(0, highwater - position)
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(waiting)
+            total += waiting
+        self.watchdog.lag(total)
 
 
 def register(
@@ -281,8 +400,9 @@ def register(
     router: Router,
     metrics: ProcessorMetrics,
     config_current: Callable[[float], bool],
-) -> None:
-    """Add the processor agent to `app`.
+    watchdog: StallWatchdog | None = None,
+) -> _Progress:
+    """Add the processor agent to `app`; returns what tracks its progress.
 
     `config_current(timeout)` blocks until the worker has read the config topic to its
     end: called when a batch holds events of a source the router does not know yet.
@@ -292,6 +412,15 @@ def register(
     )
     deliver_in_batches(app, router.topics.ingest)
     stopping = asyncio.Event()
+    progress = _Progress(
+        app, metrics, watchdog or StallWatchdog("processor", settings.stall_after_s)
+    )
+
+    async def observe_lag() -> None:
+        # Also while a batch is stuck: the lag must show for the watchdog to see a stall.
+        while True:
+            await asyncio.sleep(1.0)
+            progress.refresh()
 
     @app.agent(ingest)
     async def processor(stream: faust.StreamT[bytes]) -> None:
@@ -299,11 +428,12 @@ def register(
         level = logging.getLevelName(settings.log_level.upper())
         for name in ("", "faust", "mode", "aiokafka", "kafka"):
             logging.getLogger(name).setLevel(level)
-        producer = EventProducer(kafka, settings.produce_timeout_s, linger_ms=5)
+        outputs = Outputs(kafka, settings.produce_timeout_s, router, stopping)
         transactions = None
         if settings.processing_guarantee == "exactly_once":
             transactions = PartitionTransactions(kafka, settings.app_id)
         loop = asyncio.get_running_loop()
+        observer = asyncio.create_task(observe_lag())
 
         async def route(batch: list[Incoming]) -> list[Routed]:
             routed = router.route(batch)
@@ -320,6 +450,7 @@ def register(
                 stream, settings.batch_size, settings.batch_within_s
             ):
                 started = loop.time()
+                progress.refresh()  # the batch's own events wait too, until it is done
                 batch = [
                     Incoming(
                         m.key,
@@ -333,40 +464,38 @@ def register(
                 ]
                 if transactions is None:
                     passes = await route(batch)
-                    for done in passes:
-                        await asyncio.gather(
-                            *(
-                                _send_until_confirmed(producer, topic, records, stopping)
-                                for topic, records in done.outputs.items()
-                            )
-                        )
+                    refused = await outputs.deliver(passes)
                     acked = messages
                 else:
-                    passes, acked = await _route_in_transactions(
-                        app, transactions, route, messages, batch, stopping
+                    passes, acked, refused = await _route_in_transactions(
+                        app, transactions, router, route, messages, batch, stopping
                     )
-                for done in passes:
-                    _count(metrics, done)
+                _count(metrics, passes, refused)
                 metrics.batch_seconds.observe(loop.time() - started)
                 # Every output of the batch is confirmed: now its offsets may be committed.
                 consumer = app.consumer
                 for message in acked:
                     message.ack(consumer)
-                _observe_lag(app, metrics, batch)
+                progress.moved(acked)
         except Exception as exc:
             # Faust would log a crashed agent and leave its partitions assigned and idle:
             # stop the worker instead, so that its partitions move to the others.
             log.exception("processor failed; stopping the worker", error=str(exc))
+            progress.died = f"processor agent died: {type(exc).__name__}: {exc}"
+            progress.watchdog.fail(progress.died)
             os.kill(os.getpid(), signal.SIGTERM)
             raise
         finally:
             stopping.set()
+            observer.cancel()
             if transactions is not None:
                 await loop.run_in_executor(None, transactions.close)
             # Anything handed to librdkafka is delivered before Faust commits on shutdown.
-            left = await asyncio.get_running_loop().run_in_executor(None, producer.close)
+            left = await asyncio.get_running_loop().run_in_executor(None, outputs.close)
             if left:
                 log.error("outputs not delivered at shutdown", count=left)
+
+    return progress
 
 
 def run(
@@ -378,14 +507,19 @@ def run(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, kafka)
     metrics = ProcessorMetrics()
+    watchdog = StallWatchdog("processor", settings.stall_after_s, registry=metrics.registry)
     # The router imports a new config's transforms (allowed modules only); a failure to
     # import refuses that config and the worker keeps routing by the one it has.
     follower = ConfigFollower(kafka, cfg, router.update, router.transforms, metrics.registry)
-    register(app, settings, kafka, router, metrics, follower.wait_current)
+    progress = register(app, settings, kafka, router, metrics, follower.wait_current, watchdog)
     if settings.metrics_port:
         try:
-            start_http_server(
-                settings.metrics_port, settings.metrics_host, registry=metrics.registry
+            serve(
+                settings.metrics_host,
+                settings.metrics_port,
+                metrics.registry,
+                watchdog,
+                lambda: progress.died,
             )
         except OSError as exc:
             # A second worker on the same host: it runs, its metrics need another port.

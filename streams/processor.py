@@ -27,6 +27,8 @@ from streams.rules import (
     time_limits,
 )
 
+OutRecord = tuple[bytes | None, bytes, Headers | None]
+
 
 class Incoming(NamedTuple):
     """One record taken from the ingest topic (a tuple: built for every event)."""
@@ -39,6 +41,14 @@ class Incoming(NamedTuple):
     timestamp_ms: int
 
 
+class DeadLetter(NamedTuple):
+    """What goes to a DLQ in place of a refused output; `refused_for`: its destination."""
+
+    topic: str
+    record: OutRecord
+    refused_for: str | None
+
+
 @dataclass
 class Routed:
     """What one batch turns into: records per output topic, and counts for metrics."""
@@ -46,6 +56,9 @@ class Routed:
     outputs: dict[str, list[tuple[bytes | None, bytes, Headers | None]]] = field(
         default_factory=dict
     )
+    # The input record of each output, in the same order: what a refused output's DLQ
+    # record carries.
+    origins: dict[str, list[Incoming]] = field(default_factory=dict)
     delivered: dict[str, int] = field(default_factory=dict)
     filtered: dict[str, int] = field(default_factory=dict)
     # Events a destination's transform returned from (with one event, a list or None).
@@ -131,7 +144,7 @@ class Router:
         With `final` (the config is known to be current) it is rejected with the reason.
         """
         out = Routed()
-        outputs = out.outputs
+        outputs, origins = out.outputs, out.origins
         routes, plans = self.snapshot
         with time_limits() as call:
             for rec in batch:
@@ -141,6 +154,7 @@ class Router:
                     outputs.setdefault(self.topics.rejected, []).append(
                         (rec.key, rec.value, _failure_headers(rec, "processor", exc))
                     )
+                    origins.setdefault(self.topics.rejected, []).append(rec)
                     out.rejected += 1
                     continue
                 value = rec.value
@@ -152,6 +166,7 @@ class Router:
                         outputs.setdefault(self.topics.rejected, []).append(
                             (rec.key, value, _failure_headers(rec, "processor", reason))
                         )
+                        origins.setdefault(self.topics.rejected, []).append(rec)
                         out.rejected += 1
                         continue
                     if problems:
@@ -167,6 +182,7 @@ class Router:
                     outputs.setdefault(self.topics.rejected, []).append(
                         (rec.key, value, _failure_headers(rec, "processor", unknown))
                     )
+                    origins.setdefault(self.topics.rejected, []).append(rec)
                     out.rejected += 1
                     continue
                 if not dests:
@@ -176,15 +192,47 @@ class Router:
                     if route.plain:
                         # The envelope is forwarded as it came: no re-encoding on the hot path.
                         outputs.setdefault(route.topic, []).append((rec.key, value, None))
+                        origins.setdefault(route.topic, []).append(rec)
                         _bump(out.delivered, route.destination)
                     elif not passes(route.filter, event):
                         _bump(out.filtered, route.destination)
                     elif route.transform is None:
                         outputs.setdefault(route.topic, []).append((rec.key, value, None))
+                        origins.setdefault(route.topic, []).append(rec)
                         _bump(out.delivered, route.destination)
                     else:
                         self._transform(rec, event, route, call, out)
         return out
+
+    def dead_letter(
+        self,
+        topic: str,
+        record: OutRecord,
+        origin: Incoming,
+        error: Exception,
+        whole_topic: bool = False,
+    ) -> DeadLetter | None:
+        """Where an output that Kafka refused for good goes instead, and as what.
+
+        An output of a destination goes to the destination's DLQ as its input event came
+        in, with the failure headers (stage `produce`). A dead letter or rejected record
+        refused in turn (its topic takes smaller records than the input's) goes to the same
+        topic without its value: the headers say where to read the event. None when even
+        that was refused, or when the whole topic refuses records (`whole_topic`: missing
+        or not allowed): nothing smaller helps, so the caller keeps trying.
+        """
+        destinations = f"{self.topics.prefix}.dest."
+        if topic.startswith(destinations) and not topic.endswith(".dlq"):
+            destination = topic[len(destinations) :]
+            headers = _failure_headers(origin, "produce", error, destination)
+            dlq = self.topics.destination(destination).dlq
+            return DeadLetter(dlq, (origin.key, origin.value, headers), destination)
+        if not record[1] or whole_topic:
+            return None
+        named = topic[len(destinations) : -len(".dlq")] if topic.startswith(destinations) else None
+        headers = _failure_headers(origin, "produce", error, named)
+        headers.append(("sluice.value.omitted", b"true"))
+        return DeadLetter(topic, (origin.key, b"", headers), None)
 
     def _transform(
         self,
@@ -202,13 +250,18 @@ class Router:
             headers = _failure_headers(rec, "transform", exc, route.destination)
             headers.append(("sluice.error.traceback", traceback.format_exc()[-8000:].encode()))
             out.outputs.setdefault(route.dlq, []).append((rec.key, rec.value, headers))
+            out.origins.setdefault(route.dlq, []).append(rec)
             _bump(out.failed, route.destination)
             return
         _bump(out.transformed, route.destination)
         if not values:
             _bump(out.dropped, route.destination)
-        for value in values:
-            out.outputs.setdefault(route.topic, []).append((rec.key, value, None))
+        if values:
+            records = out.outputs.setdefault(route.topic, [])
+            origins = out.origins.setdefault(route.topic, [])
+            for value in values:
+                records.append((rec.key, value, None))
+                origins.append(rec)
         _bump(out.delivered, route.destination, len(values))
 
 

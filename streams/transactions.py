@@ -10,6 +10,14 @@ transactional id, which fences the old one and aborts whatever it left open: a w
 killed mid-transaction leaves no visible duplicate. (The worker's outputs go through
 confluent-kafka, so the transactions are librdkafka's, not aiokafka's.)
 
+A producer is never reused across an ownership change or a failed transaction: a worker
+that gets a partition (back) opens a new one, and a producer that was fenced or had its
+transaction aborted is replaced (`renew`) before the batch is tried again. A producer kept
+from before a rebalance may have been fenced by the partition's owner in between: its next
+transaction fails, and a batch dropped for it would leave a hole that the next batch's
+offset commit skips. A record Kafka refuses for good aborts the transaction and comes back
+in `Refused`, so the caller can put a dead letter in its place.
+
 Blocking calls: run them in an executor thread.
 """
 
@@ -20,15 +28,41 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
-from ops.producer import Record
+from ops.producer import PERMANENT_ERRORS, Record, failed_records
 from ops.settings import KafkaSettings
 from schemas.errors import BrokerUnavailable, SluiceError
 
 
 class Fenced(SluiceError):
     """Another worker owns the partition now: this worker's outputs for it were aborted."""
+
+
+class Refused(SluiceError):
+    """Kafka refused records of a transaction for good; the transaction was aborted.
+
+    `records` names each: its output topic, the record itself (the object the caller
+    passed) and the error.
+    """
+
+    def __init__(self, records: list[tuple[str, Record, KafkaError]]) -> None:
+        super().__init__(f"{len(records)} records refused: {records[0][2].str()}")
+        self.records = records
+
+
+_FENCED = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
+
+
+class _Failed(Exception):
+    """A record sent alone was not delivered: the transaction is aborted."""
 
 
 class PartitionTransactions:
@@ -48,6 +82,9 @@ class PartitionTransactions:
         self._group = self._offsets.consumer_group_metadata()
         self._offsets_lock = threading.Lock()
         self._checked: set[tuple[str, int]] = set()
+        # Partitions whose committed offset another owner moved in this generation: this
+        # worker commits nothing more for them until the next rebalance.
+        self._lost: set[tuple[str, int]] = set()
         self._generation: int | None = None
 
     def committed_offset(self, topic: str, partition: int, generation: int) -> int | None:
@@ -62,41 +99,102 @@ class PartitionTransactions:
         with self._offsets_lock:
             if generation != self._generation:
                 self._checked.clear()
+                self._lost.clear()
                 self._generation = generation
             if (topic, partition) in self._checked:
                 return None
+            # A new producer, even when one is kept from before: the partition may have
+            # had another owner in between, which fenced it.
+            self._drop(topic, partition)
             self._producer(topic, partition)
             (tp,) = self._offsets.committed([TopicPartition(topic, partition)], self.timeout_s)
             self._checked.add((topic, partition))
             return int(tp.offset) if tp.offset >= 0 else None
 
+    def lose(self, topic: str, partition: int) -> None:
+        """Another owner committed the partition: nothing more for it in this generation."""
+        with self._offsets_lock:
+            self._lost.add((topic, partition))
+            self._drop(topic, partition)
+
+    def lost(self, topic: str, partition: int) -> bool:
+        """Whether `lose` was called for the partition in this generation."""
+        return (topic, partition) in self._lost
+
+    def renew(self, topic: str, partition: int) -> int | None:
+        """A new producer for the partition after a failed transaction; its committed offset.
+
+        The new producer's initialisation fences any other producer of the partition and
+        completes its open transaction, so the offset read after it is final: a batch
+        starting there can be tried again. Raises BrokerUnavailable when Kafka is away.
+        """
+        with self._offsets_lock:
+            self._drop(topic, partition)
+            try:
+                self._producer(topic, partition)
+                (tp,) = self._offsets.committed([TopicPartition(topic, partition)], self.timeout_s)
+            except KafkaException as exc:
+                self._drop(topic, partition)
+                raise BrokerUnavailable(f"transactions of {topic}[{partition}]: {exc}") from exc
+            return int(tp.offset) if tp.offset >= 0 else None
+
     def commit(
-        self, topic: str, partition: int, outputs: Mapping[str, Sequence[Record]], next_offset: int
+        self,
+        topic: str,
+        partition: int,
+        outputs: Mapping[str, Sequence[Record]],
+        next_offset: int,
+        alone: Mapping[str, Sequence[Record]] | None = None,
     ) -> None:
         """Produce `outputs` and commit `next_offset` for (topic, partition), atomically.
 
-        Raises Fenced when the partition has a new owner, BrokerUnavailable when the
-        transaction was aborted and may be tried again with the same outputs.
+        Records in `alone` are produced first, each in a request of its own, so that a
+        broker refusing one refuses only it. Raises Refused (the transaction aborted) when
+        Kafka refused records for good, Fenced when the partition has a new owner,
+        BrokerUnavailable when the transaction failed and may be tried again. After any of
+        them the partition's producer is gone: call `renew` before trying again.
         """
         producer = self._producer(topic, partition)
+        # Each produce call's records, and their failures (refused at once or reported).
+        sent: list[tuple[str, Sequence[Record], list[tuple[int | Message, KafkaError]]]] = []
+        error: KafkaError | None = None
         try:
             producer.begin_transaction()
+            for out_topic, records in (alone or {}).items():
+                for record in records:
+                    sent.append((out_topic, [record], []))
+                    self._send(producer, *sent[-1])
+                    producer.flush(self.timeout_s)
+                    if sent[-1][2]:
+                        raise _Failed
             for out_topic, records in outputs.items():
-                for key, value, headers in records:
-                    self._produce(producer, out_topic, key, value, headers)
+                sent.append((out_topic, records, []))
+                self._send(producer, *sent[-1])
+            if any(failed for _, _, failed in sent):
+                raise _Failed  # refused by the producer itself: no DLQ record for it yet
             producer.send_offsets_to_transaction(
                 [TopicPartition(topic, partition, next_offset)], self._group, self.timeout_s
             )
             self._commit(producer)
+            return
+        except _Failed:
+            pass
         except KafkaException as exc:
-            error: KafkaError = exc.args[0]
-            if error.txn_requires_abort():
-                self._abort(producer)
-                raise BrokerUnavailable(f"transaction aborted: {error.str()}") from exc
-            self._drop(topic, partition)
-            if error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED) or error.fatal():
-                raise Fenced(f"{topic}[{partition}]: {error.str()}") from exc
-            raise BrokerUnavailable(f"transaction failed: {error.str()}") from exc
+            error = exc.args[0]
+            if error is not None and not error.txn_requires_abort():
+                self._drop(topic, partition)
+                if error.code() in _FENCED or error.fatal():
+                    raise Fenced(f"{topic}[{partition}]: {error.str()}") from exc
+                raise BrokerUnavailable(f"transaction failed: {error.str()}") from exc
+        # The transaction must be aborted: a record failed, or librdkafka says so.
+        producer.flush(self.timeout_s)  # every delivery report in, to name the refused
+        self._abort(producer)
+        self._drop(topic, partition)
+        refused = self._refused(sent)
+        if refused:
+            raise Refused(refused)
+        reason = error.str() if error is not None else "a record was not delivered"
+        raise BrokerUnavailable(f"transaction aborted: {reason}")
 
     def close(self) -> None:
         """Abort what is open and let the producers go."""
@@ -132,20 +230,44 @@ class PartitionTransactions:
         with self._lock:
             self._producers.pop((topic, partition), None)
 
-    def _produce(
+    def _send(
         self,
         producer: Producer,
         topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Sequence[tuple[str, str | bytes | None]] | None,
+        records: Sequence[Record],
+        failed: list[tuple[int | Message, KafkaError]],
     ) -> None:
-        listed = headers if headers is None or isinstance(headers, list) else list(headers)
-        try:
-            producer.produce(topic, value, key, headers=listed)
-        except BufferError:
-            producer.flush(self.timeout_s)  # the local queue is full: let it drain once
-            producer.produce(topic, value, key, headers=listed)
+        """Produce `records`; failures (refused at once, or reported later) go to `failed`."""
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                failed.append((msg, err))
+
+        for i, (key, value, headers) in enumerate(records):
+            listed = headers if headers is None or isinstance(headers, list) else list(headers)
+            try:
+                try:
+                    producer.produce(topic, value, key, headers=listed, on_delivery=on_delivery)
+                except BufferError:
+                    producer.flush(self.timeout_s)  # the local queue is full: let it drain once
+                    producer.produce(topic, value, key, headers=listed, on_delivery=on_delivery)
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.code() not in PERMANENT_ERRORS:
+                    raise
+                failed.append((i, error))  # over `message.max.bytes`: never sent
+
+    @staticmethod
+    def _refused(
+        sent: list[tuple[str, Sequence[Record], list[tuple[int | Message, KafkaError]]]],
+    ) -> list[tuple[str, Record, KafkaError]]:
+        """The records of the transaction that Kafka refused for good."""
+        return [
+            (out_topic, records[i], error)
+            for out_topic, records, failed in sent
+            for i, error in failed_records(records, failed)
+            if error.code() in PERMANENT_ERRORS
+        ]
 
     def _commit(self, producer: Producer) -> None:
         for attempt in range(3):

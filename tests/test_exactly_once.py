@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from ops.services import Service
 from ops.settings import KafkaSettings
 from ops.traffic import sample_events, send_batches
 from schemas.codec import event_codec
 from tests.conftest import scaled
-from tests.pipeline import pipeline_with_topics, until, worker_routed
+from tests.pipeline import free_port, pipeline_with_topics, until, worker_routed
 
 pytestmark = pytest.mark.integration
 CODEC = event_codec(logical_types=False)
@@ -120,3 +121,68 @@ async def test_a_worker_killed_mid_transaction_leaves_no_duplicate(
     # The killed worker's open transaction was aborted: its records are on the topic and
     # a read_uncommitted reader sees them too; a read_committed one does not.
     assert sum(everything.values()) - sum(committed.values()) >= left_open
+
+
+async def test_a_worker_that_gets_its_partitions_back_loses_no_batch(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    """Worker A loses partitions to B, then gets them back when B stops: nothing lost.
+
+    A's producers for those partitions were fenced by B's in between; a fenced producer
+    kept and used again fails its first transaction, and the batch after it committed
+    its offset past that batch's events.
+    """
+    pipe = pipeline_with_topics(tmp_path, broker, prefix)
+    pipe.env["SLUICE_WORKER_PROCESSING_GUARANTEE"] = "exactly_once"
+    kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
+    ingest, topic = f"{prefix}.events.ingest", f"{prefix}.dest.warehouse"
+    events = sample_events(scaled(1800), users=200, seed=43)
+    second_port = free_port()
+    second = Service("worker-2", pipe.root / "run")
+    sent = 0
+
+    async def send(upto: int) -> None:
+        nonlocal sent
+        report = await send_batches(pipe.gateway_url, pipe.write_key, events[sent:upto], 25)
+        assert report.accepted == upto - sent
+        sent = upto
+
+    def caught_up() -> bool:
+        source = _event_ids(kafka, ingest, "read_committed")
+        return sum(source.values()) >= sent and _event_ids(kafka, topic, "read_committed") == source
+
+    await asyncio.to_thread(pipe.start, "gateway", "worker")
+    try:
+        # A alone: it opens a transactional producer for every ingest partition.
+        await send(len(events) // 3)
+        await until(caught_up, 120, "worker A routing every partition")
+        # B joins and takes partitions over, fencing A's producers for them.
+        second.start(
+            ["worker"],
+            {
+                **pipe.env,
+                "SLUICE_WORKER_METRICS_PORT": str(second_port),
+                "SLUICE_WORKER_DATA_DIR": str(pipe.root / "worker-2"),
+            },
+        )
+        deadline = time.monotonic() + 120
+        while worker_routed(second_port) == 0 and sent < 2 * len(events) // 3:
+            assert time.monotonic() < deadline, "worker B never routed"
+            await send(min(sent + 25, 2 * len(events) // 3))
+            await asyncio.sleep(0.5)
+        await send(2 * len(events) // 3)
+        await until(caught_up, 120, "both workers routing")
+        # B stops: A gets every partition back, and routes what comes next.
+        await asyncio.to_thread(second.stop, 60)
+        for upto in range(sent + 50, len(events) + 1, 50):
+            await send(upto)
+            await asyncio.sleep(0.2)
+        await send(len(events))
+        await until(caught_up, 120, "every event on the output topic once")
+        source = await asyncio.to_thread(_event_ids, kafka, ingest, "read_committed")
+        committed = await asyncio.to_thread(_event_ids, kafka, topic, "read_committed")
+    finally:
+        second.stop(timeout=60)
+        await asyncio.to_thread(pipe.stop)
+    assert set(committed) == {e["messageId"] for e in events}
+    assert committed == source

@@ -38,3 +38,17 @@ def slow(event: dict[str, Any]) -> dict[str, Any]:
 def not_an_event(_event: dict[str, Any]) -> str:
     """Returns something that is not an event."""
     return "oops"
+
+
+def inflate(event: dict[str, Any]) -> dict[str, Any]:
+    """Events whose properties say `inflate` grow past any Kafka message size limit (2 MB)."""
+    if event["properties"].get("inflate"):
+        event["properties"] = {**event["properties"], "blob": "x" * 2_000_000}
+    return event
+
+
+def stall(event: dict[str, Any]) -> dict[str, Any]:
+    """Events whose properties say `stall` take 8 s (give the transform a longer limit)."""
+    if event["properties"].get("stall"):
+        time.sleep(8)
+    return event
