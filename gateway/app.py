@@ -20,7 +20,9 @@ from gateway.fastpath import FastWriter
 from gateway.limits import too_deep
 from gateway.messages import decode_batch, decode_single, write_key
 from gateway.metrics import GatewayMetrics
+from gateway.numbers import loads
 from gateway.openapi import openapi_document
+from gateway.server import serve
 from ops.config import PipelineConfig, Source
 from ops.live import ConfigFollower
 from ops.producer import EventProducer, Headers, Record
@@ -88,16 +90,22 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 async def _read(request: web.Request) -> bytes:
-    """The request body; its decoded size is bounded.
+    """The request body; its decoded size and the time to receive it are bounded.
 
     aiohttp inflates gzip/deflate bodies while reading and enforces `client_max_size` on
-    the inflated bytes as they stream, so a compression bomb stops at the limit.
+    the inflated bytes as they stream, so a compression bomb stops at the limit. A body
+    that has not arrived within `read_timeout_s` gets 408 and the connection is closed.
     """
+    settings = request.app[SETTINGS]
     try:
-        raw = await request.read()
+        async with asyncio.timeout(settings.read_timeout_s):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS].max_request_bytes
-        raise _error(413, f"request body exceeds {limit} bytes") from None
+        raise _error(413, f"request body exceeds {settings.max_request_bytes} bytes") from None
+    except TimeoutError:
+        exc = _error(408, f"request body not received within {settings.read_timeout_s:g} s")
+        exc.force_close()
+        raise exc from None
     request.app[METRICS].payload_bytes.observe(len(raw))
     return raw
 
@@ -105,7 +113,7 @@ async def _read(request: web.Request) -> bytes:
 def _parse(request: web.Request, raw: bytes) -> Any:
     """The body's JSON, with its nesting depth bounded."""
     try:
-        body = orjson.loads(raw)
+        body = loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _error(400, f"body is not valid JSON: {exc}") from None
     depth = request.app[SETTINGS].max_json_depth
@@ -119,25 +127,44 @@ def _body_key(body: Any) -> str | None:
     return key if isinstance(key, str) else None
 
 
-def _authenticate(request: web.Request, body_key: str | None) -> Source:
+def _unauthorized() -> web.HTTPException:
+    return _error(
+        401, "unknown or missing write key", **{"WWW-Authenticate": 'Basic realm="sluice"'}
+    )
+
+
+def _key_source(request: web.Request) -> Source | None:
+    """The source of the key in the request's header or URL, checked before the body is read.
+
+    A key there decides: an unknown one gets 401 without a byte of the body read or
+    parsed. None when neither carries a key (then the body's `writeKey` decides).
+    """
     sources = request.app[SOURCES]
     header = request.headers.get("Authorization")
     if header:
         source = sources.source_for_header(header)
         if source is not None:
             return source
-    key = basic_username(header)
+        if basic_username(header) is not None:
+            raise _unauthorized()
+    # Webhook senders often cannot set headers: `?writeKey=` as RudderStack allows.
+    key = request.query.get("writeKey")
     if key is None:
-        key = body_key
-    if key is None:
-        # Webhook senders often cannot set headers: `?writeKey=` as RudderStack allows.
-        key = request.query.get("writeKey")
+        return None
     source = sources.source_for(key)
     if source is None:
-        raise _error(
-            401, "unknown or missing write key", **{"WWW-Authenticate": 'Basic realm="sluice"'}
-        )
+        raise _unauthorized()
     return source
+
+
+def _authenticate(request: web.Request, source: Source | None, body_key: str | None) -> Source:
+    """`source` (from the header or URL) or else the source of the body's `writeKey`."""
+    if source is not None:
+        return source
+    found = request.app[SOURCES].source_for(body_key)
+    if found is None:
+        raise _unauthorized()
+    return found
 
 
 def _now_ms() -> int:
@@ -146,10 +173,11 @@ def _now_ms() -> int:
 
 async def handle_batch(request: web.Request) -> web.Response:
     """`POST /v1/batch`: many messages; valid ones are accepted, invalid ones reported."""
+    keyed = _key_source(request)
     raw = await _read(request)
     decoded = decode_batch(raw)
     if decoded is not None:
-        source = _authenticate(request, write_key(decoded.writeKey))
+        source = _authenticate(request, keyed, write_key(decoded.writeKey))
         _rate_limit(request, source, len(decoded.batch))
         records = request.app[FAST].records(
             raw, decoded.batch, source.id, _now_ms(), batch_sent_at=decoded.sentAt
@@ -159,7 +187,7 @@ async def handle_batch(request: web.Request) -> web.Response:
     # The general path: also for batches the fast path stepped aside from.
     body = _parse(request, raw)
     if decoded is None:
-        source = _authenticate(request, _body_key(body))
+        source = _authenticate(request, keyed, _body_key(body))
     if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
         raise _error(400, "body must be an object with a 'batch' array")
     messages = body["batch"]
@@ -183,10 +211,11 @@ def single(default_type: str) -> Handler:
     """A handler for `/v1/<type>`: one message whose type defaults to the route's."""
 
     async def handle(request: web.Request) -> web.Response:
+        keyed = _key_source(request)
         raw = await _read(request)
         decoded = decode_single(raw)
         if decoded is not None:
-            source = _authenticate(request, write_key(decoded.writeKey))
+            source = _authenticate(request, keyed, write_key(decoded.writeKey))
             _rate_limit(request, source, 1)
             records = request.app[FAST].records(
                 raw, [decoded], source.id, _now_ms(), default_type=default_type
@@ -195,7 +224,7 @@ def single(default_type: str) -> Handler:
                 return await _send(request, source, records, [], [])
         body = _parse(request, raw)
         if decoded is None:
-            source = _authenticate(request, _body_key(body))
+            source = _authenticate(request, keyed, _body_key(body))
             _rate_limit(request, source, 1)
         return await _accept(request, source, [body], default_type)
 
@@ -204,8 +233,9 @@ def single(default_type: str) -> Handler:
 
 async def handle_webhook(request: web.Request) -> web.Response:
     """`POST /v1/webhook`: any JSON body becomes one `webhook` event of the key's source."""
+    keyed = _key_source(request)
     body = _parse(request, await _read(request))
-    source = _authenticate(request, _body_key(body))
+    source = _authenticate(request, keyed, _body_key(body))
     if isinstance(body, dict):
         body.pop("writeKey", None)
     message = {
@@ -416,13 +446,6 @@ def run(
     gc.freeze()
     gc.set_threshold(20_000, 20, 50)
 
-    web.run_app(
-        create_app(settings, kafka, cfg, transforms),
-        host=settings.host,
-        port=settings.port,
-        access_log=None,
-        shutdown_timeout=settings.produce_timeout_s + 5,
-        print=lambda *_: None,
-        loop=uvloop.new_event_loop(),
-    )
+    app = create_app(settings, kafka, cfg, transforms)
+    serve(app, settings, app[METRICS], uvloop.new_event_loop())
     log.info("gateway stopped")

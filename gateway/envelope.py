@@ -8,26 +8,53 @@ from typing import Any
 
 import orjson
 
+from gateway.numbers import marked_in, marked_reason
+
 EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias", "webhook"})
 _EMPTY = "{}"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
+# What the warehouse's DateTime64(3) columns hold (ClickHouse: 1900-01-01 to 2299-12-31).
+# A time outside it is refused here: later stages would clamp it, wrap it, or fail.
+MIN_TIME_MS = -2_208_988_800_000  # 1900-01-01T00:00:00.000Z
+MAX_TIME_MS = 10_413_791_999_999  # 2299-12-31T23:59:59.999Z
+TIME_RANGE = "1900-01-01 to 2299-12-31"
 
 
 class InvalidEvent(ValueError):
     """The message cannot become an event; the text is the reason shown to the client."""
 
 
+def in_time_range(millis: int) -> bool:
+    """Whether epoch milliseconds `millis` lie in the years the warehouse can hold."""
+    return MIN_TIME_MS <= millis <= MAX_TIME_MS
+
+
 def parse_timestamp(value: Any, field: str) -> int | None:
-    """Epoch milliseconds from an ISO-8601 string (or a number of ms); None when absent."""
+    """Epoch milliseconds from an ISO-8601 string (or a number of ms); None when absent.
+
+    Raises InvalidEvent for anything else, and for a time outside `TIME_RANGE`.
+    """
     if value is None or value == "":
         return None
+    millis = _millis(value, field)
+    if not in_time_range(millis):
+        raise InvalidEvent(f"{field} is outside the supported dates ({TIME_RANGE})")
+    return millis
+
+
+def _millis(value: Any, field: str) -> int:
     if isinstance(value, bool):
         raise InvalidEvent(f"{field} must be an ISO-8601 timestamp")
-    if isinstance(value, int | float):
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
         return int(value)
     if not isinstance(value, str):
         raise InvalidEvent(f"{field} must be an ISO-8601 timestamp")
+    number = marked_reason(value)
+    if number is not None:
+        raise InvalidEvent(f"{field}: {number}")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -55,7 +82,13 @@ def _obj(msg: dict[str, Any], field: str) -> str:
         return _EMPTY
     if not isinstance(value, dict):
         raise InvalidEvent(f"{field} must be an object")
-    return orjson.dumps(value).decode() if value else _EMPTY
+    if not value:
+        return _EMPTY
+    text = orjson.dumps(value).decode()
+    number = marked_in(text)
+    if number is not None:
+        raise InvalidEvent(f"{field}: {number}")
+    return text
 
 
 def _opt_str(msg: dict[str, Any], field: str) -> str | None:
@@ -63,6 +96,9 @@ def _opt_str(msg: dict[str, Any], field: str) -> str | None:
     if value is None or value == "":
         return None
     if isinstance(value, str):
+        number = marked_reason(value)
+        if number is not None:
+            raise InvalidEvent(f"{field}: {number}")
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
@@ -79,7 +115,9 @@ def build_event(
     """Validate one message and build its envelope record; InvalidEvent says why not.
 
     The event time is corrected for client clock skew the way Segment and RudderStack
-    do it: ``timestamp = receivedAt - (sentAt - originalTimestamp)``.
+    do it: ``timestamp = receivedAt - (sentAt - originalTimestamp)``. Every time, the
+    corrected one included, must lie in `TIME_RANGE`; a number no later stage can hold
+    (see `gateway.numbers`) in any field the envelope keeps makes the message invalid.
     """
     if not isinstance(msg, dict):
         raise InvalidEvent("an event must be a JSON object")
@@ -110,6 +148,11 @@ def build_event(
         sent_at = _cached(times, sent_raw, "sentAt")
     if original is not None and sent_at is not None:
         timestamp = received_at_ms - (sent_at - original)
+        if not in_time_range(timestamp):
+            raise InvalidEvent(
+                "timestamp corrected for clock skew (receivedAt - (sentAt - timestamp))"
+                f" is outside the supported dates ({TIME_RANGE})"
+            )
     else:
         timestamp = original if original is not None else received_at_ms
     message_id = _opt_str(msg, "messageId")

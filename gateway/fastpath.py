@@ -8,8 +8,8 @@ dict first.
 
 Anything unusual makes the fast path step aside and return None: a message the general
 path would reject, a nested field the structs do not name, braces inside plain string
-fields, nesting near the depth limit, invalid UTF-8, or an event schema that is not the
-one this writer knows. The request then takes the general path (`gateway.envelope`),
+fields, nesting near the depth limit, invalid UTF-8, a number or a time no later stage
+can hold, or an event schema that is not the one this writer knows. The request then takes the general path (`gateway.envelope`),
 which accepts the same valid messages with the same envelopes and gives invalid ones
 their precise reason. The tests hold both paths to the same records.
 """
@@ -22,8 +22,15 @@ from typing import Final
 
 import msgspec
 
-from gateway.envelope import EVENT_TYPES, InvalidEvent, parse_timestamp
+from gateway.envelope import (
+    EVENT_TYPES,
+    MAX_TIME_MS,
+    MIN_TIME_MS,
+    InvalidEvent,
+    parse_timestamp,
+)
 from gateway.messages import NULL, Message, Scalar
+from gateway.numbers import INT64_MAX, INT64_MIN, holdable, may_overflow
 from ops.producer import Record
 from schemas.codec import AvroCodec
 from schemas.fastpath import EVENT_LAYOUT, encode_event, layout, zigzag
@@ -39,6 +46,8 @@ def _text(value: Scalar) -> str | None:
         return None
     if type(value) is str:
         return value
+    if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidEvent("integer out of range")  # the general path says it precisely
     return str(value)
 
 
@@ -117,6 +126,7 @@ class FastWriter:
         room = self._max_depth - levels
         request = _Request(source_id, received_at, default_type, batch_sent_at)
         out: list[Record] = []
+        kept: list[bytes] = []
         try:
             if batch_sent_at is not None:
                 request.millis(batch_sent_at)
@@ -138,6 +148,7 @@ class FastWriter:
                     expected += nested
                     objects.append(data)
                 del objects[_OBJECT_FIELDS:]  # `_metadata` is checked, not kept
+                kept.extend(objects)
                 record = self._record(m, request, objects)
                 if record is None:
                     return None
@@ -145,6 +156,11 @@ class FastWriter:
         except InvalidEvent:
             return None
         if raw.count(b"{") + raw.count(b"[") != expected:
+            return None
+        # The JSON fields are kept as the client wrote them: numbers in them must fit
+        # what later stages read (one cheap screen for the request, the exact check
+        # only where it sees a long number).
+        if may_overflow(b"".join(kept)) and not all(holdable(text) for text in kept):
             return None
         return out
 
@@ -176,6 +192,8 @@ class FastWriter:
         received_at = request.received_at
         if original is not None and sent_at is not None:
             timestamp = received_at - (sent_at - original)
+            if not MIN_TIME_MS <= timestamp <= MAX_TIME_MS:
+                return None
         else:
             timestamp = original if original is not None else received_at
         event_id = _text(m.messageId) or str(uuid.uuid4())
@@ -223,5 +241,7 @@ class _Request:
         parsed = iso_millis(value) if type(value) is str else None
         if parsed is None:
             parsed = parse_timestamp(value, "timestamp")
+        elif not MIN_TIME_MS <= parsed <= MAX_TIME_MS:
+            raise InvalidEvent("timestamp out of range")  # the general path says it precisely
         self._times[value] = parsed
         return parsed

@@ -42,3 +42,13 @@ class GatewayMetrics:
             buckets=SIZE_BUCKETS,
             registry=self.registry,
         )
+        self.connections = Gauge(
+            "sluice_gateway_open_connections",
+            "Client connections open now.",
+            registry=self.registry,
+        )
+        self.refused_connections = Counter(
+            "sluice_gateway_refused_connections_total",
+            "Connections refused (503, then closed) because max_connections were open.",
+            registry=self.registry,
+        )

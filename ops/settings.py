@@ -70,6 +70,13 @@ class GatewaySettings(BaseSettings):
     max_json_depth: int = 32
     produce_timeout_s: float = 5.0
     linger_ms: int = 5
+    # A request's head must be complete within read_timeout_s of its connection opening
+    # or of the previous response (idle keep-alive connections close after it too), and
+    # its body within read_timeout_s of the head (else 408): a client sending a byte a
+    # second holds a connection for a bounded time.
+    read_timeout_s: float = 10.0
+    # Connections one process holds at once; one past it gets 503 and is closed.
+    max_connections: int = 4096
 
 
 class RegistrySettings(BaseSettings):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import Consumer
 
 from gateway.app import create_app
+from gateway.envelope import in_time_range
+from gateway.numbers import holdable
 from ops.admin import apply_topics
 from ops.config import parse_config
 from ops.settings import GatewaySettings, KafkaSettings
@@ -127,6 +130,8 @@ async def test_single_event_routes_and_write_key_in_body(
             "deeper than 32",
         ),
         (AUTH, b'{"batch": [], "sentAt": "soon"}', 400, "sentAt is not an ISO-8601"),
+        (AUTH, b'{"batch": [], "sentAt": "1899-12-31T23:59:59Z"}', 400, "sentAt is outside"),
+        (AUTH, b'{"batch": [], "sentAt": 123456789012345678901234567890}', 400, "sentAt: integer"),
     ],
 )
 async def test_bad_requests_get_their_status_and_produce_nothing(
@@ -212,3 +217,140 @@ async def test_rate_limited_source_gets_429_and_produces_nothing_more(
     assert too_big.status == 429
     assert "exceed the source's burst of 5" in (await too_big.json())["error"]
     assert len(read_topic(kafka, Topics(kafka.topic_prefix).ingest, 5)) == 5
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        ("/v1/batch", {"Authorization": basic_auth("bad")}),
+        ("/v1/batch?writeKey=bad", {}),
+        ("/v1/webhook?writeKey=bad", {}),
+        ("/v1/track", {"Authorization": basic_auth("off-key")}),
+    ],
+)
+async def test_a_bad_key_in_header_or_url_gets_401_before_the_body_is_sent(
+    client: TestClient[Any, Any], kafka: KafkaSettings, target: tuple[str, dict[str, str]]
+) -> None:
+    path, headers = target
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = [f"POST {path} HTTP/1.1", f"Host: {client.host}", "Content-Type: application/json"]
+    head += [f"{name}: {value}" for name, value in headers.items()]
+    head.append("Content-Length: 60000")
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+    await writer.drain()
+    # Not a byte of the body is sent: the answer must come from the head alone.
+    status = await asyncio.wait_for(reader.readline(), timeout=5)
+    assert status.startswith(b"HTTP/1.1 401"), status
+    writer.close()
+    assert read_topic(kafka, Topics(kafka.topic_prefix).ingest, 0, timeout=1) == []
+
+
+async def test_a_key_in_the_body_still_works_with_no_key_in_header_or_url(
+    client: TestClient[Any, Any],
+) -> None:
+    body = {"writeKey": "good-key", "batch": [{"type": "track", "event": "E", "userId": "u"}]}
+    resp = await client.post("/v1/batch", json=body)
+    assert resp.status == 200
+    assert (await resp.json())["accepted"] == 1
+    bad = await client.post("/v1/batch", json={**body, "writeKey": "bad"})
+    assert bad.status == 401
+
+
+GOOD = (
+    b'{"type": "track", "event": "Fine", "userId": "u", "properties": {"n": 9223372036854775807}}'
+)
+HOSTILE = [
+    (b'{"type": "track", "event": "E", "userId": "u", "properties": {"n": 1e999}}', "overflows"),
+    (b'{"type": "track", "event": "E", "userId": "u", "properties": {"n": [-1e999]}}', "overflows"),
+    (
+        b'{"type": "track", "event": "E", "userId": "u", "properties": {"n": 123456789012345678901234567890}}',
+        "integer 123456789012345678901234567890 is out of range",
+    ),
+    (
+        b'{"type": "track", "event": "E", "userId": "u", "properties": {"n": 9223372036854775808}}',
+        "does not fit a signed 64-bit integer",
+    ),
+    (
+        b'{"type": "identify", "userId": "u", "traits": {"n": 18446744073709551615}}',
+        "traits: integer",
+    ),
+    (
+        b'{"type": "track", "event": "E", "userId": "u", "context": {"a": {"n": -9223372036854775809}}}',
+        "context: integer",
+    ),
+    (
+        b'{"type": "track", "event": "E", "userId": 123456789012345678901234567890}',
+        "userId: integer",
+    ),
+    (
+        b'{"type": "track", "event": "E", "userId": "u", "messageId": 18446744073709551615}',
+        "messageId: integer",
+    ),
+    (b'{"type": "track", "event": "E", "userId": "u", "timestamp": -1e20}', "timestamp is outside"),
+    (b'{"type": "track", "event": "E", "userId": "u", "timestamp": 1e20}', "timestamp is outside"),
+    (
+        b'{"type": "track", "event": "E", "userId": "u", "timestamp": 123456789012345678901234567890}',
+        "timestamp: integer",
+    ),
+    (
+        b'{"type": "track", "event": "E", "userId": "u", "timestamp": "0001-01-01T00:00:00.000Z"}',
+        "timestamp is outside the supported dates (1900-01-01 to 2299-12-31)",
+    ),
+    (
+        b'{"type": "track", "event": "E", "userId": "u", "timestamp": "9999-12-31T23:59:59.999Z"}',
+        "timestamp is outside",
+    ),
+    (
+        b'{"type": "track", "event": "E", "userId": "u", "sentAt": "1899-12-31T23:59:59.999Z"}',
+        "sentAt is outside",
+    ),
+    (
+        b'{"type": "track", "event": "E", "userId": "u",'
+        b' "originalTimestamp": "2299-12-31T00:00:00.000Z", "sentAt": "1900-01-02T00:00:00.000Z"}',
+        "timestamp corrected for clock skew",
+    ),
+]
+
+
+def _holdable(event: dict[str, Any]) -> bool:
+    """Whether every later stage can hold the envelope: JSON fields and times in range."""
+    for name in ("properties", "traits", "context", "integrations"):
+        if not holdable(event[name].encode()):
+            return False
+    times = [event["timestamp"], event["received_at"], event["sent_at"]]
+    times.append(event["original_timestamp"])
+    return all(t is None or in_time_range(t) for t in times)
+
+
+@pytest.mark.parametrize(("message", "reason"), HOSTILE)
+async def test_a_number_or_time_no_later_stage_can_hold_is_rejected_with_its_reason(
+    client: TestClient[Any, Any], kafka: KafkaSettings, message: bytes, reason: str
+) -> None:
+    body = b'{"batch": [' + GOOD + b", " + message + b", " + GOOD + b"]}"
+    resp = await client.post("/v1/batch", data=body, headers=AUTH)
+    assert resp.status == 200
+    answer = await resp.json()
+    assert answer["accepted"] == 2
+    [rejected] = answer["rejected"]
+    assert rejected["index"] == 1
+    assert reason in rejected["reason"]
+    topics = Topics(kafka.topic_prefix)
+    landed = read_topic(kafka, topics.ingest, 2)
+    assert len(landed) == 2
+    plain = event_codec(logical_types=False)
+    assert all(_holdable(plain.decode(r.value())) for r in landed)
+    [record] = read_topic(kafka, topics.rejected, 1)
+    assert reason in dict(record.headers())["sluice.reason"].decode()
+
+
+async def test_single_and_webhook_routes_reject_unholdable_numbers_with_the_reason(
+    client: TestClient[Any, Any], kafka: KafkaSettings
+) -> None:
+    track = b'{"userId": "u", "event": "E", "properties": {"n": 1e999}}'
+    resp = await client.post("/v1/track", data=track, headers=AUTH)
+    assert resp.status == 400
+    assert "overflows a 64-bit float" in (await resp.json())["rejected"][0]["reason"]
+    hook = await client.post("/v1/webhook?writeKey=good-key", data=b'{"n": 18446744073709551615}')
+    assert hook.status == 400
+    assert "does not fit a signed 64-bit" in (await hook.json())["rejected"][0]["reason"]
+    assert read_topic(kafka, Topics(kafka.topic_prefix).ingest, 0, timeout=1) == []
