@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
+import socket
 import time
+import urllib.error
+import urllib.request
 import uuid
 import zlib
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from ops.settings import KafkaSettings
 from ops.topics import Topics
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
-from tests.pipeline import Pipeline
+from tests.pipeline import Pipeline, http_text
 from tests.test_gateway import read_topic
 
 pytestmark = pytest.mark.integration
@@ -121,3 +126,114 @@ async def test_gzip_bomb_gets_413_fast_without_growing_the_process(pipeline: Pip
             assert "request body exceeds" in (await resp.json())["error"]
     assert elapsed < 1.0
     assert _rss_kb(pid) - before < 50 * 1024
+
+
+def _connect(pipe: Pipeline) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", pipe.gateway_port), timeout=30)
+    sock.settimeout(30)
+    return sock
+
+
+def _closed_within(sock: socket.socket, data: bytes, interval: float, bound: float) -> float:
+    """Send `data` a byte every `interval` s; seconds until the gateway closed (bounded)."""
+    started = time.monotonic()
+    sock.setblocking(False)
+    try:
+        for byte in data:
+            if time.monotonic() - started > bound:
+                break
+            try:
+                sock.send(bytes((byte,)))
+                received = sock.recv(4096)
+            except BlockingIOError:
+                received = None
+            except (ConnectionResetError, BrokenPipeError):
+                return time.monotonic() - started
+            if received is not None:
+                # A 408 or the end of the stream: either way the gateway let go.
+                return time.monotonic() - started
+            time.sleep(interval)
+    finally:
+        sock.close()
+    return math.inf
+
+
+def _health(pipe: Pipeline) -> int:
+    with urllib.request.urlopen(f"{pipe.gateway_url}/health", timeout=5) as resp:
+        status: int = resp.status
+        return status
+
+
+@pytest.mark.parametrize("part", ["head", "body"])
+async def test_a_client_sending_a_byte_a_second_is_cut_off_while_others_are_served(
+    pipeline: Pipeline, part: str
+) -> None:
+    pipeline.env["SLUICE_GATEWAY_READ_TIMEOUT_S"] = "2"
+    pipeline.start("gateway")
+    body = orjson.dumps({"batch": [{"type": "track", "event": "E", "userId": "u"}]})
+    head = (
+        f"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: {basic_auth(pipeline.write_key)}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    slow = [_connect(pipeline) for _ in range(5)]
+    if part == "body":
+        for sock in slow:
+            sock.sendall(head)
+        trickle = body
+    else:
+        trickle = head
+    elapsed, served = await asyncio.gather(
+        asyncio.gather(
+            *(asyncio.to_thread(_closed_within, sock, trickle, 0.5, 15) for sock in slow)
+        ),
+        asyncio.to_thread(lambda: [_health(pipeline) for _ in range(10)]),
+    )
+    # 2 s (the bound) plus slack for a loaded machine; a byte a second would need 30+ s.
+    assert max(elapsed) < 8, elapsed
+    assert served == [200] * 10
+    assert _health(pipeline) == 200
+
+
+def test_a_slow_body_gets_408(pipeline: Pipeline) -> None:
+    pipeline.env["SLUICE_GATEWAY_READ_TIMEOUT_S"] = "1"
+    pipeline.start("gateway")
+    sock = _connect(pipeline)
+    auth = basic_auth(pipeline.write_key)
+    sock.sendall(
+        f"POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+        "Content-Length: 100\r\n\r\n{".encode()
+    )
+    answer = sock.recv(4096)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"request body not received within 1 s" in answer
+
+
+def test_connections_past_the_limit_are_refused_until_others_close(pipeline: Pipeline) -> None:
+    pipeline.env["SLUICE_GATEWAY_MAX_CONNECTIONS"] = "5"
+    pipeline.env["SLUICE_GATEWAY_READ_TIMEOUT_S"] = "60"
+    pipeline.start("gateway")
+    held = [_connect(pipeline) for _ in range(5)]
+    time.sleep(0.5)
+    extra = _connect(pipeline)
+    refused = extra.recv(4096)
+    assert refused.startswith(b"HTTP/1.1 503"), refused
+    assert b"too many connections" in refused
+    assert extra.recv(4096) == b""  # and closed
+    extra.close()
+    # The held connections still work.
+    held[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert held[0].recv(4096).startswith(b"HTTP/1.1 200")
+    for sock in held:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert _health(pipeline) == 200
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    text = http_text(f"{pipeline.gateway_url}/metrics")
+    assert "sluice_gateway_refused_connections_total 1.0" in text
