@@ -6,16 +6,22 @@ exclusively, so one process owns it); `http(s)://host:port` talks to a server.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import clickhouse_connect
-from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
+from clickhouse_connect.driver.exceptions import (
+    ClickHouseError,
+    DataError,
+    OperationalError,
+    ProgrammingError,
+)
 
 from ops.settings import WarehouseSettings
 from schemas.errors import DestinationUnavailable, SluiceError
@@ -52,6 +58,110 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 class QueryRefused(SluiceError):
     """The query endpoint only runs single read-only statements."""
+
+
+class WarehouseRefused(SluiceError):
+    """The warehouse refused a statement or its data for good: the same write fails again.
+
+    Bad data the engine or the client cannot encode (an integer beyond a column's range, a
+    value its type cannot take), a statement over the query size limit, an unknown type.
+    The sink finds the records behind it and dead-letters them; `code` is ClickHouse's.
+    """
+
+    def __init__(self, msg: str, code: int | None = None) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+# ClickHouse error codes that say the server, not the write, is the problem right now:
+# timeouts, overload, memory, parts, disk, network, replication, access and missing tables
+# (an operator fixes these; the same write then succeeds). Every other code refuses the
+# write for good. Names as in ClickHouse's src/Common/ErrorCodes.cpp.
+TRANSIENT_CODES: frozenset[int] = frozenset(
+    {
+        23,  # CANNOT_READ_FROM_ISTREAM
+        24,  # CANNOT_WRITE_TO_OSTREAM
+        32,  # ATTEMPT_TO_READ_AFTER_EOF
+        60,  # UNKNOWN_TABLE (dropped under the sink: it is created again)
+        74,  # CANNOT_READ_FROM_FILE_DESCRIPTOR
+        75,  # CANNOT_WRITE_TO_FILE_DESCRIPTOR
+        81,  # UNKNOWN_DATABASE
+        159,  # TIMEOUT_EXCEEDED
+        160,  # TOO_SLOW
+        164,  # READONLY
+        173,  # CANNOT_ALLOCATE_MEMORY
+        192,  # UNKNOWN_USER
+        193,  # WRONG_PASSWORD
+        201,  # QUOTA_EXCEEDED
+        202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+        203,  # NO_FREE_CONNECTION
+        209,  # SOCKET_TIMEOUT
+        210,  # NETWORK_ERROR
+        225,  # NO_ZOOKEEPER
+        236,  # ABORTED
+        241,  # MEMORY_LIMIT_EXCEEDED
+        242,  # TABLE_IS_READ_ONLY
+        243,  # NOT_ENOUGH_SPACE
+        252,  # TOO_MANY_PARTS
+        279,  # ALL_CONNECTION_TRIES_FAILED
+        285,  # TOO_FEW_LIVE_REPLICAS
+        319,  # UNKNOWN_STATUS_OF_INSERT
+        373,  # SESSION_IS_LOCKED
+        394,  # QUERY_WAS_CANCELLED
+        425,  # SYSTEM_ERROR
+        439,  # CANNOT_SCHEDULE_TASK
+        497,  # ACCESS_DENIED
+        516,  # AUTHENTICATION_FAILED
+        999,  # KEEPER_EXCEPTION
+        1000,  # POCO_EXCEPTION
+    }
+)
+
+
+def warehouse_error(exc: BaseException, what: str) -> SluiceError:
+    """A client error as DestinationUnavailable (transient: retry) or WarehouseRefused (never).
+
+    clickhouse-connect puts the server's code on `Error.code` (from the HTTP exception
+    header, or parsed from the embedded engine's `Code: N.` message). Without a code: a
+    transport failure (OperationalError: refused, reset, timed out, HTTP 429/503/504) is
+    transient; a value the client could not encode for its column (DataError, ValueError,
+    OverflowError, TypeError) is refused for good.
+    """
+    if isinstance(exc, SluiceError):
+        return exc
+    code = getattr(exc, "code", None)
+    if not isinstance(code, int):
+        found = _ERROR_CODE.search(str(exc))
+        code = int(found.group(1)) if found else None
+    if isinstance(exc, OSError):  # refused, reset, timed out
+        transient = True
+    elif code is not None:
+        transient = code in TRANSIENT_CODES
+    elif isinstance(exc, OperationalError):
+        transient = True
+    else:
+        # A value the client could not encode is refused for good; a server error
+        # without a code (an HTTP 502 from a proxy in front of it, say) is not.
+        transient = not isinstance(
+            exc, DataError | ProgrammingError | ValueError | TypeError | ArithmeticError
+        )
+    if transient:
+        return DestinationUnavailable(f"{what} failed: {exc}")
+    return WarehouseRefused(f"{what} refused: {type(exc).__name__}: {exc}", code)
+
+
+_ERROR_CODE = re.compile(r"\bCode:\s*(\d+)")
+_CLIENT_ERRORS = (ClickHouseError, OSError, ValueError, TypeError, ArithmeticError)
+
+
+@dataclass(frozen=True)
+class StagedInsert:
+    """An insert collected by `Warehouse.staging()`, run later by `run_insert`."""
+
+    table: str
+    names: tuple[str, ...]
+    columns: Sequence[list[Any]]
+    token: str
 
 
 @dataclass(frozen=True)
@@ -126,6 +236,8 @@ class Warehouse:
         self.settings = settings
         self._lock = threading.Lock()
         self._client = _connect(settings)
+        # Set by `staging()`: inserts are collected here instead of run (sink thread only).
+        self._staged: list[StagedInsert] | None = None
 
     @property
     def embedded(self) -> bool:
@@ -134,25 +246,31 @@ class Warehouse:
 
     def ensure_table(self, table: str) -> None:
         """Create the events table `table` if it does not exist."""
-        with self._lock:
-            self._client.command(events_table_ddl(table))
+        self.command(events_table_ddl(table))
 
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
-        """Run DDL or another statement without a result."""
+        """Run DDL or another statement without a result.
+
+        Raises DestinationUnavailable when the warehouse cannot take it now and
+        WarehouseRefused when it never will (an ALTER over the query size limit, say).
+        """
         try:
             with self._lock:
                 self._client.command(sql, parameters=parameters)
-        except (OperationalError, ConnectionError, OSError) as exc:
-            raise DestinationUnavailable(f"warehouse command failed: {exc}") from exc
+        except _CLIENT_ERRORS as exc:
+            raise warehouse_error(exc, "warehouse command") from exc
 
     def columns(self, table: str) -> dict[str, str]:
         """Column name -> type of `table` (empty when it does not exist)."""
-        with self._lock:
-            result = self._client.query(
-                "SELECT name, type FROM system.columns "
-                "WHERE database = currentDatabase() AND table = {t:String}",
-                parameters={"t": table},
-            )
+        try:
+            with self._lock:
+                result = self._client.query(
+                    "SELECT name, type FROM system.columns "
+                    "WHERE database = currentDatabase() AND table = {t:String}",
+                    parameters={"t": table},
+                )
+        except _CLIENT_ERRORS as exc:
+            raise warehouse_error(exc, "reading the columns of a table") from exc
         return {str(name): str(ctype) for name, ctype in result.result_rows}
 
     def add_columns(self, table: str, columns: dict[str, str]) -> None:
@@ -162,12 +280,15 @@ class Warehouse:
 
     def loaded_ranges(self, topic: str, partition: int) -> list[tuple[int, int]]:
         """Offset ranges of `topic`/`partition` that are in the warehouse already."""
-        with self._lock:
-            result = self._client.query(
-                "SELECT first, last FROM `_sluice_offsets` "
-                "WHERE topic = {t:String} AND partition = {p:UInt32} ORDER BY first",
-                parameters={"t": topic, "p": partition},
-            )
+        try:
+            with self._lock:
+                result = self._client.query(
+                    "SELECT first, last FROM `_sluice_offsets` "
+                    "WHERE topic = {t:String} AND partition = {p:UInt32} ORDER BY first",
+                    parameters={"t": topic, "p": partition},
+                )
+        except _CLIENT_ERRORS as exc:
+            raise warehouse_error(exc, "reading loaded offsets") from exc
         return [(int(a), int(b)) for a, b in result.result_rows]
 
     def insert_events(self, table: str, columns: Sequence[list[Any]], token: str) -> None:
@@ -177,22 +298,45 @@ class Warehouse:
     def insert(
         self, table: str, names: Sequence[str], columns: Sequence[list[Any]], token: str
     ) -> None:
-        """Insert one column-oriented block; the same token twice leaves one copy."""
+        """Insert one column-oriented block; the same token twice leaves one copy.
+
+        Inside `staging()` the insert is only collected. Raises DestinationUnavailable
+        for a transient failure (retry the same block with the same token) and
+        WarehouseRefused for a block that will never go in (`warehouse_error`).
+        """
+        if self._staged is not None:
+            self._staged.append(StagedInsert(table, tuple(names), columns, token))
+            return
+        self.run_insert(StagedInsert(table, tuple(names), columns, token))
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[list[StagedInsert]]:
+        """Collect the inserts made inside the block instead of running them.
+
+        DDL still runs at once. A loader's work that can fail before anything is written
+        (layout, type inference, new columns) then fails with nothing written, and the
+        caller runs the collected inserts in the order it chooses (`run_insert`).
+        """
+        staged: list[StagedInsert] = []
+        self._staged = staged
+        try:
+            yield staged
+        finally:
+            self._staged = None
+
+    def run_insert(self, insert: StagedInsert) -> None:
+        """Run one insert (see `insert`)."""
         try:
             with self._lock:
                 self._client.insert(
-                    table,
-                    columns,
-                    column_names=list(names),
+                    insert.table,
+                    insert.columns,
+                    column_names=list(insert.names),
                     column_oriented=True,
-                    settings={"insert_deduplication_token": token},
+                    settings={"insert_deduplication_token": insert.token},
                 )
-        except (OperationalError, ConnectionError, OSError) as exc:
-            raise DestinationUnavailable(f"warehouse insert failed: {exc}") from exc
-        except ClickHouseError as exc:
-            # Errors that are not about reachability (a missing table, a full disk) also
-            # deserve another try rather than a lost batch; the sink backs off.
-            raise DestinationUnavailable(f"warehouse refused the insert: {exc}") from exc
+        except _CLIENT_ERRORS as exc:
+            raise warehouse_error(exc, f"warehouse insert into {insert.table}") from exc
 
     def query(self, sql: str) -> QueryResult:
         """Run one read-only statement (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN, EXISTS)."""

@@ -24,6 +24,7 @@ from ops.config import ClickHouseConfig, PipelineConfig
 from ops.live import ConfigFollower
 from ops.settings import KafkaSettings, TransformSettings, WarehouseSettings
 from ops.topics import Topics
+from ops.watchdog import StallWatchdog
 from schemas.codec import event_codec
 
 log = structlog.get_logger("sluice.sink")
@@ -31,6 +32,9 @@ log = structlog.get_logger("sluice.sink")
 WAREHOUSE = web.AppKey("warehouse", Warehouse)
 SINK = web.AppKey("sink", WarehouseSink)
 METRICS = web.AppKey("metrics", SinkMetrics)
+WATCHDOG = web.AppKey("watchdog", StallWatchdog)
+# Why the sink's loop died, if it did (the process then exits with status 1).
+DEATH = web.AppKey("death", list[str])
 
 
 def _default(value: Any) -> Any:
@@ -73,6 +77,14 @@ async def handle_health(_request: web.Request) -> web.Response:
     return _json({"status": "ok"}, 200)
 
 
+async def handle_ready(request: web.Request) -> web.Response:
+    """`GET /ready`: 503 with the reason when the sink's loop died or it is stalled."""
+    problem = request.app[WATCHDOG].problem()
+    if problem is not None:
+        return _json({"status": "not ready", "reason": problem}, 503)
+    return _json({"status": "ready"}, 200)
+
+
 async def handle_metrics(request: web.Request) -> web.Response:
     """`GET /metrics`: the sink's Prometheus metrics."""
     body = generate_latest(request.app[METRICS].registry)
@@ -88,9 +100,8 @@ def sink_targets(
         connector = dest.connector()
         if isinstance(connector, ClickHouseConfig):
             table = str(dest.settings.get("table", settings.table))
-            targets.append(
-                SinkTarget(dest.id, topics.destination(dest.id).main, table, connector.layout)
-            )
+            dt = topics.destination(dest.id)
+            targets.append(SinkTarget(dest.id, dt.main, table, connector.layout, dt.dlq))
     return targets
 
 
@@ -99,20 +110,40 @@ def create_app(
     kafka: KafkaSettings,
     cfg: PipelineConfig,
     transforms: TransformSettings | None = None,
+    exit_on_death: bool = False,
 ) -> web.Application:
     """The sink process's app: the sink runs from startup to cleanup.
 
     `transforms`: the modules config records may name transforms from (None: none).
+    `exit_on_death`: stop the app when the sink's loop dies (the process does; an app
+    embedded elsewhere only turns not ready).
     """
     app = web.Application()
     app[METRICS] = SinkMetrics()
+    app[WATCHDOG] = StallWatchdog("sink", settings.stall_after_s, app[METRICS].registry)
+    app[DEATH] = []
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+
+        def died(reason: str) -> None:
+            # From the sink's thread: stop serving (a dead loop behind a green /health
+            # would load nothing); `run` then exits with status 1.
+            app[DEATH].append(reason)
+            if exit_on_death:
+                loop.call_soon_threadsafe(_graceful_exit)
+
         warehouse = await loop.run_in_executor(None, Warehouse, settings)
         targets = sink_targets(cfg, Topics(kafka.topic_prefix), settings)
         sink = WarehouseSink(
-            warehouse, targets, kafka, settings, event_codec(logical_types=False), app[METRICS]
+            warehouse,
+            targets,
+            kafka,
+            settings,
+            event_codec(logical_types=False),
+            app[METRICS],
+            app[WATCHDOG],
+            died,
         )
         await loop.run_in_executor(None, sink.start)
         app[WAREHOUSE], app[SINK] = warehouse, sink
@@ -136,8 +167,14 @@ def create_app(
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/query", handle_query)
     app.router.add_get("/health", handle_health)
+    app.router.add_get("/ready", handle_ready)
     app.router.add_get("/metrics", handle_metrics)
     return app
+
+
+def _graceful_exit() -> None:
+    # What aiohttp's own SIGTERM handler raises: run_app stops and runs the cleanups.
+    raise web.GracefulExit
 
 
 def run(
@@ -146,11 +183,18 @@ def run(
     cfg: PipelineConfig,
     transforms: TransformSettings,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then flush and commit what is open."""
+    """Serve until SIGTERM/SIGINT, then flush and commit what is open.
+
+    A sink whose loop died ends the process with status 1, after logging why.
+    """
+    app = create_app(settings, kafka, cfg, transforms, exit_on_death=True)
     web.run_app(
-        create_app(settings, kafka, cfg, transforms),
+        app,
         host=settings.query_host,
         port=settings.query_port,
         access_log=None,
         print=lambda *_: None,
     )
+    if app[DEATH]:
+        log.error("sink exits: its loop died", reason=app[DEATH][0])
+        raise SystemExit(1)

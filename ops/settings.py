@@ -161,6 +161,11 @@ class WarehouseSettings(BaseSettings):
     # where only one sink process can own the warehouse anyway.
     instance_id: str | None = None
     session_timeout_ms: int = 10_000
+    # The consumer leaves its group when it does not poll for this long; the sink keeps
+    # polling (partitions paused) while it retries an insert, so an outage never does.
+    max_poll_interval_ms: int = 300_000
+    # `/ready` fails when records wait and no batch was loaded or dead-lettered for this long.
+    stall_after_s: float = 120.0
     # Each source writes into at most this many distinct track-event tables; events of
     # further names land in the raw table and `tracks` only, and in `discards`.
     max_event_tables: int = 200

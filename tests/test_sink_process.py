@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.error
 from typing import Any
 
 import pytest
@@ -14,7 +18,7 @@ from gateway.envelope import build_event, partition_key
 from ops.traffic import sample_events
 from schemas.codec import event_codec
 from tests.conftest import scaled
-from tests.pipeline import Pipeline, http_text
+from tests.pipeline import Pipeline, http_json, http_text
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +130,128 @@ def test_undecodable_records_go_to_the_dlq_and_the_rest_loads(pipeline: Pipeline
         assert rec.headers["sluice.original.topic"] == topic
         assert rec.headers["sluice.original.offset"].isdigit()
     assert _lag(pipeline, topic) == 0
+
+
+def _ready(pipe: Pipeline) -> tuple[int, dict[str, Any]]:
+    """The sink's `/ready`: status code and body."""
+    try:
+        return 200, http_json(f"http://127.0.0.1:{pipe.query_port}/ready", timeout=5)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_records_the_warehouse_refuses_go_to_the_dlq_and_the_rest_loads_once(
+    pipeline: Pipeline,
+) -> None:
+    """Records on the topic that no table can take: dead-lettered with the engine's reason.
+
+    Written by something other than the gateway (which refuses such numbers): a property
+    in the unsigned 64-bit range where the column is `Int64` (the client cannot encode
+    it), and properties that are not JSON (no layout table can take them). Each sits in a
+    batch of good events; the batch is halved until they are found.
+    """
+    from ops.dlq import dead_letters  # noqa: PLC0415
+    from ops.settings import KafkaSettings  # noqa: PLC0415
+
+    topic = f"{pipeline.prefix}.dest.warehouse"
+    codec = event_codec()
+    producer = Producer({"bootstrap.servers": pipeline.bootstrap, "enable.idempotence": True})
+    received = int(time.time() * 1000)
+    good: list[str] = []
+    bad: dict[str, bytes] = {}
+    for i, sample in enumerate(sample_events(400, seed=11)):
+        msg = sample
+        if i % 50 == 7:
+            msg = {**msg, "type": "track", "event": "Big Number", "properties": {"n": i}}
+        event = build_event(msg, "test-src", received)
+        if i in (57, 257):
+            event["properties"] = '{"n": 9223372036854775813}'  # above Int64's maximum
+        elif i == 157:
+            event["properties"] = '{"n": 1, "broken'  # not JSON
+        value = codec.encode(event)
+        if i in (57, 157, 257):
+            bad[event["event_id"]] = value
+        else:
+            good.append(event["event_id"])
+        producer.produce(topic, value, partition_key(event))
+    assert producer.flush(30) == 0
+    pipeline.start("sink")
+
+    assert pipeline.wait_rows(len(good)) == len(good)
+    kafka = KafkaSettings(bootstrap_servers=pipeline.bootstrap, topic_prefix=pipeline.prefix)
+    _wait(lambda: len(dead_letters(kafka, "warehouse")) >= len(bad), 60)
+    letters = dead_letters(kafka, "warehouse")
+    assert sorted(r.value for r in letters) == sorted(bad.values())
+    reasons = sorted(r.headers["sluice.error.message"] for r in letters)
+    for rec in letters:
+        assert rec.headers["sluice.stage"] == "sink"
+        assert rec.headers["sluice.error.class"] == "WarehouseRefused"
+        assert rec.headers["sluice.destination"] == "warehouse"
+        assert rec.headers["sluice.original.topic"] == topic
+        assert rec.headers["sluice.original.offset"].isdigit()
+    assert sum("JSONDecodeError" in r for r in reasons) == 1, reasons
+    assert sum("big_number" in r and "`n`" in r for r in reasons) == 2, reasons
+
+    assert pipeline.query("SELECT count(), uniqExact(event_id) FROM events") == [
+        [len(good), len(good)]
+    ]
+    ids = ", ".join(f"'{e}'" for e in bad)
+    assert pipeline.query(f"SELECT count() FROM events WHERE event_id IN ({ids})") == [[0]]
+    assert pipeline.query("SELECT count(), sum(n) FROM big_number") == [
+        [5, 7 + 107 + 207 + 307 + 357]
+    ]
+    assert _lag(pipeline, topic) == 0
+    assert _ready(pipeline) == (200, {"status": "ready"})
+
+
+def test_a_sink_whose_loop_dies_exits_with_status_1_and_says_why(pipeline: Pipeline) -> None:
+    """Another consumer joins with the sink's static instance id: the broker fences the sink.
+
+    A fenced consumer can never commit again; the sink must not live on behind a green
+    /health. Its loop ends, and the process exits with status 1 after logging why.
+    """
+    topic = f"{pipeline.prefix}.dest.warehouse"
+    _produce(pipeline, 200)
+    log_file = pipeline.root / "sink-fenced.log"
+    with log_file.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "sink"],
+            env={**os.environ, **pipeline.env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def loaded() -> bool:
+            try:
+                return _count(pipeline) == 200
+            except OSError:  # not listening yet
+                assert proc.poll() is None, log_file.read_text()[-3000:]
+                return False
+
+        _wait(loaded, 120)
+        group = pipeline.env["SLUICE_WAREHOUSE_CONSUMER_GROUP"]
+        usurper = Consumer(
+            {
+                "bootstrap.servers": pipeline.bootstrap,
+                "group.id": group,
+                "group.instance.id": f"{group}-embedded",
+                "session.timeout.ms": 10_000,
+                "partition.assignment.strategy": "cooperative-sticky",
+            }
+        )
+        usurper.subscribe([topic])
+        try:
+            deadline = time.monotonic() + 90
+            while proc.poll() is None and time.monotonic() < deadline:
+                usurper.poll(0.5)
+        finally:
+            usurper.close()
+        assert proc.wait(timeout=30) == 1, log_file.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    output = log_file.read_text("utf-8", "replace")
+    assert "fenced" in output, output[-3000:]
+    assert "sink exits: its loop died" in output, output[-3000:]
