@@ -23,6 +23,7 @@ from clickhouse_connect.driver.exceptions import (
     ProgrammingError,
 )
 
+from connectors.queries import QueryResult, ReadOnlyQueries, query_settings
 from ops.settings import WarehouseSettings
 from schemas.errors import DestinationUnavailable, SluiceError
 
@@ -52,12 +53,7 @@ EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 COLUMN_NAMES = tuple(name for name, _ in EVENT_COLUMNS)
 
-_READ_ONLY = re.compile(r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXPLAIN|EXISTS)\b", re.IGNORECASE)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class QueryRefused(SluiceError):
-    """The query endpoint only runs single read-only statements."""
 
 
 class WarehouseRefused(SluiceError):
@@ -164,14 +160,6 @@ class StagedInsert:
     token: str
 
 
-@dataclass(frozen=True)
-class QueryResult:
-    """Column names and rows of a query."""
-
-    columns: list[str]
-    rows: list[list[Any]]
-
-
 def events_table_ddl(table: str) -> str:
     """DDL of an events table that deduplicates inserts by token and rows by event id.
 
@@ -230,12 +218,14 @@ DISCARDS_COLUMNS = (
 
 
 class Warehouse:
-    """One clickhouse-connect client, shared by the sink and the query endpoint."""
+    """The sink's clickhouse-connect client, and read-only queries on a client of their own."""
 
     def __init__(self, settings: WarehouseSettings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._client = _connect(settings)
+        # Queries never take `_lock`: a long one cannot hold up an insert.
+        self._queries = ReadOnlyQueries(lambda: _connect(settings, for_queries=True), settings)
         # Set by `staging()`: inserts are collected here instead of run (sink thread only).
         self._staged: list[StagedInsert] | None = None
 
@@ -339,36 +329,60 @@ class Warehouse:
             raise warehouse_error(exc, f"warehouse insert into {insert.table}") from exc
 
     def query(self, sql: str) -> QueryResult:
-        """Run one read-only statement (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN, EXISTS)."""
-        statement = sql.strip().rstrip(";")
-        if not _READ_ONLY.match(statement) or ";" in statement:
-            raise QueryRefused("only a single read-only statement (SELECT, SHOW, ...) is allowed")
-        with self._lock:
-            result = self._client.query(statement)
-        return QueryResult(list(result.column_names), [list(r) for r in result.result_rows])
+        """Run one read-only statement (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN, EXISTS).
+
+        Checked and bounded as `connectors.queries` says; raises QueryRefused, QueryFailed
+        (QueryTimeout), or DestinationUnavailable when the server cannot be reached.
+        """
+        return self._queries.query(sql)
+
+    @property
+    def queries(self) -> ReadOnlyQueries:
+        """The read-only query client."""
+        return self._queries
 
     def close(self) -> None:
-        """Release the client (and, embedded, the data folder's lock)."""
+        """Release the clients (and, embedded, the data folder's lock)."""
+        self._queries.close()
         with self._lock:
             self._client.close()
 
 
-def _connect(settings: WarehouseSettings) -> Any:
+def _connect(settings: WarehouseSettings, for_queries: bool = False) -> Any:
+    """A client for the sink, or (`for_queries`) one whose queries are read-only and bounded.
+
+    Embedded, the query client's session carries `query_settings` (and so does each of its
+    queries); on a server each query sends them, as the user `query_username` if set.
+    """
     dsn = settings.dsn
     if dsn.startswith("chdb://"):
+        if for_queries:
+            return clickhouse_connect.get_client(
+                dsn=_absolute_chdb(dsn), settings=query_settings(settings)
+            )
         return clickhouse_connect.get_client(dsn=_absolute_chdb(dsn))
     url = urlparse(dsn)
     if url.scheme not in ("http", "https"):
         raise SluiceError(f"warehouse DSN must start with chdb://, http:// or https://: {dsn}")
+    username = settings.username or url.username or "default"
     password = settings.password.get_secret_value() if settings.password else url.password or ""
+    extra: dict[str, Any] = {}
+    if for_queries:
+        if settings.query_username:
+            username = settings.query_username
+            secret = settings.query_password
+            password = secret.get_secret_value() if secret else ""
+        # The socket waits a little longer than the server lets a query run.
+        extra["send_receive_timeout"] = settings.query_timeout_s + 10
     try:
         return clickhouse_connect.get_client(
             host=url.hostname or "127.0.0.1",
             port=url.port or (8443 if url.scheme == "https" else 8123),
             secure=url.scheme == "https",
-            username=settings.username or url.username or "default",
+            username=username,
             password=password,
             database=settings.database,
+            **extra,
         )
     except (OperationalError, OSError) as exc:
         raise DestinationUnavailable(f"cannot reach ClickHouse at {url.hostname}: {exc}") from exc

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import date, datetime
-from decimal import Decimal
 from typing import Any
-from uuid import UUID
 
 import orjson
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from connectors.clickhouse import QueryRefused, Warehouse
+from connectors.clickhouse import Warehouse
+from connectors.query_api import QueryEndpoint, json_default
+from connectors.query_auth import ensure_token
 from connectors.sink import SinkMetrics, SinkTarget, WarehouseSink
 from ops.config import ClickHouseConfig, PipelineConfig
 from ops.live import ConfigFollower
@@ -33,42 +32,17 @@ WAREHOUSE = web.AppKey("warehouse", Warehouse)
 SINK = web.AppKey("sink", WarehouseSink)
 METRICS = web.AppKey("metrics", SinkMetrics)
 WATCHDOG = web.AppKey("watchdog", StallWatchdog)
+# `POST /query`: authenticated, read-only, bounded (connectors/query_api.py).
+QUERY = web.AppKey("query", QueryEndpoint)
 # Why the sink's loop died, if it did (the process then exits with status 1).
 DEATH = web.AppKey("death", list[str])
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, Decimal | UUID):
-        return str(value)
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    raise TypeError(type(value).__name__)
-
-
-async def handle_query(request: web.Request) -> web.Response:
-    """`POST /query {"sql": "..."}`: columns and rows of one read-only statement."""
-    try:
-        body = orjson.loads(await request.read())
-        sql = body["sql"]
-        if not isinstance(sql, str):
-            raise TypeError
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return _json({"error": 'body must be {"sql": "..."}'}, 400)
-    loop = asyncio.get_running_loop()
-    try:
-        result = await loop.run_in_executor(None, request.app[WAREHOUSE].query, sql)
-    except QueryRefused as exc:
-        return _json({"error": str(exc)}, 400)
-    except Exception as exc:
-        return _json({"error": str(exc).splitlines()[0] if str(exc) else repr(exc)}, 400)
-    return _json({"columns": result.columns, "rows": result.rows}, 200)
-
-
 def _json(body: dict[str, Any], status: int) -> web.Response:
     return web.Response(
-        body=orjson.dumps(body, default=_default), status=status, content_type="application/json"
+        body=orjson.dumps(body, default=json_default),
+        status=status,
+        content_type="application/json",
     )
 
 
@@ -120,6 +94,8 @@ def create_app(
     """
     app = web.Application()
     app[METRICS] = SinkMetrics()
+    # The token exists before the port opens, so `sluice sql` can read it once /health answers.
+    app[QUERY] = QueryEndpoint(settings, ensure_token(settings))
     app[WATCHDOG] = StallWatchdog("sink", settings.stall_after_s, app[METRICS].registry)
     app[DEATH] = []
 
@@ -147,6 +123,7 @@ def create_app(
         )
         await loop.run_in_executor(None, sink.start)
         app[WAREHOUSE], app[SINK] = warehouse, sink
+        app[QUERY].warehouse = warehouse
         follower = ConfigFollower(
             kafka,
             cfg,
@@ -165,7 +142,7 @@ def create_app(
         log.info("sink stopped")
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_post("/query", handle_query)
+    app.router.add_post("/query", app[QUERY].handle)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/ready", handle_ready)
     app.router.add_get("/metrics", handle_metrics)

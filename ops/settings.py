@@ -155,6 +155,21 @@ class WarehouseSettings(BaseSettings):
     batch_seconds: float = 1.0
     query_host: str = "127.0.0.1"
     query_port: int = 8124
+    # `POST /query` needs `Authorization: Bearer <query_token>`. Unset (or empty): the sink
+    # generates one into `query_token_file` (mode 0600), where `sluice sql` reads it.
+    query_token: SecretStr | None = None
+    query_token_file: Path = Path(".sluice") / "query-token"
+    # Bounds of one query (ClickHouse's max_execution_time, max_result_rows/bytes with
+    # result_overflow_mode=throw, max_memory_usage; the JSON answer is capped at
+    # query_max_bytes too); queries run with readonly=1.
+    query_timeout_s: float = 30.0
+    query_max_rows: int = 100_000
+    query_max_bytes: int = 64 * 1024 * 1024
+    query_max_memory_bytes: int = 512 * 1024 * 1024
+    # A ClickHouse server's user for queries (default: the sink's); best one with only
+    # SELECT on the database.
+    query_username: str | None = None
+    query_password: SecretStr | None = None
     consumer_group: str = "sluice-sink"
     # Static group membership: a restarted sink takes its partitions back at once instead
     # of waiting for the old session to time out. Defaults to one id in embedded mode,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import secrets
 import socket
 import time
 import urllib.error
@@ -42,10 +43,17 @@ def free_port() -> int:
         return port
 
 
-def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 30) -> Any:
+def http_json(
+    url: str,
+    body: dict[str, Any] | None = None,
+    timeout: float = 30,
+    headers: dict[str, str] | None = None,
+) -> Any:
     """GET (or POST `body`) and decode the JSON answer; raises on non-2xx."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
@@ -75,6 +83,8 @@ class Pipeline:
     bootstrap: str
     prefix: str
     write_key: str = "test-key"
+    # The bearer token of the sink's query endpoint.
+    query_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     env: dict[str, str] = field(default_factory=dict)
     config: str = CONFIG
 
@@ -95,6 +105,7 @@ class Pipeline:
             "SLUICE_WORKER_METRICS_PORT": str(self.worker_metrics_port),
             "SLUICE_WAREHOUSE_DSN": f"chdb://{self.root / 'warehouse'}",
             "SLUICE_WAREHOUSE_QUERY_PORT": str(self.query_port),
+            "SLUICE_WAREHOUSE_QUERY_TOKEN": self.query_token,
             "SLUICE_WAREHOUSE_CONSUMER_GROUP": f"{self.prefix}-sink",
             "SLUICE_WAREHOUSE_BATCH_SECONDS": "0.5",
             "SLUICE_DELIVERY_PORT": str(self.delivery_port),
@@ -155,7 +166,11 @@ class Pipeline:
 
     def query(self, sql: str) -> list[list[Any]]:
         """Rows of a read-only query, through the sink's query endpoint."""
-        body = http_json(f"http://127.0.0.1:{self.query_port}/query", {"sql": sql})
+        body = http_json(
+            f"http://127.0.0.1:{self.query_port}/query",
+            {"sql": sql},
+            headers={"Authorization": f"Bearer {self.query_token}"},
+        )
         rows: list[list[Any]] = body["rows"]
         return rows
 
