@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from gateway.envelope import InvalidEvent, build_event, partition_key
+from gateway.envelope import InvalidEvent, build_event, parse_timestamp, partition_key
+from gateway.numbers import loads
 from schemas.codec import event_codec
 
 RECEIVED = 1_700_000_010_000
@@ -56,3 +59,34 @@ def test_default_type_from_route_and_generated_id() -> None:
 def test_invalid_messages_say_why(msg: object, reason: str) -> None:
     with pytest.raises(InvalidEvent, match=reason):
         build_event(msg, "web", RECEIVED)
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (b'"timestamp": "1899-12-31T23:59:59.999Z"', "timestamp is outside the supported dates"),
+        (b'"timestamp": "2300-01-01T00:00:00Z"', "timestamp is outside"),
+        (b'"timestamp": -1e20', "timestamp is outside"),
+        (b'"timestamp": 100000000000000000', "timestamp is outside"),
+        (b'"sentAt": "0001-01-01T00:00:00Z"', "sentAt is outside"),
+        (
+            b'"timestamp": "2299-12-31T00:00:00Z", "sentAt": "1900-01-02T00:00:00Z"',
+            "corrected for clock skew",
+        ),
+        (b'"properties": {"n": 9223372036854775808}', "properties: integer 9223372036854775808"),
+        (b'"traits": {"n": [-9223372036854775809]}', "traits: integer"),
+        (b'"context": {"n": 1e999}', "context: number 1e999 is out of range"),
+        (b'"anonymousId": 123456789012345678901234567890', "anonymousId: integer"),
+    ],
+)
+def test_times_and_numbers_later_stages_cannot_hold_are_invalid(extra: bytes, reason: str) -> None:
+    # Parsed as the gateway parses a body: out-of-range numbers become markers.
+    msg = loads(b'{"type": "identify", "userId": "u", ' + extra + b"}")
+    with pytest.raises(InvalidEvent, match=re.escape(reason)):
+        build_event(msg, "web", RECEIVED)
+
+
+def test_the_edges_of_the_supported_dates_are_valid() -> None:
+    for text in ("1900-01-01T00:00:00.000Z", "2299-12-31T23:59:59.999Z"):
+        event = build_event({"type": "identify", "userId": "u", "timestamp": text}, "web", 0)
+        assert event["timestamp"] == parse_timestamp(text, "timestamp")
