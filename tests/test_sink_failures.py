@@ -1,5 +1,8 @@
 """The sink app in this process on the real broker and the real engine: outages and a dead loop.
 
+Plus how insert errors are classified, on what the embedded engine, the client and an
+HTTP server really raise.
+
 The outage is ClickHouse's own: the raw table refuses inserts with TOO_MANY_PARTS (code 252)
 while its merges are stopped and `parts_to_throw_insert` is 1, set through a second handle
 on the same embedded engine, and heals when both are reset.
@@ -18,14 +21,17 @@ from typing import Any
 import clickhouse_connect
 import pytest
 from aiohttp import web
+from clickhouse_connect.driver.exceptions import ClickHouseError, ProgrammingError
 from confluent_kafka import Consumer
 
+from connectors.clickhouse import Warehouse, WarehouseRefused, warehouse_error
 from connectors.service import METRICS, create_app
 from ops.admin import apply_topics
 from ops.config import PipelineConfig, parse_config
 from ops.settings import KafkaSettings, WarehouseSettings
 from ops.topics import required_topics
 from ops.traffic import sample_events
+from schemas.errors import DestinationUnavailable
 from tests.pipeline import (
     CONFIG,
     envelope_records,
@@ -197,3 +203,56 @@ async def test_a_dead_sink_loop_makes_ready_fail_with_the_reason(
     assert "fenced" in body["reason"]
     await asyncio.sleep(1)
     assert (await sink.ready())[0] == 503  # never ready again in this process
+
+
+def test_engine_and_client_errors_are_told_apart_transient_or_refused(tmp_path: Path) -> None:
+    """What the embedded engine and the client raise, classified (measured, not assumed)."""
+    warehouse = Warehouse(WarehouseSettings(dsn=f"chdb://{tmp_path / 'wh'}"))
+    try:
+        warehouse.command("CREATE TABLE t (n Int64) ENGINE = MergeTree ORDER BY n")
+        # The client cannot encode an integer above Int64 (DataError, no server code).
+        with pytest.raises(WarehouseRefused, match="Unable to create native array"):
+            warehouse.insert("t", ["n"], [[2**63]], "a")
+        # An ALTER over max_query_size: SYNTAX_ERROR (62) from the engine.
+        names = {f"c{'x' * 110}{i}": "Nullable(String)" for i in range(2500)}
+        with pytest.raises(WarehouseRefused) as refused:
+            warehouse.add_columns("t", names)
+        assert refused.value.code == 62
+        # Overload: TOO_MANY_PARTS (252) passes once merges run again.
+        warehouse.insert("t", ["n"], [[1]], "b")
+        warehouse.command("SYSTEM STOP MERGES t")
+        warehouse.command("ALTER TABLE t MODIFY SETTING parts_to_throw_insert = 1")
+        with pytest.raises(DestinationUnavailable, match="TOO_MANY_PARTS"):
+            warehouse.insert("t", ["n"], [[2]], "c")
+    finally:
+        warehouse.close()
+
+
+async def test_a_server_answering_503_is_a_transient_failure() -> None:
+    """ClickHouse's HTTP interface under overload, as clickhouse-connect reports it."""
+
+    async def overloaded(_request: web.Request) -> web.Response:
+        return web.Response(
+            status=503,
+            text="Code: 202. DB::Exception: Too many simultaneous queries. "
+            "(TOO_MANY_SIMULTANEOUS_QUERIES)",
+            headers={"X-ClickHouse-Exception-Code": "202"},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", overloaded)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        with pytest.raises(ClickHouseError) as raised:
+            await asyncio.to_thread(clickhouse_connect.get_client, host="127.0.0.1", port=port)
+    finally:
+        await runner.cleanup()
+    error = warehouse_error(raised.value, "warehouse insert")
+    assert isinstance(error, DestinationUnavailable)
+    assert error.retriable
+    refused = warehouse_error(ProgrammingError("Code: 62. DB::Exception: Syntax error"), "x")
+    assert isinstance(refused, WarehouseRefused)
+    assert not refused.retriable
