@@ -66,6 +66,10 @@ BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 # A lane holding this many records has its partition paused until it is down to half.
 LANE_HIGH_WATER = 2000
+# Keys released at once (each sends its held records one after the other): a restore that
+# brings thousands of keys to release must not open thousands of requests at once.
+MAX_RELEASES = 64
+RESTORE_THREADS = 4
 T = TypeVar("T")
 
 
@@ -239,8 +243,12 @@ class WebhookDelivery:
         self._restores: set[asyncio.Task[None]] = set()
         self._rewind: dict[tuple[str, int], int] = {}
         self._assigned: set[tuple[str, int]] = set()
-        self._restore_pool = ThreadPoolExecutor(1, thread_name_prefix=f"restore-{destination}")
+        # Partitions are read side by side: a long changelog holds up only its partition.
+        self._restore_pool = ThreadPoolExecutor(
+            RESTORE_THREADS, thread_name_prefix=f"restore-{destination}"
+        )
         self._room = asyncio.Event()  # set when held records drop below the bound
+        self._releasing = asyncio.Semaphore(MAX_RELEASES)
         self._polled = time.monotonic()
         self.watchdog = StallWatchdog(f"delivery of {destination}", self.settings.stall_after_s)
 
@@ -450,49 +458,49 @@ class WebhookDelivery:
     # -- restoring the parked state ------------------------------------------------------
 
     def _start_restores(self, partitions: list[int]) -> None:
-        task = asyncio.create_task(self._restore(partitions))
-        self._restores.add(task)
-        task.add_done_callback(self._restores.discard)
+        for partition in partitions:
+            task = asyncio.create_task(self._restore(partition))
+            self._restores.add(task)
+            task.add_done_callback(self._restores.discard)
 
-    async def _restore(self, partitions: list[int]) -> None:
-        """Read each partition's parked state off the poll loop, then let it flow again."""
+    async def _restore(self, partition: int) -> None:
+        """Read a partition's parked state off the poll loop, then let it flow again."""
         parking, loop = self._parking, self._loop
         assert parking is not None
         assert loop is not None
-        for partition in partitions:
-            delay = 1.0
-            while (cancelled := self._restoring.get(partition)) is not None:
-                try:
-                    restored: Restored = await loop.run_in_executor(
-                        self._restore_pool,
-                        partial(parking.read, partition, cancelled, self.watchdog.progress),
-                    )
-                except (RuntimeError, TimeoutError, KafkaException) as exc:
-                    log.warning(
-                        "restoring parked keys failed; retrying",
-                        destination=self.destination,
-                        partition=partition,
-                        error=str(exc),
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-                    continue
-                if restored is None or self._restoring.get(partition) is not cancelled:
-                    break  # revoked meanwhile (and maybe assigned again: read again)
-                to_release = parking.install(partition, restored)
-                with self._restore_lock:
-                    del self._restoring[partition]  # the next `_apply_flow` resumes it
-                self.metrics.restoring.labels(self.destination).set(len(self._restoring))
-                self._count_parked()
-                log.info(
-                    "parked keys restored",
+        delay = 1.0
+        while (cancelled := self._restoring.get(partition)) is not None:
+            try:
+                restored: Restored = await loop.run_in_executor(
+                    self._restore_pool,
+                    partial(parking.read, partition, cancelled, self.watchdog.progress),
+                )
+            except (RuntimeError, TimeoutError, KafkaException) as exc:
+                log.warning(
+                    "restoring parked keys failed; retrying",
                     destination=self.destination,
                     partition=partition,
-                    keys=len(restored[0]),
+                    error=str(exc),
                 )
-                if to_release:
-                    self._start_releases(partition, to_release)
-                break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if restored is None or self._restoring.get(partition) is not cancelled:
+                break  # revoked meanwhile (and maybe assigned again: read again)
+            to_release = parking.install(partition, restored)
+            with self._restore_lock:
+                del self._restoring[partition]  # the next `_apply_flow` resumes it
+            self.metrics.restoring.labels(self.destination).set(len(self._restoring))
+            self._count_parked()
+            log.info(
+                "parked keys restored",
+                destination=self.destination,
+                partition=partition,
+                keys=len(restored[0]),
+            )
+            if to_release:
+                self._start_releases(partition, to_release)
+            break
 
     def _count_parked(self) -> None:
         parking = self._parking
@@ -691,6 +699,10 @@ class WebhookDelivery:
             task.add_done_callback(tasks.discard)
 
     async def _release(self, partition: int, key: bytes) -> None:
+        async with self._releasing:
+            await self._release_key(partition, key)
+
+    async def _release_key(self, partition: int, key: bytes) -> None:
         parking = self._parking
         assert parking is not None
         while partition not in self._halting and (held := parking.next_held(partition, key)):

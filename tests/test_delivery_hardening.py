@@ -9,11 +9,13 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 from aiohttp import web
+from confluent_kafka import KafkaError, Producer
 
 from ops.settings import KafkaSettings
 from ops.traffic import sample_events
@@ -301,3 +303,126 @@ async def test_records_held_behind_a_parked_key_stay_within_the_bound_and_go_out
             await asyncio.to_thread(pipe.stop)
     assert arrived["hot"] == [f"hot-{i}" for i in range(hot_count)]
     assert all(arrived[f"b{i}"] == [f"b-{i}"] for i in range(20))
+
+
+def _produce_fast(kafka: KafkaSettings, topic: str, records: Iterable[tuple[bytes, bytes]]) -> None:
+    """Produce many records to partition 0 quickly (batched, compressed), all confirmed."""
+    producer = Producer(
+        kafka.client_config()
+        | {"linger.ms": 50, "batch.size": 1_000_000, "compression.type": "lz4", "acks": "all"}
+    )
+    failed: list[str] = []
+
+    def report(err: KafkaError | None, _msg: object) -> None:
+        if err is not None:
+            failed.append(err.str())
+
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key, partition=0, on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(120) == 0
+    assert not failed, failed[:1]
+
+
+def _parked_changelog(
+    keys: int, held_per_key: int, records: list[tuple[bytes, bytes, None]], rewrites: int
+) -> Iterator[tuple[bytes, bytes]]:
+    """A parked changelog as an earlier owner left it, not compacted yet: `rewrites` states
+    of keys that went through many attempts, then every key's head resolved and its held
+    records not yet released (so the next owner releases them after restoring)."""
+    import base64  # noqa: PLC0415
+
+    for i in range(rewrites):
+        key = f"test-src:parked-{i % keys}".encode()
+        yield b"k:" + key, orjson.dumps({"head": f"0:{i}", "attempts": 1 + i // keys})
+    seq = 0
+    for k in range(keys):
+        key = f"test-src:parked-{k}".encode()
+        yield b"k:" + key, orjson.dumps({"head": None, "attempts": 0})
+        for h in range(held_per_key):
+            value = records[k * held_per_key + h][1]
+            body = {
+                "ref": f"0:{seq}",
+                "value": base64.b64encode(value).decode(),
+                "headers": [],
+                "ts": int(time.time() * 1000),
+            }
+            yield b"h:" + seq.to_bytes(8, "big") + key, orjson.dumps(body)
+            seq += 1
+
+
+async def test_a_long_parked_changelog_is_restored_beside_the_poll_loop_without_a_rebalance(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    # Thousands of parked keys and held records behind six million superseded states: a
+    # read of well over 30 s (it used to time out the assignment into a restart loop).
+    keys, held_per_key, rewrites = 1000, 5, 6_000_000
+    arrived: dict[str, list[str]] = defaultdict(list)
+    first_at: dict[str, float] = {}
+
+    async def hook(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        user = body["userId"]
+        kind = "parked" if user.startswith("parked-") else "fresh"
+        first_at.setdefault(kind, time.monotonic())
+        arrived[user].append(body["messageId"])
+        return web.Response(status=200)
+
+    pipe = _pipeline(tmp_path, broker, prefix, port, "{tiers: [1s], preserve_order: true}")
+    # A short poll interval: a restore that held up polling would cost the assignment.
+    pipe.env["SLUICE_DELIVERY_MAX_POLL_INTERVAL_MS"] = "10000"
+    kafka = _kafka(pipe)
+    topic = f"{prefix}.dest.hook"
+    held = [
+        {"type": "track", "event": "Step", "userId": f"parked-{k}", "messageId": f"p{k}-{h}"}
+        for k in range(keys)
+        for h in range(held_per_key)
+    ]
+    fresh = [
+        {"type": "track", "event": "Step", "userId": f"fresh-{i}", "messageId": f"f-{i}"}
+        for i in range(30)
+    ]
+    changelog = _parked_changelog(keys, held_per_key, envelope_records(held), rewrites)
+    await asyncio.to_thread(_produce_fast, kafka, f"{topic}.parked", changelog)
+    for p in (1, 2, 3):
+        await asyncio.to_thread(
+            produce, kafka, topic, envelope_records(fresh[(p - 1) * 10 : p * 10]), p
+        )
+    async with webhook_receiver(port, hook):
+        await asyncio.to_thread(pipe.start, "deliver")
+        try:
+            await until(
+                lambda: (
+                    sum(len(arrived[f"parked-{k}"]) for k in range(keys)) == len(held)
+                    and all(arrived[f"fresh-{i}"] for i in range(30))
+                ),
+                240,
+                "every held and fresh record delivered",
+            )
+            status, body = await asyncio.to_thread(_ready, pipe)
+            assert status == 200, body
+            await until(
+                lambda: (
+                    _metric(pipe, "sluice_retry_held_records") == 0
+                    and _metric(pipe, "sluice_retry_parked_keys") == 0
+                ),
+                30,
+                "no key parked, nothing held",
+            )
+        finally:
+            await asyncio.to_thread(pipe.stop)
+
+    log_text = pipe.services["deliver"].log_file.read_text()
+    # One assignment, kept: no rebalance while the changelog was read.
+    assert log_text.count("partitions assigned") == 1, log_text[-3000:]
+    assert "restoring parked keys failed" not in log_text
+    # The other partitions did not wait for partition 0's restore.
+    assert first_at["fresh"] < first_at["parked"]
+    for k in range(keys):
+        assert arrived[f"parked-{k}"] == [f"p{k}-{h}" for h in range(held_per_key)]
+    assert all(arrived[f"fresh-{i}"] == [f"f-{i}"] for i in range(30))
