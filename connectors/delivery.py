@@ -370,7 +370,13 @@ class WebhookDelivery:
         want |= {tp for tp in self._assigned if tp[1] in restoring}
         for tp in [tp for tp in self._rewind if tp[1] not in restoring]:
             # Records fetched before the partition was paused for its restore: again.
-            self._consumer.seek(TopicPartition(tp[0], tp[1], self._rewind.pop(tp)))
+            try:
+                self._consumer.seek(TopicPartition(tp[0], tp[1], self._rewind[tp]))
+            except KafkaException as exc:
+                log.warning("seek failed; trying again", partition=tp, error=str(exc))
+                continue
+            del self._rewind[tp]
+        want |= set(self._rewind)  # paused until it is read again from there
         if pause := want - self._paused:
             self._consumer.pause([TopicPartition(t, p) for t, p in pause])
         if resume := self._paused - want:

@@ -139,8 +139,10 @@ class Deliveries:
 DELIVERIES = web.AppKey("deliveries", Deliveries)
 
 
-async def handle_health(_request: web.Request) -> web.Response:
-    """`GET /health`."""
+async def handle_health(request: web.Request) -> web.Response:
+    """`GET /health`: 503 once a destination's loop died (the process is stopping)."""
+    if failed := request.app[DELIVERIES].failed:
+        return web.json_response({"status": "failed", "problems": failed}, status=503)
     return web.json_response({"status": "ok"})
 
 

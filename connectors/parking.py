@@ -7,7 +7,9 @@ topic `sluice.dest.<d>.parked` like a Faust table's changelog: partition p of th
 table lives in partition p of that topic (every topic of a destination has the same
 partitions, and every record keeps its partition number), is restored when the
 partition is assigned and is written, confirmed by Kafka, before the offset of the
-record that changed it is committed. So a restart or a rebalance keeps the order.
+record that changed it is committed. So a restart or a rebalance keeps the order. A
+restore (`read`) runs beside the consumer's poll loop, however long the changelog, and
+`install` makes it current; `held_count` is what the held-records bound is checked on.
 
 Records on the changelog:
 - `k:<key>` → `{"head": "<p>:<offset>" | null, "attempts": n}`: the key is parked; `head`
