@@ -524,6 +524,7 @@ class WebhookDelivery:
         for lane in lanes:
             lane.stopping = True
             lane.wake.set()
+        self._room.set()  # a lane waiting for room to hold a record sees that it stops
         tasks = [lane.task for lane in lanes if lane.task is not None] + (releases or [])
         _, late = await asyncio.wait(tasks, timeout=self.cfg.timeout_s + 30) if tasks else ((), ())
         for task in late:

@@ -290,6 +290,19 @@ async def test_records_held_behind_a_parked_key_stay_within_the_bound_and_go_out
             status, body = await asyncio.to_thread(_ready, pipe)
             assert status == 200, body  # waiting on purpose is not a stall
 
+            # A restart while the partition waits at the bound: the process stops cleanly
+            # (the waiting lane lets go), and the next one restores the held records and
+            # stops at the bound again.
+            await asyncio.to_thread(pipe.stop, "deliver")
+            assert "deliveries stopped" in pipe.services["deliver"].log_file.read_text()
+            await asyncio.to_thread(pipe.start, "deliver")
+            await until(
+                lambda: _metric(pipe, "sluice_retry_held_records") == bound,
+                60,
+                "the held records restored, at the bound",
+            )
+            assert arrived["hot"] == []
+
             failing = False
             await until(
                 lambda: (
