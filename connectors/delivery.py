@@ -468,6 +468,7 @@ class WebhookDelivery:
             task = asyncio.create_task(self._restore(partition))
             self._restores.add(task)
             task.add_done_callback(self._restores.discard)
+            task.add_done_callback(self._lane_ended)
 
     async def _restore(self, partition: int) -> None:
         """Read a partition's parked state off the poll loop, then let it flow again."""
@@ -704,6 +705,7 @@ class WebhookDelivery:
             task = asyncio.create_task(self._release(partition, key))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            task.add_done_callback(self._lane_ended)  # a release that fails is a bug too
 
     async def _release(self, partition: int, key: bytes) -> None:
         async with self._releasing:

@@ -29,10 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
+import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from ops.producer import EventProducer, Record
 from ops.settings import KafkaSettings
+
+log = structlog.get_logger("sluice.delivery")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,44 @@ def _decode_held(seq: int, data: bytes) -> Held:
         [(k, base64.b64decode(v)) for k, v in body["headers"]],
         int(body["ts"]),
     )
+
+
+def _apply(
+    name: bytes,
+    value: bytes | None,
+    states: dict[bytes, KeyState],
+    held: dict[bytes, dict[int, Held]],
+) -> int:
+    """Apply one changelog record to a partition's state being read; the next seq it implies."""
+    if name.startswith(b"k:"):
+        key = name[2:]
+        if value is None:
+            states.pop(key, None)
+        else:
+            body = orjson.loads(value)
+            head = body["head"]
+            if head is not None and not isinstance(head, str):
+                raise TypeError(f"head {head!r} is not a record reference")
+            states[key] = KeyState(head, int(body["attempts"]))
+        return 0
+    if name.startswith(b"h:") and len(name) >= 10:
+        n, key = int.from_bytes(name[2:10], "big"), name[10:]
+        if value is None:
+            held.get(key, {}).pop(n, None)
+        else:
+            record = _decode_held(n, value)
+            _ref_offset(record.ref)
+            held.setdefault(key, {})[n] = record
+        return n + 1
+    raise ValueError(f"unknown changelog key {name[:40]!r}")
+
+
+def _ref_offset(ref: str) -> int:
+    """The offset in a record reference `<partition>:<offset>`."""
+    partition, sep, offset = ref.partition(":")
+    if not sep or not partition.isdigit():
+        raise ValueError(f"record reference {ref!r} is not <partition>:<offset>")
+    return int(offset)
 
 
 # A partition's state as read from the changelog (keys, next sequence number); None when
@@ -159,20 +200,18 @@ class ParkedKeys:
                                 continue
                             raise RuntimeError(f"restoring {self.topic}: {err.str()}")
                         name, value = msg.key() or b"", msg.value()
-                        if name.startswith(b"k:"):
-                            key = name[2:]
-                            if value is None:
-                                states.pop(key, None)
-                            else:
-                                body = orjson.loads(value)
-                                states[key] = KeyState(body["head"], int(body["attempts"]))
-                        elif name.startswith(b"h:"):
-                            n, key = int.from_bytes(name[2:10], "big"), name[10:]
-                            seq = max(seq, n + 1)
-                            if value is None:
-                                held.get(key, {}).pop(n, None)
-                            else:
-                                held.setdefault(key, {})[n] = _decode_held(n, value)
+                        try:
+                            seq = max(seq, _apply(name, value, states, held))
+                        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                            # Not written by Sluice (or damaged): it cannot be delivered,
+                            # and it must not keep the partition from being restored.
+                            log.error(
+                                "parked changelog record skipped",
+                                topic=self.topic,
+                                partition=partition,
+                                offset=msg.offset(),
+                                error=f"{type(exc).__name__}: {exc}",
+                            )
                         if (msg.offset() or 0) >= high - 1:
                             done = True
                     if progress is not None:

@@ -439,3 +439,68 @@ async def test_a_long_parked_changelog_is_restored_beside_the_poll_loop_without_
     for k in range(keys):
         assert arrived[f"parked-{k}"] == [f"p{k}-{h}" for h in range(held_per_key)]
     assert all(arrived[f"fresh-{i}"] == [f"f-{i}"] for i in range(30))
+
+
+async def test_a_damaged_parked_changelog_record_is_skipped_and_the_rest_restored(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    keys, held_per_key = 20, 3
+    arrived: dict[str, list[str]] = defaultdict(list)
+
+    async def hook(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        arrived[body["userId"]].append(body["messageId"])
+        return web.Response(status=200)
+
+    pipe = _pipeline(tmp_path, broker, prefix, port, "{tiers: [1s], preserve_order: true}")
+    kafka = _kafka(pipe)
+    topic = f"{prefix}.dest.hook"
+    held = [
+        {"type": "track", "event": "Step", "userId": f"parked-{k}", "messageId": f"p{k}-{h}"}
+        for k in range(keys)
+        for h in range(held_per_key)
+    ]
+    junk = [
+        (b"k:test-src:junk-1", b"not json"),
+        (b"k:test-src:junk-2", orjson.dumps({"head": 7, "attempts": "many"})),
+        (b"k:test-src:junk-3", orjson.dumps(["head"])),
+        (b"h:\x00\x00\x00\x00\x00\x00\x99\x99test-src:junk-4", orjson.dumps({"ref": "x"})),
+        (
+            b"h:\x00\x00\x00\x00\x00\x00\x99\x9atest-src:junk-5",
+            orjson.dumps({"ref": "nope", "value": "AA==", "headers": [], "ts": 1}),
+        ),
+        (b"h:short", b"{}"),
+        (b"zzz", b"whatever"),
+    ]
+    good = list(_parked_changelog(keys, held_per_key, envelope_records(held), 0))
+    # The damaged records in the middle of the good ones.
+    changelog = good[: len(good) // 2] + junk + good[len(good) // 2 :]
+    await asyncio.to_thread(_produce_fast, kafka, f"{topic}.parked", changelog)
+    async with webhook_receiver(port, hook):
+        await asyncio.to_thread(pipe.start, "deliver")
+        try:
+            await until(
+                lambda: sum(len(arrived[f"parked-{k}"]) for k in range(keys)) == len(held),
+                60,
+                "every held record delivered",
+            )
+            # The partition flows again: a new record on it is delivered.
+            await asyncio.to_thread(
+                produce,
+                kafka,
+                topic,
+                envelope_records(
+                    [{"type": "track", "event": "New", "userId": "n", "messageId": "n-0"}]
+                ),
+                0,
+            )
+            await until(lambda: arrived["n"] == ["n-0"], 60, "a new record delivered")
+            status, body = await asyncio.to_thread(_ready, pipe)
+            assert status == 200, body
+        finally:
+            await asyncio.to_thread(pipe.stop)
+    log_text = pipe.services["deliver"].log_file.read_text()
+    assert log_text.count("parked changelog record skipped") == len(junk)
+    for k in range(keys):
+        assert arrived[f"parked-{k}"] == [f"p{k}-{h}" for h in range(held_per_key)]
