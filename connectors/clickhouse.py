@@ -329,10 +329,20 @@ class Warehouse:
             raise warehouse_error(exc, f"warehouse insert into {insert.table}") from exc
 
     def query(self, sql: str) -> QueryResult:
-        """Run one read-only statement (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN, EXISTS).
+        """The sink's own reads (its bookkeeping; SQL it wrote itself) on its client.
 
-        Checked and bounded as `connectors.queries` says; raises QueryRefused, QueryFailed
-        (QueryTimeout), or DestinationUnavailable when the server cannot be reached.
+        Never a statement from outside: those go through `read_only_query`.
+        """
+        with self._lock:
+            result = self._client.query(sql)
+        return QueryResult(list(result.column_names), [list(r) for r in result.result_rows])
+
+    def read_only_query(self, sql: str) -> QueryResult:
+        """Run one statement from a user (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN, EXISTS).
+
+        Checked and bounded as `connectors.queries` says, on a client of its own that never
+        takes the sink's lock; raises QueryRefused, QueryFailed (QueryTimeout), or
+        DestinationUnavailable when the server cannot be reached.
         """
         return self._queries.query(sql)
 

@@ -122,7 +122,7 @@ class QueryEndpoint:
         even when the client went away and this coroutine was cancelled."""
         loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(None, warehouse.query, sql)
+            future = loop.run_in_executor(None, warehouse.read_only_query, sql)
         except BaseException:
             self._slot.release()
             raise

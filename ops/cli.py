@@ -188,7 +188,7 @@ def query_warehouse(sql: str, settings: WarehouseSettings) -> tuple[list[str], l
 
         warehouse = Warehouse(settings)
         try:
-            result = warehouse.query(sql)
+            result = warehouse.read_only_query(sql)
         finally:
             warehouse.close()
         return result.columns, result.rows

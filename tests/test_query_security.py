@@ -462,7 +462,7 @@ def test_every_query_carries_the_bounds_on_both_paths(
             "result_overflow_mode": "throw",
         }
         sent.clear()
-        assert warehouse.query("SELECT count() FROM events").rows == [[0]]
+        assert warehouse.read_only_query("SELECT count() FROM events").rows == [[0]]
     finally:
         warehouse.close()
     expected = query_settings(settings)
@@ -517,8 +517,8 @@ def test_every_query_carries_the_bounds_on_both_paths(
         query_timeout_s=9,
     )
     remote = Warehouse(server)
-    assert remote.query("SELECT x FROM events").rows == [[1]]
-    assert remote.query("SELECT x FROM events").rows == [[1]]
+    assert remote.read_only_query("SELECT x FROM events").rows == [[1]]
+    assert remote.read_only_query("SELECT x FROM events").rows == [[1]]
     remote.close()
     assert [c["username"] for c in calls] == ["sink", "reader"]
     assert calls[1]["password"] == "reader-secret"
