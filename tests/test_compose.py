@@ -74,3 +74,15 @@ def test_prometheus_scrapes_every_sluice_role_on_an_address_it_can_reach() -> No
     assert env["sink"]["SLUICE_WAREHOUSE_QUERY_HOST"] == "0.0.0.0"
     assert env["deliver"]["SLUICE_DELIVERY_HOST"] == "0.0.0.0"
     assert env["worker"]["SLUICE_WORKER_METRICS_HOST"] == "0.0.0.0"
+
+
+def test_only_the_gateway_is_published_beyond_this_host_and_no_password_is_written_in() -> None:
+    services = _services()
+    published = {
+        name: port for name, service in services.items() for port in service.get("ports", [])
+    }
+    open_ports = {name for name, port in published.items() if not port.startswith("127.0.0.1:")}
+    assert open_ports == {"gateway"}
+    text = COMPOSE.read_text()
+    assert "PASSWORD: sluice" not in text
+    assert services["clickhouse"]["environment"]["CLICKHOUSE_PASSWORD"].startswith("${")
