@@ -47,9 +47,10 @@ typecheck: install
 	$(BIN)/mypy
 
 # The tests need the real broker: start it, run everything, and stop it whatever happened.
+# Three test files run at a time (each test has its own topics, groups, ports and folders).
 test: install lint typecheck
 	$(SLUICE) kafka start
-	status=0; $(BIN)/pytest || status=$$?; $(SLUICE) kafka stop; exit $$status
+	status=0; $(BIN)/pytest -n 3 --dist loadfile || status=$$?; $(SLUICE) kafka stop; exit $$status
 
 clean: stop
 	rm -rf .sluice

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -33,9 +34,29 @@ def broker() -> str:
 
 
 @pytest.fixture
-def prefix() -> str:
-    """A topic prefix of this test's own, so tests never see each other's data."""
-    return f"t{uuid.uuid4().hex[:10]}"
+def prefix(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A topic prefix of this test's own, so tests never see each other's data.
+
+    The test's topics are deleted afterwards: a broker keeps files open for every
+    partition, and a whole suite's worth of them would outgrow its open-file limit.
+    """
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    if "broker" in request.fixturenames:
+        _delete_topics(name)
+
+
+def _delete_topics(prefix: str) -> None:
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP, "log_level": 0})
+    try:
+        topics = [t for t in admin.list_topics(timeout=5).topics if t.startswith(prefix)]
+        if topics:
+            for future in admin.delete_topics(topics, operation_timeout=30).values():
+                with contextlib.suppress(Exception):
+                    future.result(30)
+    except Exception as exc:
+        # The broker went away (a test that stops it): its next start has more to load.
+        print(f"topics of {prefix} not deleted: {exc}")
 
 
 @pytest.fixture
