@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 NATIVE_SRC := gateway/fastpath.py schemas/fastpath.py connectors/layout.py connectors/loader.py
 NATIVE := $(VENV)/.native
 
-.PHONY: native install demo stop test lint typecheck unit broker-up broker-down clean
+.PHONY: native install demo stop test lint typecheck imports unit broker-up broker-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The layers (pyproject.toml, [tool.importlinter]): a wrong import fails here.
+imports: install
+	$(BIN)/lint-imports
+
 # The tests need the real broker: start it, run everything, and stop it whatever happened.
 # Three test files run at a time (each test has its own topics, groups, ports and folders).
-test: install lint typecheck
+test: install lint typecheck imports
 	$(SLUICE) kafka start
 	status=0; $(BIN)/pytest -n 3 --dist loadfile || status=$$?; $(SLUICE) kafka stop; exit $$status
 

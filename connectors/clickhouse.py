@@ -23,9 +23,10 @@ from clickhouse_connect.driver.exceptions import (
     ProgrammingError,
 )
 
+from connectors.errors import DestinationUnavailable, WarehouseRefused
 from connectors.queries import QueryResult, ReadOnlyQueries, query_settings
-from ops.settings import WarehouseSettings
-from schemas.errors import DestinationUnavailable, SluiceError
+from core.errors import SluiceError
+from core.settings import WarehouseSettings
 
 # Enough recent insert tokens to cover every batch a restarted sink may insert again.
 DEDUP_WINDOW = 1000
@@ -54,19 +55,6 @@ EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
 COLUMN_NAMES = tuple(name for name, _ in EVENT_COLUMNS)
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class WarehouseRefused(SluiceError):
-    """The warehouse refused a statement or its data for good: the same write fails again.
-
-    Bad data the engine or the client cannot encode (an integer beyond a column's range, a
-    value its type cannot take), a statement over the query size limit, an unknown type.
-    The sink finds the records behind it and dead-letters them; `code` is ClickHouse's.
-    """
-
-    def __init__(self, msg: str, code: int | None = None) -> None:
-        super().__init__(msg)
-        self.code = code
 
 
 # ClickHouse error codes that say the server, not the write, is the problem right now:

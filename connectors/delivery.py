@@ -32,8 +32,13 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from connectors.errors import DeliveryRejected, DestinationUnavailable
 from connectors.parking import Held, ParkedKeys, Restored
-from connectors.retry import (
+from connectors.retry import plan_retry, retry_due_ms
+from connectors.webhook import CircuitBreaker, Pacer, WebhookClient, webhook_session
+from core.config import RetryPolicy, WebhookConfig
+from core.errors import BrokerUnavailable, SchemaError
+from core.headers import (
     RETRY_REF,
     Failure,
     Origin,
@@ -43,23 +48,12 @@ from connectors.retry import (
     int_header,
     message_headers,
     origin_of,
-    plan_retry,
-    retry_due_ms,
 )
-from connectors.webhook import (
-    CircuitBreaker,
-    DeliveryRejected,
-    Pacer,
-    WebhookClient,
-    webhook_session,
-)
-from ops.config import RetryPolicy, WebhookConfig
-from ops.producer import EventProducer, Record
-from ops.settings import DeliverySettings, KafkaSettings
-from ops.topics import DestinationTopics
-from ops.watchdog import StallWatchdog
+from core.producer import EventProducer, Record
+from core.settings import DeliverySettings, KafkaSettings
+from core.topics import DestinationTopics
+from core.watchdog import StallWatchdog
 from schemas.codec import AvroCodec
-from schemas.errors import BrokerUnavailable, DestinationUnavailable, SchemaError
 
 log = structlog.get_logger("sluice.delivery")
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}

@@ -23,10 +23,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from connectors.delivery import DeliveryMetrics, WebhookDelivery
-from ops.config import PipelineConfig, WebhookConfig
-from ops.live import ConfigFollower
-from ops.settings import DeliverySettings, KafkaSettings, TransformSettings
-from ops.topics import Topics
+from core.config import PipelineConfig, WebhookConfig
+from core.config_topic import ConfigFollower
+from core.settings import DeliverySettings, KafkaSettings, TransformSettings
+from core.topics import Topics
 from schemas.codec import event_codec
 
 log = structlog.get_logger("sluice.delivery")

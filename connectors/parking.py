@@ -32,8 +32,8 @@ import orjson
 import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from ops.producer import EventProducer, Record
-from ops.settings import KafkaSettings
+from core.producer import EventProducer, Record
+from core.settings import KafkaSettings
 
 log = structlog.get_logger("sluice.delivery")
 

@@ -20,12 +20,12 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
-from ops.settings import WarehouseSettings
-from schemas.errors import DestinationUnavailable, SluiceError
+from connectors.errors import DestinationUnavailable, QueryFailed, QueryRefused, QueryTimeout
+from core.settings import WarehouseSettings
 
 # Statement kinds (the root of `EXPLAIN AST`) that only read.
 READ_STATEMENTS = frozenset(
@@ -70,24 +70,6 @@ _CODE = re.compile(r"Code: (\d+)\.")
 _REFUSED_CODES = frozenset({164, 497, 344})  # READONLY, ACCESS_DENIED, SUPPORT_IS_DISABLED
 _TIMEOUT_CODES = frozenset({159, 160})  # TIMEOUT_EXCEEDED, TOO_SLOW
 _LIMIT_CODES = frozenset({396, 241, 158, 307})  # result rows/bytes, memory, rows, bytes
-
-
-class QueryRefused(SluiceError):
-    """A statement the query endpoint does not run: a write, a file, a URL, another server."""
-
-
-class QueryFailed(SluiceError):
-    """The engine stopped or refused a query; `reason` says which kind of failure."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class QueryTimeout(QueryFailed):
-    """The query ran into `max_execution_time`."""
-
-    retriable: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)

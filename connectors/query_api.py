@@ -21,10 +21,10 @@ import orjson
 from aiohttp import web
 
 from connectors.clickhouse import Warehouse
-from connectors.queries import QueryFailed, QueryRefused, QueryResult
+from connectors.errors import DestinationUnavailable, QueryFailed, QueryRefused
+from connectors.queries import QueryResult
 from connectors.query_auth import authorized
-from ops.settings import WarehouseSettings
-from schemas.errors import DestinationUnavailable
+from core.settings import WarehouseSettings
 
 _FAILURE_STATUS = {"timeout": 504, "too_large": 422, "refused": 403, "invalid": 400}
 

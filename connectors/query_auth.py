@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from ops.settings import WarehouseSettings
+from core.settings import WarehouseSettings
 
 
 def _from_settings(settings: WarehouseSettings) -> str | None:

@@ -19,11 +19,11 @@ from connectors.clickhouse import Warehouse
 from connectors.query_api import QueryEndpoint, json_default
 from connectors.query_auth import ensure_token
 from connectors.sink import SinkMetrics, SinkTarget, WarehouseSink
-from ops.config import ClickHouseConfig, PipelineConfig
-from ops.live import ConfigFollower
-from ops.settings import KafkaSettings, TransformSettings, WarehouseSettings
-from ops.topics import Topics
-from ops.watchdog import StallWatchdog
+from core.config import ClickHouseConfig, PipelineConfig
+from core.config_topic import ConfigFollower
+from core.settings import KafkaSettings, TransformSettings, WarehouseSettings
+from core.topics import Topics
+from core.watchdog import StallWatchdog
 from schemas.codec import event_codec
 
 log = structlog.get_logger("sluice.sink")

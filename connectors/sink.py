@@ -39,20 +39,14 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from connectors.clickhouse import (
-    OFFSETS_TABLE,
-    StagedInsert,
-    Warehouse,
-    WarehouseRefused,
-    warehouse_error,
-)
+from connectors.clickhouse import OFFSETS_TABLE, StagedInsert, Warehouse, warehouse_error
+from connectors.errors import DestinationUnavailable, WarehouseRefused
 from connectors.loader import Batch, Loader, LoadResult
-from connectors.retry import Failure, Origin, failure_headers, message_headers
-from ops.replay import REPLAY_OF
-from ops.settings import KafkaSettings, WarehouseSettings
-from ops.watchdog import StallWatchdog
+from core.errors import SchemaError, SluiceError
+from core.headers import REPLAY_OF, Failure, Origin, failure_headers, message_headers
+from core.settings import KafkaSettings, WarehouseSettings
+from core.watchdog import StallWatchdog
 from schemas.codec import AvroCodec
-from schemas.errors import DestinationUnavailable, SchemaError, SluiceError
 
 log = structlog.get_logger("sluice.sink")
 

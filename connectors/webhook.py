@@ -33,31 +33,21 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
+from connectors.errors import (
+    DeliveryRejected,
+    DestinationUnavailable,
+    RedirectRefused,
+    SecretUnavailable,
+    TargetRefused,
+)
 from connectors.retry import parse_retry_after
-from ops.config import SECRET_REF, Breaker, WebhookConfig
-from ops.settings import DeliverySettings
-from schemas.errors import DestinationUnavailable, SluiceError
+from core.config import SECRET_REF, Breaker, WebhookConfig
+from core.settings import DeliverySettings
 
 # Answers that redirect; other 3xx (300, 304) are fatal like any unexpected answer.
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-class DeliveryRejected(SluiceError):
-    """The destination refused the request for good (a 4xx other than 408/429)."""
-
-
-class SecretUnavailable(DeliveryRejected):
-    """A `${NAME}` of the settings is not allowed here, or not set in this process."""
-
-
-class RedirectRefused(DeliveryRejected):
-    """A redirect that is not followed: redirects are off, or it leaves the URL's origin."""
-
-
-class TargetRefused(DeliveryRejected):
-    """The target's address is not public and SLUICE_DELIVERY_BLOCK_PRIVATE_TARGETS is on."""
 
 
 def expand(value: str, cfg: WebhookConfig, settings: DeliverySettings) -> str:

@@ -14,8 +14,16 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core.config import PipelineConfig, Source
+from core.config_topic import ConfigFollower
+from core.errors import BrokerUnavailable, SchemaError
+from core.headers import Failure, failure_headers
+from core.producer import EventProducer, Record
+from core.settings import GatewaySettings, KafkaSettings, TransformSettings
+from core.topics import Topics
 from gateway.auth import SourceTable, basic_username
-from gateway.envelope import InvalidEvent, build_event, parse_timestamp, partition_key
+from gateway.envelope import build_event, parse_timestamp, partition_key
+from gateway.errors import InvalidEvent
 from gateway.fastpath import FastWriter
 from gateway.limits import too_deep
 from gateway.messages import decode_batch, decode_single, write_key
@@ -23,13 +31,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.numbers import loads
 from gateway.openapi import openapi_document
 from gateway.server import serve
-from ops.config import PipelineConfig, Source
-from ops.live import ConfigFollower
-from ops.producer import EventProducer, Headers, Record
-from ops.settings import GatewaySettings, KafkaSettings, TransformSettings
-from ops.topics import Topics
 from schemas.codec import AvroCodec, event_codec
-from schemas.errors import BrokerUnavailable, SchemaError
 
 log = structlog.get_logger("sluice.gateway")
 
@@ -333,11 +335,9 @@ def _rejected_record(source_id: str, msg: Any, reason: str, limit: int) -> Recor
     raw = orjson.dumps(msg)
     if len(raw) > limit:
         raw = raw[:limit]
-    headers: Headers = [
-        ("sluice.reason", reason.encode()),
-        ("sluice.stage", b"gateway"),
-        ("sluice.source", source_id.encode()),
-    ]
+    now = int(time.time() * 1000)
+    failure = Failure(None, "gateway", InvalidEvent(reason), 1, now, now)
+    headers = failure_headers(None, None, failure, source=source_id)
     return (source_id.encode(), raw, headers)
 
 

@@ -7,8 +7,8 @@ import binascii
 import hashlib
 import hmac
 
+from core.config import PipelineConfig, Source
 from gateway.limits import TokenBucket
-from ops.config import PipelineConfig, Source
 
 
 class SourceTable:

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from gateway.errors import InvalidEvent
 from gateway.numbers import marked_in, marked_reason
 
 EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias", "webhook"})
@@ -19,10 +20,6 @@ _MILLISECOND = timedelta(milliseconds=1)
 MIN_TIME_MS = -2_208_988_800_000  # 1900-01-01T00:00:00.000Z
 MAX_TIME_MS = 10_413_791_999_999  # 2299-12-31T23:59:59.999Z
 TIME_RANGE = "1900-01-01 to 2299-12-31"
-
-
-class InvalidEvent(ValueError):
-    """The message cannot become an event; the text is the reason shown to the client."""
 
 
 def in_time_range(millis: int) -> bool:

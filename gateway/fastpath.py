@@ -22,16 +22,11 @@ from typing import Final
 
 import msgspec
 
-from gateway.envelope import (
-    EVENT_TYPES,
-    MAX_TIME_MS,
-    MIN_TIME_MS,
-    InvalidEvent,
-    parse_timestamp,
-)
+from core.producer import Record
+from gateway.envelope import EVENT_TYPES, MAX_TIME_MS, MIN_TIME_MS, parse_timestamp
+from gateway.errors import InvalidEvent
 from gateway.messages import NULL, Message, Scalar
 from gateway.numbers import INT64_MAX, INT64_MIN, holdable, may_overflow
-from ops.producer import Record
 from schemas.codec import AvroCodec
 from schemas.fastpath import EVENT_LAYOUT, encode_event, layout, zigzag
 

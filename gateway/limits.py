@@ -6,7 +6,7 @@ import math
 import time
 from typing import Any
 
-from ops.config import RateLimit
+from core.config import RateLimit
 
 
 class TokenBucket:

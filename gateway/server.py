@@ -23,8 +23,8 @@ import orjson
 import structlog
 from aiohttp import web
 
+from core.settings import GatewaySettings
 from gateway.metrics import GatewayMetrics
-from ops.settings import GatewaySettings
 
 log = structlog.get_logger("sluice.gateway")
 

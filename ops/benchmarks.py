@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from core.settings import KafkaSettings, TransformSettings
 from ops.console import fail
-from ops.settings import KafkaSettings, TransformSettings
 
 Bootstrap = Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results here.")]
@@ -59,9 +59,9 @@ def enrich(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def _topics(bootstrap: str) -> tuple[KafkaSettings, Any]:
-    from ops.admin import apply_topics  # noqa: PLC0415
-    from ops.config import parse_config  # noqa: PLC0415
-    from ops.topics import required_topics  # noqa: PLC0415
+    from core.admin import apply_topics  # noqa: PLC0415
+    from core.config import parse_config  # noqa: PLC0415
+    from core.topics import required_topics  # noqa: PLC0415
 
     kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:8]}")
     cfg = parse_config(BENCH_CONFIG)
@@ -220,8 +220,8 @@ def bench_gateway(
     import socket  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
+    from core.topics import Topics  # noqa: PLC0415
     from ops.services import Service  # noqa: PLC0415
-    from ops.topics import Topics  # noqa: PLC0415
     from ops.traffic import sample_events  # noqa: PLC0415
 
     kafka, _ = _topics(bootstrap or KafkaSettings().bootstrap_servers)
@@ -328,8 +328,8 @@ def bench_sink(
 
     from connectors.clickhouse import COLUMN_NAMES, Warehouse, table_ddl  # noqa: PLC0415
     from connectors.sink import SinkTarget, WarehouseSink  # noqa: PLC0415
-    from ops.settings import WarehouseSettings  # noqa: PLC0415
-    from ops.topics import Topics  # noqa: PLC0415
+    from core.settings import WarehouseSettings  # noqa: PLC0415
+    from core.topics import Topics  # noqa: PLC0415
     from schemas.codec import event_codec  # noqa: PLC0415
 
     kafka, _ = _topics(bootstrap or KafkaSettings().bootstrap_servers)
@@ -441,8 +441,8 @@ def plain_loop_rate(
     """
     from confluent_kafka import Consumer, Producer  # noqa: PLC0415
 
-    from ops.config import parse_config  # noqa: PLC0415
-    from ops.topics import Topics  # noqa: PLC0415
+    from core.config import parse_config  # noqa: PLC0415
+    from core.topics import Topics  # noqa: PLC0415
     from schemas.codec import event_codec  # noqa: PLC0415
     from streams.processor import Incoming, Router  # noqa: PLC0415
 
@@ -504,8 +504,8 @@ def bench_processor(
 ) -> None:
     """Worker (Faust) events/s from ingest to destination topic, next to a plain confluent-kafka loop."""
 
+    from core.topics import Topics  # noqa: PLC0415
     from ops.services import Service  # noqa: PLC0415
-    from ops.topics import Topics  # noqa: PLC0415
 
     kafka, _ = _topics(bootstrap or KafkaSettings().bootstrap_servers)
     topics = Topics(kafka.topic_prefix)

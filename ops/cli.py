@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ops.config import PipelineConfig, load_config
-from ops.console import fail, iso_ms, say_error
-from ops.settings import (
+from core.config import PipelineConfig, load_config
+from core.errors import SluiceError
+from core.settings import (
     AppSettings,
     DeliverySettings,
     GatewaySettings,
@@ -25,7 +25,7 @@ from ops.settings import (
     WarehouseSettings,
     WorkerSettings,
 )
-from schemas.errors import SluiceError
+from ops.console import fail, iso_ms, say_error
 
 app = typer.Typer(
     name="sluice",
@@ -59,7 +59,7 @@ def _config(path: Path | None) -> PipelineConfig:
 
 def _import_transforms(cfg: PipelineConfig) -> None:
     """Early feedback: import each transform here, as the workers will (allowed modules only)."""
-    from ops.config import resolve_transforms  # noqa: PLC0415
+    from core.config import resolve_transforms  # noqa: PLC0415
 
     try:
         resolve_transforms(cfg, TransformSettings())
@@ -76,8 +76,8 @@ def _setup_logging() -> None:
 @topics_app.command("apply")
 def topics_apply(config: ConfigOption = None) -> None:
     """Create missing topics and align partitions and configs; safe to repeat."""
-    from ops.admin import apply_topics  # noqa: PLC0415
-    from ops.topics import required_topics  # noqa: PLC0415
+    from core.admin import apply_topics  # noqa: PLC0415
+    from core.topics import required_topics  # noqa: PLC0415
 
     cfg = _config(config)
     kafka = KafkaSettings()
@@ -96,7 +96,7 @@ def config_apply(
     path: Annotated[Path, typer.Argument(help="The pipeline YAML to apply.")],
 ) -> None:
     """Validate FILE, create the topics it needs and publish it; running services follow it."""
-    from ops.live import apply_config  # noqa: PLC0415
+    from core.config_topic import apply_config  # noqa: PLC0415
 
     cfg = _config(path)
     _import_transforms(cfg)
@@ -142,7 +142,7 @@ def registry() -> None:
 @app.command()
 def worker(config: ConfigOption = None) -> None:
     """Run a stream-processing worker (Faust) in the foreground."""
-    from ops.topics import Topics  # noqa: PLC0415
+    from core.topics import Topics  # noqa: PLC0415
     from schemas.codec import event_codec  # noqa: PLC0415
     from streams.agents import run  # noqa: PLC0415
     from streams.processor import Router  # noqa: PLC0415

@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from core.settings import KafkaSettings
 from ops.console import fail, iso_ms
-from ops.dlq import DlqError, DlqFilter, dead_letters, redrive
-from ops.settings import KafkaSettings
+from ops.dlq import DlqFilter, dead_letters, redrive
+from ops.errors import DlqError
 
 dlq_app = typer.Typer(no_args_is_help=True)
 console = Console()

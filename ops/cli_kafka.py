@@ -5,9 +5,10 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
+from core.settings import BrokerSettings
 from ops.console import fail
-from ops.kafka_broker import BrokerError, bootstrap, broker_status, start_broker, stop_broker
-from ops.settings import BrokerSettings
+from ops.errors import BrokerError
+from ops.kafka_broker import bootstrap, broker_status, start_broker, stop_broker
 
 kafka_app = typer.Typer(no_args_is_help=True)
 console = Console()

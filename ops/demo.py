@@ -10,9 +10,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ops.config import load_config
-from ops.services import Service, ServiceError
-from ops.settings import (
+from core.config import load_config
+from core.errors import SluiceError
+from core.settings import (
     AppSettings,
     BrokerSettings,
     DeliverySettings,
@@ -20,7 +20,8 @@ from ops.settings import (
     KafkaSettings,
     WarehouseSettings,
 )
-from schemas.errors import SluiceError
+from ops.errors import ServiceError
+from ops.services import Service
 
 RUN_DIR = Path(".sluice") / "run"
 SERVICES = ("sink", "deliver", "worker", "gateway")
@@ -45,10 +46,10 @@ def _wait_http(url: str, service: Service, timeout: float) -> None:
 
 def run_demo(out: Console, count: int) -> None:
     """Start everything, send `count` sample events, print what landed in the warehouse."""
-    from ops.admin import apply_topics  # noqa: PLC0415
+    from core.admin import apply_topics  # noqa: PLC0415
+    from core.topics import required_topics  # noqa: PLC0415
     from ops.cli import print_rows, query_warehouse  # noqa: PLC0415
     from ops.kafka_broker import start_broker  # noqa: PLC0415
-    from ops.topics import required_topics  # noqa: PLC0415
     from ops.traffic import sample_events, send_batches  # noqa: PLC0415
 
     app_settings, kafka, gw, wh, dl = (

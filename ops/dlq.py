@@ -32,15 +32,12 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import ConfigResource
 
-from ops.admin import admin_client
-from ops.producer import Headers
-from ops.settings import KafkaSettings
-from ops.topics import Topics
-from schemas.errors import SluiceError
-
-
-class DlqError(SluiceError):
-    """A DLQ operation could not be done."""
+from core.admin import admin_client
+from core.headers import REDRIVE_COUNT, REDRIVE_FROM, REDRIVE_ID, REDRIVE_PREFIX
+from core.producer import Headers
+from core.settings import KafkaSettings
+from core.topics import Topics
+from ops.errors import DlqError
 
 
 @dataclass(frozen=True)
@@ -289,8 +286,6 @@ class RedriveReport:
     audit_records: int = 0
 
 
-REDRIVE_FROM = "sluice.redrive.from"
-REDRIVE_ID = "sluice.redrive.id"
 # Room left in an audit message for Kafka's record and batch framing and the key.
 _FRAMING = 256
 # What librdkafka refuses to send whatever the topic says (its message.max.bytes).
@@ -461,14 +456,12 @@ def redrive(
             if wait > 0:
                 time.sleep(wait)
         if not dry_run:
-            count = int(rec.headers.get("sluice.redrive.count", "0")) + 1
+            count = int(rec.headers.get(REDRIVE_COUNT, "0")) + 1
             history_headers: Headers = [
-                (k, v.encode())
-                for k, v in rec.headers.items()
-                if not k.startswith("sluice.redrive.")
+                (k, v.encode()) for k, v in rec.headers.items() if not k.startswith(REDRIVE_PREFIX)
             ]
             history_headers += [
-                ("sluice.redrive.count", str(count).encode()),
+                (REDRIVE_COUNT, str(count).encode()),
                 (REDRIVE_FROM, f"{dlq}:{rec.ref}".encode()),
                 (REDRIVE_ID, run.encode()),
             ]

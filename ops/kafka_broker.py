@@ -21,9 +21,9 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
+from core.settings import BrokerSettings
+from ops.errors import BrokerError
 from ops.services import alive, spawn_detached
-from ops.settings import BrokerSettings
-from schemas.errors import SluiceError
 
 _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
@@ -44,10 +44,6 @@ _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
 _DEP = """    <dependency>
       <groupId>{g}</groupId><artifactId>{a}</artifactId><version>{v}</version>
     </dependency>"""
-
-
-class BrokerError(SluiceError):
-    """The local broker could not be resolved, started or stopped."""
 
 
 def _major(settings: BrokerSettings) -> int:

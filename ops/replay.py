@@ -19,18 +19,14 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from ops.config import PipelineConfig
-from ops.producer import Headers
-from ops.settings import KafkaSettings, TransformSettings
-from ops.topics import Topics
-from schemas.errors import SluiceError
+from core.config import PipelineConfig
+from core.headers import REPLAY_OF
+from core.producer import Headers
+from core.settings import KafkaSettings, TransformSettings
+from core.topics import Topics
+from ops.errors import ReplayError
 
-REPLAY_OF = "sluice.replay.of"
 REPLAY_ID = "sluice.replay.id"
-
-
-class ReplayError(SluiceError):
-    """A replay could not be done."""
 
 
 @dataclass(frozen=True)

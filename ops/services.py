@@ -10,12 +10,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.errors import SluiceError
-
-
-class ServiceError(SluiceError):
-    """A background service did not start or stop as asked."""
-
 
 @dataclass(frozen=True)
 class Service:

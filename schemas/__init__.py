@@ -1,13 +1,5 @@
-"""Avro schemas, the codec in Confluent wire format, and the shared error model."""
+"""Avro schemas, the codec in Confluent wire format, and the schema registry."""
 
 from schemas.codec import AvroCodec, event_codec, load_schema
-from schemas.errors import DestinationUnavailable, SchemaError, SluiceError
 
-__all__ = [
-    "AvroCodec",
-    "DestinationUnavailable",
-    "SchemaError",
-    "SluiceError",
-    "event_codec",
-    "load_schema",
-]
+__all__ = ["AvroCodec", "event_codec", "load_schema"]

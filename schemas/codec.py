@@ -16,7 +16,7 @@ from typing import Any
 
 import fastavro
 
-from schemas.errors import SchemaError
+from core.errors import SchemaError
 from schemas.fastpath import compile_decoder, compile_encoder
 
 MAGIC = 0

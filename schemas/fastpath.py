@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
 
-from schemas.errors import SchemaError
+from core.errors import SchemaError
 
 Encoder = Callable[[Any, list[bytes]], None]
 _SMALL: Final = [bytes((i,)) for i in range(128)]

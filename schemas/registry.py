@@ -27,10 +27,10 @@ import structlog
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from ops.settings import KafkaSettings
-from ops.topics import Topics
+from core.settings import KafkaSettings
+from core.topics import Topics
 from schemas.codec import EVENT_SCHEMA_ID, load_schema
-from schemas.errors import SluiceError
+from schemas.errors import RegistryError
 
 log = structlog.get_logger("sluice.registry")
 
@@ -44,16 +44,6 @@ LEVELS = (
     "FULL_TRANSITIVE",
 )
 DEFAULT_LEVEL = "BACKWARD"
-
-
-class RegistryError(SluiceError):
-    """A request the registry refuses, with the HTTP status and Confluent error code."""
-
-    def __init__(self, status: int, code: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def subject_not_found(subject: str) -> RegistryError:

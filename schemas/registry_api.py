@@ -25,8 +25,9 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from ops.settings import KafkaSettings, RegistrySettings
-from schemas.registry import RegistryError, SchemaRegistry
+from core.settings import KafkaSettings, RegistrySettings
+from schemas.errors import RegistryError
+from schemas.registry import SchemaRegistry
 
 log = structlog.get_logger("sluice.registry")
 

@@ -23,16 +23,17 @@ from confluent_kafka import KafkaError
 from faust.types import TP, ChannelT, EventT, Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ops.config import PipelineConfig
-from ops.live import ConfigFollower
-from ops.producer import BATCH_ERRORS, TOPIC_ERRORS, Record, delivery_error
-from ops.settings import KafkaSettings, WorkerSettings
-from ops.watchdog import StallWatchdog
-from schemas.errors import BrokerUnavailable
+from core.config import PipelineConfig
+from core.config_topic import ConfigFollower
+from core.errors import BrokerUnavailable
+from core.producer import BATCH_ERRORS, TOPIC_ERRORS, Record, delivery_error
+from core.settings import KafkaSettings, WorkerSettings
+from core.watchdog import StallWatchdog
+from streams.errors import Fenced, Refused
 from streams.health import serve
 from streams.outputs import Outputs
 from streams.processor import Incoming, OutRecord, Routed, Router
-from streams.transactions import Fenced, PartitionTransactions, Refused
+from streams.transactions import PartitionTransactions
 from streams.transport import (
     QUEUED_BATCHES,
     BatchedTransport,

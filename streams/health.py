@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import orjson
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from ops.watchdog import StallWatchdog
+from core.watchdog import StallWatchdog
 
 StartResponse = Callable[..., Any]
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import structlog
 from confluent_kafka import KafkaError
 
-from ops.producer import BATCH_ERRORS, TOPIC_ERRORS, EventProducer, Failure, delivery_error
-from ops.settings import KafkaSettings
-from schemas.errors import BrokerUnavailable
+from core.errors import BrokerUnavailable
+from core.producer import BATCH_ERRORS, TOPIC_ERRORS, EventProducer, Failure, delivery_error
+from core.settings import KafkaSettings
 from streams.processor import Incoming, OutRecord, Routed, Router
 
 log = structlog.get_logger("sluice.worker")

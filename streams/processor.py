@@ -11,12 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ops.config import EventFilter, PipelineConfig, resolve_transforms
-from ops.producer import Headers
-from ops.settings import TransformSettings
-from ops.topics import Topics
+from core.config import EventFilter, PipelineConfig, resolve_transforms
+from core.errors import SchemaError
+from core.headers import Failure, Origin, failure_headers
+from core.producer import Headers
+from core.settings import TransformSettings
+from core.topics import Topics
 from schemas.codec import AvroCodec
-from schemas.errors import SchemaError
+from streams.errors import TrackingPlanViolation, UnknownSource
 from streams.rules import (
     TransformFn,
     flag,
@@ -247,8 +249,9 @@ class Router:
             results = from_user(call(route.transform, for_user(event), route.timeout_s))
             values = [self.codec.encode(e) for e in results]
         except Exception as exc:  # a user function may raise anything: it goes to the DLQ
-            headers = _failure_headers(rec, "transform", exc, route.destination)
-            headers.append(("sluice.error.traceback", traceback.format_exc()[-8000:].encode()))
+            headers = _failure_headers(
+                rec, "transform", exc, route.destination, traceback.format_exc()
+            )
             out.outputs.setdefault(route.dlq, []).append((rec.key, rec.value, headers))
             out.origins.setdefault(route.dlq, []).append(rec)
             _bump(out.failed, route.destination)
@@ -265,31 +268,16 @@ class Router:
         _bump(out.delivered, route.destination, len(values))
 
 
-class UnknownSource(SchemaError):
-    """An event names a source that the current config does not have."""
-
-
-class TrackingPlanViolation(SchemaError):
-    """A track event breaks its source's tracking plan (and the plan says reject)."""
-
-
 def _failure_headers(
-    rec: Incoming, stage: str, error: Exception, destination: str | None = None
+    rec: Incoming,
+    stage: str,
+    error: Exception,
+    destination: str | None = None,
+    trace: str | None = None,
 ) -> Headers:
-    now = str(int(time.time() * 1000)).encode()
-    headers: Headers = [
-        ("sluice.reason", str(error)[:1000].encode()),
-        ("sluice.stage", stage.encode()),
-        ("sluice.error.class", type(error).__name__.encode()),
-        ("sluice.error.message", str(error)[:1000].encode()),
-        ("sluice.original.topic", rec.topic.encode()),
-        ("sluice.original.partition", str(rec.partition).encode()),
-        ("sluice.original.offset", str(rec.offset).encode()),
-        ("sluice.original.timestamp", str(rec.timestamp_ms).encode()),
-        ("sluice.attempts", b"1"),
-        ("sluice.first.failure", now),
-        ("sluice.last.failure", now),
-    ]
-    if destination is not None:
-        headers.append(("sluice.destination", destination.encode()))
-    return headers
+    """The failure headers of a record the worker could not pass on (its first failure)."""
+    now = int(time.time() * 1000)
+    origin = Origin(rec.topic, rec.partition, rec.offset, rec.timestamp_ms)
+    return failure_headers(
+        None, origin, Failure(destination, stage, error, 1, now, now), traceback=trace
+    )

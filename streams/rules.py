@@ -20,19 +20,12 @@ from typing import Any
 
 import orjson
 
-from ops.config import EventFilter, PropertyRule, TrackingPlan
+from core.config import EventFilter, PropertyRule, TrackingPlan
+from streams.errors import TransformResultError, TransformTimeout
 
 JSON_FIELDS = ("properties", "traits", "context", "integrations")
 TransformFn = Callable[[dict[str, Any]], Any]
 _MISSING = object()
-
-
-class TransformTimeout(Exception):
-    """The transform ran past its time limit."""
-
-
-class TransformResultError(TypeError):
-    """The transform returned something that is not an event, a list of events or None."""
 
 
 def passes(rule: EventFilter, event: dict[str, Any]) -> bool:

@@ -37,26 +37,10 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from ops.producer import PERMANENT_ERRORS, Record, failed_records
-from ops.settings import KafkaSettings
-from schemas.errors import BrokerUnavailable, SluiceError
-
-
-class Fenced(SluiceError):
-    """Another worker owns the partition now: this worker's outputs for it were aborted."""
-
-
-class Refused(SluiceError):
-    """Kafka refused records of a transaction for good; the transaction was aborted.
-
-    `records` names each: its output topic, the record itself (the object the caller
-    passed) and the error.
-    """
-
-    def __init__(self, records: list[tuple[str, Record, KafkaError]]) -> None:
-        super().__init__(f"{len(records)} records refused: {records[0][2].str()}")
-        self.records = records
-
+from core.errors import BrokerUnavailable
+from core.producer import PERMANENT_ERRORS, Record, failed_records
+from core.settings import KafkaSettings
+from streams.errors import Fenced, Refused
 
 _FENCED = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
 

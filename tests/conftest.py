@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from ops.settings import KafkaSettings
+from core.settings import KafkaSettings
 from tests.pipeline import Pipeline, pipeline_with_topics
 
 BOOTSTRAP = os.environ.get("SLUICE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")

@@ -17,11 +17,11 @@ from typing import Any
 
 from aiohttp import web
 
-from ops.admin import apply_topics
-from ops.config import parse_config
+from core.admin import apply_topics
+from core.config import parse_config
+from core.settings import KafkaSettings
+from core.topics import required_topics
 from ops.services import Service
-from ops.settings import KafkaSettings
-from ops.topics import required_topics
 
 CONFIG = """
 sources:

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from core.admin import apply_topics
+from core.config import parse_config
+from core.settings import BrokerSettings, GatewaySettings, KafkaSettings
+from core.topics import Topics, required_topics
 from gateway.app import create_app
-from ops.admin import apply_topics
-from ops.config import parse_config
 from ops.kafka_broker import start_broker, stop_broker
-from ops.settings import BrokerSettings, GatewaySettings, KafkaSettings
-from ops.topics import Topics, required_topics
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
 from tests.pipeline import free_port

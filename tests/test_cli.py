@@ -8,16 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ops.admin import TopicError
+from core.errors import TopicError
+from core.settings import BrokerSettings, KafkaSettings
 from ops.cli import app, main
-from ops.kafka_broker import (
-    BrokerError,
-    log_recovery,
-    new_cluster_id,
-    server_properties,
-    start_broker,
-)
-from ops.settings import BrokerSettings, KafkaSettings
+from ops.errors import BrokerError
+from ops.kafka_broker import log_recovery, new_cluster_id, server_properties, start_broker
 from tests.pipeline import CONFIG, free_port
 
 runner = CliRunner()
@@ -56,7 +51,7 @@ def test_an_error_a_command_does_not_catch_still_fails_with_one_line(
     def unreachable(*_args: object, **_kwargs: object) -> None:
         raise TopicError("cannot reach Kafka at 127.0.0.1:1: connection refused")
 
-    monkeypatch.setattr("ops.admin.apply_topics", unreachable)
+    monkeypatch.setattr("core.admin.apply_topics", unreachable)
     monkeypatch.setattr(sys, "argv", ["sluice", "bench", "processor", "--events", "10"])
     with pytest.raises(SystemExit) as exited:
         main()

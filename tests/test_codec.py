@@ -7,10 +7,10 @@ import io
 import fastavro
 import pytest
 
+from core.errors import SchemaError
 from gateway.envelope import build_event
 from ops.traffic import sample_events
 from schemas.codec import EVENT_SCHEMA_ID, _plain, event_codec, load_schema
-from schemas.errors import SchemaError
 from schemas.fastpath import compile_encoder
 
 EVENT = {

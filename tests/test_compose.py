@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from ops.settings import env_names
+from core.settings import env_names
 
 COMPOSE = Path(__file__).parent.parent / "docker-compose.kafka.yml"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ops.config import load_config, parse_config, resolve_function, tier_seconds
-from ops.settings import KafkaSettings, TransformSettings
-from ops.topics import Topics, required_topics
-from schemas.errors import ConfigError
+from core.config import load_config, parse_config, resolve_function, tier_seconds
+from core.errors import ConfigError
+from core.settings import KafkaSettings, TransformSettings
+from core.topics import Topics, required_topics
 
 
 def test_the_shipped_config_is_valid_and_routes_the_demo_source() -> None:

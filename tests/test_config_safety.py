@@ -20,11 +20,11 @@ import yaml
 from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
 
-from ops.admin import apply_topics
-from ops.config import PipelineConfig, parse_config
-from ops.live import KEY, ConfigFollower
-from ops.settings import KafkaSettings, TransformSettings
-from ops.topics import Topics, required_topics
+from core.admin import apply_topics
+from core.config import PipelineConfig, parse_config
+from core.config_topic import KEY, ConfigFollower
+from core.settings import KafkaSettings, TransformSettings
+from core.topics import Topics, required_topics
 from ops.traffic import basic_auth
 from tests.pipeline import Pipeline, http_text
 

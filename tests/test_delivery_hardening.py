@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from confluent_kafka import KafkaError, Producer
 
-from ops.settings import KafkaSettings
+from core.settings import KafkaSettings
 from ops.traffic import sample_events
 from tests.pipeline import (
     Pipeline,

@@ -21,10 +21,11 @@ from confluent_kafka.admin import (
 )
 from typer.testing import CliRunner
 
+from core.settings import KafkaSettings
+from core.topics import Topics
 from ops.cli import app
-from ops.dlq import DlqError, DlqFilter, RefSet, dead_letters, read_topic, redrive
-from ops.settings import KafkaSettings
-from ops.topics import Topics
+from ops.dlq import DlqFilter, RefSet, dead_letters, read_topic, redrive
+from ops.errors import DlqError
 from ops.traffic import sample_events, send_batches
 from tests.pipeline import free_port, pipeline_with_topics, webhook_receiver
 

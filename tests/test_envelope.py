@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from gateway.envelope import InvalidEvent, build_event, parse_timestamp, partition_key
+from gateway.envelope import build_event, parse_timestamp, partition_key
+from gateway.errors import InvalidEvent
 from gateway.numbers import loads
 from schemas.codec import event_codec
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from core.settings import KafkaSettings
 from ops.services import Service
-from ops.settings import KafkaSettings
 from ops.traffic import sample_events, send_batches
 from schemas.codec import event_codec
 from tests.conftest import scaled

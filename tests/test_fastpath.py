@@ -17,12 +17,12 @@ import gateway.fastpath
 from gateway.envelope import (
     MAX_TIME_MS,
     MIN_TIME_MS,
-    InvalidEvent,
     build_event,
     in_time_range,
     parse_timestamp,
     partition_key,
 )
+from gateway.errors import InvalidEvent
 from gateway.fastpath import FastWriter, iso_millis
 from gateway.messages import decode_batch, decode_single
 from gateway.numbers import holdable, loads

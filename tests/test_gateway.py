@@ -12,13 +12,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import Consumer
 
+from core.admin import apply_topics
+from core.config import parse_config
+from core.settings import GatewaySettings, KafkaSettings
+from core.topics import Topics, required_topics
 from gateway.app import create_app
 from gateway.envelope import in_time_range
 from gateway.numbers import holdable
-from ops.admin import apply_topics
-from ops.config import parse_config
-from ops.settings import GatewaySettings, KafkaSettings
-from ops.topics import Topics, required_topics
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
 

@@ -17,11 +17,11 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from core.admin import apply_topics
+from core.config import load_config
+from core.settings import KafkaSettings
+from core.topics import required_topics
 from gateway.openapi import openapi_document
-from ops.admin import apply_topics
-from ops.config import load_config
-from ops.settings import KafkaSettings
-from ops.topics import required_topics
 from ops.traffic import basic_auth
 from tests.pipeline import Pipeline, http_json
 

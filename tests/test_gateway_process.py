@@ -18,8 +18,8 @@ import aiohttp
 import orjson
 import pytest
 
-from ops.settings import KafkaSettings
-from ops.topics import Topics
+from core.settings import KafkaSettings
+from core.topics import Topics
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
 from tests.pipeline import Pipeline, http_text

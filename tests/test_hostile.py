@@ -22,10 +22,10 @@ import pytest
 from aiohttp import web
 
 from connectors.layout import event_table
-from ops.config import parse_config
-from ops.live import apply_config
-from ops.settings import KafkaSettings
-from ops.topics import Topics
+from core.config import parse_config
+from core.config_topic import apply_config
+from core.settings import KafkaSettings
+from core.topics import Topics
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
 from tests.pipeline import (

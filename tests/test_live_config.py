@@ -12,9 +12,9 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from typer.testing import CliRunner
 
+from core.settings import KafkaSettings
 from ops.cli import app
 from ops.services import Service
-from ops.settings import KafkaSettings
 from ops.traffic import basic_auth, sample_events, send_batches
 from tests.conftest import scaled
 from tests.pipeline import Pipeline, free_port

@@ -25,9 +25,10 @@ from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from connectors.clickhouse import Warehouse
-from connectors.queries import QueryFailed, query_settings
+from connectors.errors import QueryFailed
+from connectors.queries import query_settings
+from core.settings import KafkaSettings, WarehouseSettings
 from ops.cli import app
-from ops.settings import KafkaSettings, WarehouseSettings
 from ops.traffic import sample_events
 from tests.pipeline import Pipeline, envelope_records, pipeline_with_topics, produce
 

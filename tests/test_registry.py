@@ -18,14 +18,15 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from ops.admin import apply_topics
-from ops.config import parse_config
+from core.admin import apply_topics
+from core.config import parse_config
+from core.settings import KafkaSettings, TransformSettings
+from core.topics import Topics, required_topics
 from ops.services import Service
-from ops.settings import KafkaSettings, TransformSettings
-from ops.topics import Topics, required_topics
 from ops.traffic import sample_events
 from schemas.codec import event_codec, load_schema
-from schemas.registry import RegistryError, RegistryState
+from schemas.errors import RegistryError
+from schemas.registry import RegistryState
 from streams.processor import Incoming, Router
 from tests.pipeline import free_port
 

@@ -18,9 +18,9 @@ from aiohttp import web
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
-from ops.admin import admin_client
+from core.admin import admin_client
+from core.settings import KafkaSettings
 from ops.services import Service
-from ops.settings import KafkaSettings
 from ops.traffic import sample_events, send_batches
 from schemas.codec import event_codec
 from tests.conftest import scaled

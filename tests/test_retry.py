@@ -7,19 +7,11 @@ import random
 
 import pytest
 
-from connectors.retry import (
-    Failure,
-    Origin,
-    RetryPlan,
-    failure_headers,
-    header_map,
-    origin_of,
-    parse_retry_after,
-    plan_retry,
-    retry_due_ms,
-)
-from ops.config import RetryPolicy, parse_config
-from schemas.errors import ConfigError, DestinationUnavailable
+from connectors.errors import DestinationUnavailable
+from connectors.retry import parse_retry_after, plan_retry, retry_due_ms
+from core.config import RetryPolicy, parse_config
+from core.errors import ConfigError
+from core.headers import Failure, Origin, RetryPlan, failure_headers, header_map, origin_of
 
 NOW = 1_800_000_000_000
 POLICY = RetryPolicy(tiers=("5s", "1m", "10m"), max_attempts=5, jitter=0.1)
@@ -163,6 +155,7 @@ def test_failure_headers_keep_the_first_origin_and_history_and_replace_the_last_
         "sluice.stage": "delivery",
         "sluice.error.class": "DestinationUnavailable",
         "sluice.error.message": "HTTP 503: busy",
+        "sluice.reason": "HTTP 503: busy",
         "sluice.attempts": "1",
         "sluice.first.failure": str(NOW),
         "sluice.last.failure": str(NOW),

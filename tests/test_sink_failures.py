@@ -24,14 +24,14 @@ from aiohttp import web
 from clickhouse_connect.driver.exceptions import ClickHouseError, ProgrammingError
 from confluent_kafka import Consumer
 
-from connectors.clickhouse import Warehouse, WarehouseRefused, warehouse_error
+from connectors.clickhouse import Warehouse, warehouse_error
+from connectors.errors import DestinationUnavailable, WarehouseRefused
 from connectors.service import METRICS, create_app
-from ops.admin import apply_topics
-from ops.config import PipelineConfig, parse_config
-from ops.settings import KafkaSettings, WarehouseSettings
-from ops.topics import required_topics
+from core.admin import apply_topics
+from core.config import PipelineConfig, parse_config
+from core.settings import KafkaSettings, WarehouseSettings
+from core.topics import required_topics
 from ops.traffic import sample_events
-from schemas.errors import DestinationUnavailable
 from tests.pipeline import (
     CONFIG,
     envelope_records,

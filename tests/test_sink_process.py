@@ -103,8 +103,8 @@ def test_sink_killed_three_times_then_replayed_loads_every_event_once(pipeline: 
 
 
 def test_undecodable_records_go_to_the_dlq_and_the_rest_loads(pipeline: Pipeline) -> None:
+    from core.settings import KafkaSettings  # noqa: PLC0415
     from ops.dlq import dead_letters  # noqa: PLC0415
-    from ops.settings import KafkaSettings  # noqa: PLC0415
 
     topic = f"{pipeline.prefix}.dest.warehouse"
     codec = event_codec()
@@ -150,8 +150,8 @@ def test_records_the_warehouse_refuses_go_to_the_dlq_and_the_rest_loads_once(
     it), and properties that are not JSON (no layout table can take them). Each sits in a
     batch of good events; the batch is halved until they are found.
     """
+    from core.settings import KafkaSettings  # noqa: PLC0415
     from ops.dlq import dead_letters  # noqa: PLC0415
-    from ops.settings import KafkaSettings  # noqa: PLC0415
 
     topic = f"{pipeline.prefix}.dest.warehouse"
     codec = event_codec()

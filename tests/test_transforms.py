@@ -8,12 +8,12 @@ from typing import Any
 import orjson
 import pytest
 
+from core.config import parse_config
+from core.errors import ConfigError
+from core.settings import TransformSettings
+from core.topics import Topics
 from gateway.envelope import build_event
-from ops.config import parse_config
-from ops.settings import TransformSettings
-from ops.topics import Topics
 from schemas.codec import event_codec
-from schemas.errors import ConfigError
 from streams.processor import Incoming, Router
 
 TOPICS = Topics("t")

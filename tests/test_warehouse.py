@@ -13,7 +13,7 @@ import pytest
 from connectors.clickhouse import EVENT_COLUMNS, Warehouse
 from connectors.layout import COMMON_COLUMNS, event_table, layout_rows, sql_name
 from connectors.loader import Batch, Loader
-from ops.settings import WarehouseSettings
+from core.settings import WarehouseSettings
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

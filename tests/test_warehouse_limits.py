@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from connectors.layout import event_table
-from ops.settings import KafkaSettings
-from ops.topics import Topics
+from core.settings import KafkaSettings
+from core.topics import Topics
 from tests.pipeline import envelope_records, http_text, pipeline_with_topics, produce, until
 
 pytestmark = pytest.mark.integration

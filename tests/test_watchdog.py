@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from ops.watchdog import StallWatchdog
+from core.watchdog import StallWatchdog
 
 
 class Clock:

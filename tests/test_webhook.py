@@ -14,11 +14,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from confluent_kafka import Consumer
 
-from connectors.webhook import DeliveryRejected, WebhookClient, payload, webhook_session
-from ops.config import WebhookConfig
-from ops.settings import DeliverySettings, KafkaSettings
+from connectors.errors import DeliveryRejected, DestinationUnavailable
+from connectors.webhook import WebhookClient, payload, webhook_session
+from core.config import WebhookConfig
+from core.settings import DeliverySettings, KafkaSettings
 from ops.traffic import sample_events, send_batches
-from schemas.errors import DestinationUnavailable
 from tests.pipeline import free_port, pipeline_with_topics, webhook_receiver
 
 STATUS = web.AppKey("status", list[int])

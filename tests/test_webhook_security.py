@@ -20,18 +20,14 @@ import yaml
 from aiohttp import web
 from typer.testing import CliRunner
 
-from connectors.webhook import (
-    SecretUnavailable,
-    WebhookClient,
-    refused_address,
-    webhook_session,
-)
+from connectors.errors import SecretUnavailable
+from connectors.webhook import WebhookClient, refused_address, webhook_session
+from core.config import WebhookConfig, parse_config
+from core.errors import ConfigError
+from core.settings import DeliverySettings, KafkaSettings
 from ops.cli import app
-from ops.config import WebhookConfig, parse_config
 from ops.dlq import DeadLetter, dead_letters
-from ops.settings import DeliverySettings, KafkaSettings
 from ops.traffic import sample_events
-from schemas.errors import ConfigError
 from tests.pipeline import (
     Pipeline,
     envelope_records,

@@ -24,10 +24,10 @@ import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from prometheus_client import CollectorRegistry
 
-from ops.settings import KafkaSettings
-from ops.topics import Topics
+from core.settings import KafkaSettings
+from core.topics import Topics
+from core.watchdog import StallWatchdog
 from ops.traffic import sample_events, send_batches
-from ops.watchdog import StallWatchdog
 from schemas.codec import event_codec
 from streams.health import serve
 from tests.pipeline import (

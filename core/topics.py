@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ops.config import PipelineConfig
-from ops.settings import KafkaSettings
+from core.config import PipelineConfig
+from core.settings import KafkaSettings
 
 DAY_MS = 24 * 60 * 60 * 1000
 

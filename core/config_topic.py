@@ -19,12 +19,12 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter
 
-from ops.admin import apply_topics
-from ops.config import PipelineConfig, validate_config
-from ops.producer import Headers
-from ops.settings import KafkaSettings, TransformSettings
-from ops.topics import Topics, required_topics
-from schemas.errors import ConfigError
+from core.admin import apply_topics
+from core.config import PipelineConfig, validate_config
+from core.errors import ConfigError
+from core.producer import Headers
+from core.settings import KafkaSettings, TransformSettings
+from core.topics import Topics, required_topics
 
 log = structlog.get_logger("sluice.config")
 KEY = b"pipeline"

@@ -17,13 +17,9 @@ from confluent_kafka.admin import (
     NewTopic,
 )
 
-from ops.settings import KafkaSettings
-from ops.topics import TopicSpec
-from schemas.errors import SluiceError
-
-
-class TopicError(SluiceError):
-    """A topic could not be created or changed."""
+from core.errors import TopicError
+from core.settings import KafkaSettings
+from core.topics import TopicSpec
 
 
 @dataclass(frozen=True)

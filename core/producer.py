@@ -17,8 +17,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from ops.settings import KafkaSettings
-from schemas.errors import BrokerUnavailable, RecordRefused, SluiceError
+from core.errors import BrokerUnavailable, RecordRefused, SluiceError
+from core.settings import KafkaSettings
 
 Headers = list[tuple[str, str | bytes | None]]
 # (key, value, headers); a None value is a tombstone on a compacted topic.

@@ -19,8 +19,8 @@ from pydantic import (
     model_validator,
 )
 
-from ops.settings import DeliverySettings, TransformSettings
-from schemas.errors import ConfigError
+from core.errors import ConfigError
+from core.settings import DeliverySettings, TransformSettings
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _TIER = re.compile(r"^(\d+)(ms|s|m|h)$")
