@@ -49,7 +49,8 @@ from core.headers import (
     message_headers,
     origin_of,
 )
-from core.producer import EventProducer, Record
+from core.kafka import Record
+from core.producer import EventProducer
 from core.settings import DeliverySettings, KafkaSettings
 from core.topics import DestinationTopics
 from core.watchdog import StallWatchdog

@@ -32,7 +32,8 @@ import orjson
 import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from core.producer import EventProducer, Record
+from core.kafka import Record
+from core.producer import EventProducer
 from core.settings import KafkaSettings
 
 log = structlog.get_logger("sluice.delivery")

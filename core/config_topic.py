@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter
 from core.admin import apply_topics
 from core.config import PipelineConfig, validate_config
 from core.errors import ConfigError
-from core.producer import Headers
+from core.kafka import Headers
 from core.settings import KafkaSettings, TransformSettings
 from core.topics import Topics, required_topics
 

@@ -15,7 +15,7 @@ from typing import Final
 
 from confluent_kafka import Message
 
-from core.producer import Headers as ProducerHeaders
+from core.kafka import Headers as ProducerHeaders
 
 ORIGINAL_TOPIC: Final = "sluice.original.topic"
 ORIGINAL_PARTITION: Final = "sluice.original.partition"

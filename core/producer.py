@@ -10,73 +10,18 @@ future.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from core.errors import BrokerUnavailable, RecordRefused, SluiceError
+from core.errors import BrokerUnavailable
+from core.kafka import Record, producer_config
 from core.settings import KafkaSettings
-
-Headers = list[tuple[str, str | bytes | None]]
-# (key, value, headers); a None value is a tombstone on a compacted topic.
-Record = tuple[bytes | None, bytes | None, Sequence[tuple[str, str | bytes | None]] | None]
 
 _BUSY_POLL_S = 0.001
 _IDLE_POLL_S = 0.1
-
-# Delivery errors that come again however often the record is sent: the record is too
-# large, invalid or not allowed on its topic, or the topic is not there after librdkafka's
-# own retries. (librdkafka's `KafkaError.retriable()` is set for errors of its
-# transactional API only, never on a delivery report, so the code decides.)
-PERMANENT_ERRORS = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.INVALID_TIMESTAMP,
-        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
-        KafkaError.POLICY_VIOLATION,
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
-        KafkaError.TOPIC_EXCEPTION,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._UNKNOWN_TOPIC,
-    }
-)
-# Of those, the errors of a topic, not of a record: a smaller record is refused as well.
-TOPIC_ERRORS = frozenset(
-    {
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
-        KafkaError.TOPIC_EXCEPTION,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._UNKNOWN_TOPIC,
-    }
-)
-# Of those, the errors a broker gives a whole record batch: every record sent in it gets
-# the error, though one of them may have caused it. Sent alone, each gets its own verdict.
-BATCH_ERRORS = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.INVALID_TIMESTAMP,
-    }
-)
-
-
-def delivery_error(err: KafkaError, topic: str) -> SluiceError:
-    """The Sluice error for a record Kafka did not take; its class says whether to send again.
-
-    RecordRefused (not retriable) for the errors in PERMANENT_ERRORS; BrokerUnavailable
-    (retriable) for everything else: a broker away, a timeout, not enough replicas, and
-    fatal producer states too (a new producer sends the record again).
-    """
-    if err.code() in PERMANENT_ERRORS and not err.retriable():
-        return RecordRefused(f"{topic}: {err.str()} ({err.name()})")
-    return BrokerUnavailable(f"{topic}: {err.str()} ({err.name()})")
-
 
 # A record's failed delivery: its index in the records sent, and the error.
 Failure = tuple[int, KafkaError]
@@ -194,17 +139,16 @@ class EventProducer:
     def __init__(
         self, kafka: KafkaSettings, timeout_s: float, linger_ms: int = 5, **extra: Any
     ) -> None:
-        conf: dict[str, Any] = kafka.client_config() | {
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": linger_ms,
-            "message.timeout.ms": int(timeout_s * 1000),
-            "queue.buffering.max.messages": 500_000,
-            "compression.type": "lz4",
-            "socket.connection.setup.timeout.ms": max(1000, int(timeout_s * 1000)),
-            # librdkafka's own log lines go through Python logging, not straight to stderr.
-            "logger": logging.getLogger("sluice.kafka"),
-        }
+        conf = producer_config(
+            kafka,
+            **{
+                "linger.ms": linger_ms,
+                "message.timeout.ms": int(timeout_s * 1000),
+                "queue.buffering.max.messages": 500_000,
+                "compression.type": "lz4",
+                "socket.connection.setup.timeout.ms": max(1000, int(timeout_s * 1000)),
+            },
+        )
         conf.update(extra)
         self.timeout_s = timeout_s
         self._producer = Producer(conf)

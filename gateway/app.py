@@ -18,7 +18,8 @@ from core.config import PipelineConfig, Source
 from core.config_topic import ConfigFollower
 from core.errors import BrokerUnavailable, SchemaError
 from core.headers import Failure, failure_headers
-from core.producer import EventProducer, Record
+from core.kafka import Record
+from core.producer import EventProducer
 from core.settings import GatewaySettings, KafkaSettings, TransformSettings
 from core.topics import Topics
 from gateway.auth import SourceTable, basic_username

@@ -22,7 +22,7 @@ from typing import Final
 
 import msgspec
 
-from core.producer import Record
+from core.kafka import Record
 from gateway.envelope import EVENT_TYPES, MAX_TIME_MS, MIN_TIME_MS, parse_timestamp
 from gateway.errors import InvalidEvent
 from gateway.messages import NULL, Message, Scalar

@@ -34,7 +34,7 @@ from confluent_kafka.admin import ConfigResource
 
 from core.admin import admin_client
 from core.headers import REDRIVE_COUNT, REDRIVE_FROM, REDRIVE_ID, REDRIVE_PREFIX
-from core.producer import Headers
+from core.kafka import Headers
 from core.settings import KafkaSettings
 from core.topics import Topics
 from ops.errors import DlqError

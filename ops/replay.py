@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from core.config import PipelineConfig
 from core.headers import REPLAY_OF
-from core.producer import Headers
+from core.kafka import Headers
 from core.settings import KafkaSettings, TransformSettings
 from core.topics import Topics
 from ops.errors import ReplayError

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from core.config import PipelineConfig
 from core.config_topic import ConfigFollower
 from core.errors import BrokerUnavailable
-from core.producer import BATCH_ERRORS, TOPIC_ERRORS, Record, delivery_error
+from core.kafka import BATCH_ERRORS, TOPIC_ERRORS, Record, delivery_error
 from core.settings import KafkaSettings, WorkerSettings
 from core.watchdog import StallWatchdog
 from streams.errors import Fenced, Refused

@@ -5,7 +5,7 @@ from __future__ import annotations
 from confluent_kafka import KafkaError
 
 from core.errors import SchemaError, SluiceError
-from core.producer import Record
+from core.kafka import Record
 
 
 class Fenced(SluiceError):

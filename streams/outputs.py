@@ -23,7 +23,8 @@ import structlog
 from confluent_kafka import KafkaError
 
 from core.errors import BrokerUnavailable
-from core.producer import BATCH_ERRORS, TOPIC_ERRORS, EventProducer, Failure, delivery_error
+from core.kafka import BATCH_ERRORS, TOPIC_ERRORS, delivery_error
+from core.producer import EventProducer, Failure
 from core.settings import KafkaSettings
 from streams.processor import Incoming, OutRecord, Routed, Router
 

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from core.config import EventFilter, PipelineConfig, resolve_transforms
 from core.errors import SchemaError
 from core.headers import Failure, Origin, failure_headers
-from core.producer import Headers
+from core.kafka import Headers
 from core.settings import TransformSettings
 from core.topics import Topics
 from schemas.codec import AvroCodec

@@ -38,7 +38,8 @@ from confluent_kafka import (
 )
 
 from core.errors import BrokerUnavailable
-from core.producer import PERMANENT_ERRORS, Record, failed_records
+from core.kafka import PERMANENT_ERRORS, Record
+from core.producer import failed_records
 from core.settings import KafkaSettings
 from streams.errors import Fenced, Refused
 
