@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -15,12 +13,12 @@ from pydantic import (
     Field,
     HttpUrl,
     ValidationError,
-    ValidationInfo,
     model_validator,
 )
 
 from core.errors import ConfigError
 from core.settings import DeliverySettings, TransformSettings
+from core.transforms import TRANSFORMS_CONTEXT, Transform, TransformFunction, resolve_function
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _TIER = re.compile(r"^(\d+)(ms|s|m|h)$")
@@ -214,80 +212,6 @@ class EventFilter(_Model):
     allow_events: tuple[str, ...] = ()
     deny_events: tuple[str, ...] = ()
     where: tuple[PropertyRule, ...] = ()
-
-
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-FUNCTION_PATTERN = rf"^{_IDENT}(?:\.{_IDENT})*[:.]{_IDENT}$"
-# The validation context key under which the allowed transform modules are passed.
-TRANSFORMS_CONTEXT = "transform_modules"
-
-TransformFunction = Callable[[dict[str, Any]], Any]
-
-
-class Transform(_Model):
-    """A user function `transform(event) -> event | list[event] | None`, by import path.
-
-    Validating one never imports anything: it checks the path's syntax and, when the
-    validation context carries `TransformSettings` (see `parse_config`), that its module
-    is allowed. Only `resolve_function`, called where the transform runs, imports.
-    """
-
-    function: Annotated[str, Field(pattern=FUNCTION_PATTERN)]
-    timeout_s: float = Field(default=1.0, gt=0, le=60)
-
-    @model_validator(mode="after")
-    def _module_allowed(self, info: ValidationInfo) -> Transform:
-        context = info.context
-        allowed = context.get(TRANSFORMS_CONTEXT) if isinstance(context, dict) else None
-        if isinstance(allowed, TransformSettings):
-            check_module(self.function, allowed)
-        return self
-
-
-def split_function(path: str) -> tuple[str, str]:
-    """`package.module:function` (or `package.module.function`) as (module, function)."""
-    module_name, sep, name = path.partition(":")
-    if not sep:
-        module_name, _, name = path.rpartition(".")
-    return module_name, name
-
-
-def check_module(path: str, transforms: TransformSettings) -> str:
-    """The module of transform `path`; ValueError when its module is not allowed."""
-    module_name, _ = split_function(path)
-    if not transforms.allows(module_name):
-        allowed = ", ".join(transforms.modules) or "none"
-        raise ValueError(
-            f"transform {path!r}: module {module_name!r} is not under an allowed prefix"
-            f" (SLUICE_TRANSFORM_MODULES: {allowed})"
-        )
-    return module_name
-
-
-def resolve_function(path: str, transforms: TransformSettings) -> TransformFunction:
-    """Import the callable at `path`, from an allowed module only.
-
-    ConfigError when the module is not allowed, cannot be imported (any failure while
-    importing, `SystemExit` included; only `KeyboardInterrupt` passes) or has no such
-    function.
-    """
-    try:
-        module_name = check_module(path, transforms)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    name = split_function(path)[1]
-    try:
-        module = importlib.import_module(module_name)
-        function = getattr(module, name, None)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # a module's import runs its code: contain whatever it does
-        raise ConfigError(
-            f"transform {path!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from None
-    if not callable(function):
-        raise ConfigError(f"transform {path!r}: {module_name!r} has no function {name!r}")
-    return cast(TransformFunction, function)
 
 
 def resolve_transforms(

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_config, parse_config, resolve_function, tier_seconds
+from core.config import load_config, parse_config, tier_seconds
 from core.errors import ConfigError
 from core.settings import KafkaSettings, TransformSettings
 from core.topics import Topics, required_topics
+from core.transforms import resolve_function
 
 
 def test_the_shipped_config_is_valid_and_routes_the_demo_source() -> None:
