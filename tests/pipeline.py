@@ -214,6 +214,36 @@ async def webhook_receiver(
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def http_receiver(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    paths: tuple[str, ...] = ("/hook",),
+) -> AsyncIterator[int]:
+    """A receiver on 127.0.0.1 (a port of its own) answering POSTs to `paths`."""
+    web_app = web.Application()
+    for path in paths:
+        web_app.router.add_post(path, handler)
+    runner = web.AppRunner(web_app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+def probe(port: int, path: str = "/ready") -> tuple[int, dict[str, Any]]:
+    """Status and body of a process's `/ready` (or `path`); 0 while nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        return 0, {}
+
+
 def envelope_records(
     messages: list[dict[str, Any]], source: str = "test-src"
 ) -> list[tuple[bytes, bytes, None]]:

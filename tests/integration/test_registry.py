@@ -25,86 +25,16 @@ from core.topics import Topics, required_topics
 from ops.services import Service
 from ops.traffic import sample_events
 from schemas.codec import event_codec, load_schema
-from schemas.errors import RegistryError
-from schemas.registry import RegistryState
 from streams.processor import Incoming, Router
+from tests.orders import NO_DEFAULT, V1, V2
 from tests.pipeline import free_port
 
-V1 = {"type": "record", "name": "Order", "fields": [{"name": "id", "type": "string"}]}
-V2 = {
-    "type": "record",
-    "name": "Order",
-    "fields": [
-        {"name": "id", "type": "string"},
-        {"name": "total", "type": "double", "default": 0.0},
-    ],
-}
-# A field without a default that the latest version does not have: a reader with it
-# cannot read what the latest version wrote.
-NO_DEFAULT = {
-    "type": "record",
-    "name": "Order",
-    "fields": [*V2["fields"], {"name": "currency", "type": "string"}],
-}
-EXTRA = {
-    "type": "record",
-    "name": "Order",
-    "fields": [*NO_DEFAULT["fields"], {"name": "note", "type": "string"}],
-}
-
-
-def _register(state: RegistryState, subject: str, schema: dict[str, Any]) -> int:
-    planned = state.plan(subject, json.dumps(schema))
-    if planned is not None:
-        state.apply(f"schema/{subject}/{planned.version}", planned.as_json())
-    return state.lookup(subject, json.dumps(schema)).id
-
-
-def test_versions_ids_and_backward_compatibility() -> None:
-    state = RegistryState()
-    first = _register(state, "orders-value", V1)
-    assert _register(state, "orders-value", V1) == first  # the same schema: no new version
-    second = _register(state, "orders-value", V2)  # a new field with a default: backward-safe
-    assert second != first
-    assert [v.version for v in state.versions("orders-value")] == [1, 2]
-    assert _register(state, "other-value", V1) == first  # ids are global
-    with pytest.raises(RegistryError) as refused:
-        _register(state, "orders-value", NO_DEFAULT)
-    assert refused.value.status == 409
-    assert "reader_field_missing_default_value" in refused.value.message
-    assert "currency" in refused.value.message
-    assert [v.version for v in state.versions("orders-value")] == [1, 2]
-
-
-def test_levels_decide_what_is_compatible() -> None:
-    state = RegistryState()
-    _register(state, "a", V1)
-    state.apply("config/a", {"compatibilityLevel": "NONE"})
-    _register(state, "a", NO_DEFAULT)  # anything goes
-    state.apply("config/a", {"compatibilityLevel": "FORWARD"})
-    # Forward: the latest version must read what the new one writes. An extra field is
-    # fine for it; a missing field it has no default for is not.
-    assert state.check("a", json.dumps(EXTRA)) == []
-    assert "currency" in state.check("a", json.dumps(V1))[0]
-    state.apply("config/", {"compatibilityLevel": "FULL"})
-    assert state.level("b") == "FULL"
-    assert state.level("a") == "FORWARD"
-
-
-@pytest.mark.parametrize(
-    ("text", "code"),
-    [("not json", 42201), ('{"type": "record", "name": "X"}', 42201)],
-)
-def test_invalid_schemas_are_refused_with_a_reason(text: str, code: int) -> None:
-    with pytest.raises(RegistryError) as refused:
-        RegistryState().plan("s", text)
-    assert refused.value.code == code
-    assert refused.value.status == 422
-
-
 NO_TRANSFORMS = TransformSettings(modules=())
-# The registry's write credential in these tests, as `basic.auth.user.info` carries it.
+
+
 WRITER = ("schemas-ci", "s3cret-for-tests")
+
+
 USER_INFO = ":".join(WRITER)
 
 

@@ -18,8 +18,6 @@ from ops.cli import app
 from ops.traffic import sample_events, send_batches
 from tests.pipeline import free_port, http_text, pipeline_with_topics, until, webhook_receiver
 
-pytestmark = pytest.mark.integration
-
 CONFIG = """
 sources:
   - id: test-src
@@ -101,17 +99,6 @@ async def test_replays_deliver_again_without_duplicate_rows(
             await asyncio.to_thread(pipe.stop)
     assert {m for m, n in seen.items() if n == 2} == second_tracks
     assert {m for m, n in seen.items() if n == 1} == tracks - second_tracks
-
-
-def test_replay_needs_a_range_and_a_known_destination(tmp_path: Path) -> None:
-    cfg = tmp_path / "sluice.yaml"
-    cfg.write_text(CONFIG.replace("{key}", "k").replace("PORT", "1"))
-    no_range = CliRunner().invoke(app, ["replay", "hook", "--config", str(cfg)])
-    assert no_range.exit_code == 1
-    assert "say which records" in no_range.output
-    ghost = CliRunner().invoke(app, ["replay", "ghost", "--from-offset", "0", "--config", str(cfg)])
-    assert ghost.exit_code == 1
-    assert "no destination 'ghost'" in ghost.output
 
 
 def _deduplicated(port: int) -> float:

@@ -13,33 +13,28 @@ import asyncio
 import base64
 import os
 import re
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
-from prometheus_client import CollectorRegistry
 
 from core.settings import KafkaSettings
 from core.topics import Topics
-from core.watchdog import StallWatchdog
 from ops.traffic import sample_events, send_batches
 from schemas.codec import event_codec
-from streams.health import serve
 from tests.pipeline import (
-    free_port,
     group_lag,
     http_text,
     pipeline_with_topics,
+    probe,
     read_records,
     until,
 )
 
 CODEC = event_codec(logical_types=False)
+
 
 CONFIG = """
 sources:
@@ -81,17 +76,6 @@ def _metric(port: int, name: str, **labels: str) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(match.group(2))
     return 0.0
-
-
-def _ready(port: int, path: str = "/ready") -> tuple[int, dict[str, Any]]:
-    """Status and body of the worker's `/ready` (or `path`); 0 while nothing answers."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, orjson.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, orjson.loads(exc.read())
-    except OSError:
-        return 0, {}
 
 
 @pytest.mark.integration
@@ -190,49 +174,28 @@ async def test_a_worker_that_makes_no_progress_is_not_ready_until_it_moves_again
 
     await asyncio.to_thread(pipe.start, "gateway", "worker")
     try:
-        await until(lambda: _ready(port)[0] == 200, 60, "the worker ready")
+        await until(lambda: probe(port)[0] == 200, 60, "the worker ready")
         report = await send_batches(pipe.gateway_url, pipe.write_key, events[:150], 50)
         assert report.accepted == 150
         await until(drained, 90, "the first events processed")
-        assert _ready(port)[0] == 200
+        assert probe(port)[0] == 200
 
         report = await send_batches(pipe.gateway_url, pipe.write_key, events[150:], 50)
         assert report.accepted == 150
-        await until(lambda: _ready(port)[0] == 503, 30, "the stalled worker not ready")
-        status, body = _ready(port)
+        await until(lambda: probe(port)[0] == 503, 30, "the stalled worker not ready")
+        status, body = probe(port)
         assert status == 503
         assert "processor stalled" in body["reason"]
         assert "records waiting" in body["reason"]
         assert _metric(port, "sluice_processor_seconds_since_progress") > 3
-        assert _ready(port, "/health")[0] == 200  # alive: busy, not dead
+        assert probe(port, "/health")[0] == 200  # alive: busy, not dead
 
         # The batch completes: progress, ready again, every event through.
         await until(drained, 90, "the waiting events processed")
-        await until(lambda: _ready(port)[0] == 200, 30, "the worker ready again")
+        await until(lambda: probe(port)[0] == 200, 30, "the worker ready again")
         assert _metric(port, "sluice_processor_seconds_since_progress") == 0
         assert pipe.services["worker"].pid() is not None
         landed = await asyncio.to_thread(_ids, kafka, topics.destination("warehouse").main)
     finally:
         await asyncio.to_thread(pipe.stop)
     assert set(landed) == {e["messageId"] for e in events}
-
-
-def test_the_worker_endpoint_fails_health_and_readiness_once_its_agent_died() -> None:
-    registry = CollectorRegistry()
-    watchdog = StallWatchdog("processor", 120, registry=registry)
-    died: list[str] = []
-    port = free_port()
-    server = serve("127.0.0.1", port, registry, watchdog, lambda: died[0] if died else None)
-    try:
-        assert _ready(port) == (200, {"status": "ready", "seconds_since_progress": 0.0})
-        assert "sluice_processor_seconds_since_progress" in http_text(
-            f"http://127.0.0.1:{port}/metrics"
-        )
-        died.append("processor agent died: RuntimeError: boom")
-        watchdog.fail(died[0])
-        status, body = _ready(port)
-        assert (status, body["reason"]) == (503, "processor agent died: RuntimeError: boom")
-        assert _ready(port, "/health")[0] == 503
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from core.errors import TopicError
-from core.settings import BrokerSettings, KafkaSettings
+from core.settings import BrokerSettings
 from ops.cli import app, main
 from ops.errors import BrokerError
 from ops.kafka_broker import log_recovery, new_cluster_id, server_properties, start_broker
-from tests.pipeline import CONFIG, free_port
+from tests.pipeline import free_port
 
 runner = CliRunner()
 
@@ -66,23 +66,6 @@ def test_invalid_config_fails_with_the_reason(tmp_path: Path) -> None:
     result = runner.invoke(app, ["topics", "apply", "--config", str(bad)])
     assert result.exit_code == 1
     assert "unknown sources ['ghost']" in result.output
-
-
-@pytest.mark.integration
-def test_topics_apply_creates_then_changes_nothing(
-    tmp_path: Path, kafka: KafkaSettings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    config = tmp_path / "sluice.yaml"
-    config.write_text(CONFIG.replace("{key}", "k"))
-    monkeypatch.setenv("SLUICE_KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap_servers)
-    monkeypatch.setenv("SLUICE_KAFKA_TOPIC_PREFIX", kafka.topic_prefix)
-    first = runner.invoke(app, ["topics", "apply", "--config", str(config)])
-    assert first.exit_code == 0, first.output
-    assert first.output.count("created") == 10
-    assert f"{kafka.topic_prefix}.dest.warehouse.retry.3s" in first.output
-    second = runner.invoke(app, ["topics", "apply", "--config", str(config)])
-    assert second.exit_code == 0
-    assert second.output.count("unchanged") == 10
 
 
 def test_broker_properties_use_the_configured_ports_and_folder(tmp_path: Path) -> None:

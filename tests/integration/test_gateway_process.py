@@ -23,7 +23,7 @@ from core.topics import Topics
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
 from tests.pipeline import Pipeline, http_text
-from tests.test_gateway import read_topic
+from tests.integration.test_gateway import read_topic
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from ops.kafka_broker import start_broker, stop_broker
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
 from tests.pipeline import free_port
-from tests.test_gateway import read_topic
+from tests.integration.test_gateway import read_topic
 
 pytestmark = pytest.mark.integration
 
