@@ -1,61 +1,34 @@
-"""The worker's HTTP endpoint: `/metrics`, `/health` and `/ready`, served from a thread.
+"""The worker's `/health`, `/ready` and `/metrics`, served by the process shell from a thread.
 
-A thread of its own, not the worker's event loop: a loop that is wedged (a batch that
-never completes) still gets a truthful answer, `/ready` 503 once the stall watchdog says
-so. `/health` says the process is up and its agent alive; `/ready` also needs the agent to
-have moved its input on within `SLUICE_WORKER_STALL_AFTER_S` whenever input is waiting.
+A thread of its own, not the worker's event loop (`Probes.serve_in_thread`): a loop that
+is wedged (a batch that never completes) still gets a truthful answer, `/ready` 503 once
+the stall watchdog says so. `/health` says the process is up and its agent alive;
+`/ready` also needs the agent to have moved its input on within
+`SLUICE_WORKER_STALL_AFTER_S` whenever input is waiting. Every answer carries
+`seconds_since_progress`.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
+from collections.abc import Callable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
-import orjson
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 
+from core.shell import Probes
 from core.watchdog import StallWatchdog
 
-StartResponse = Callable[..., Any]
 
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Probes every few seconds: no access log."""
-
-
-def health_app(
+def worker_probes(
     registry: CollectorRegistry, watchdog: StallWatchdog, died: Callable[[], str | None]
-) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    """The WSGI app: `/health` and `/ready` as JSON, everything else the metrics.
+) -> Probes:
+    """The worker's probes; `died()` is why the agent stopped, or None while it runs."""
 
-    `died()` is why the agent stopped, or None while it runs.
-    """
-    metrics = make_wsgi_app(registry)
+    def details() -> dict[str, Any]:
+        return {"seconds_since_progress": round(watchdog.seconds_stalled(), 1)}
 
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path not in ("/health", "/ready"):
-            return metrics(environ, start_response)  # type: ignore[no-any-return]
-        problem = watchdog.problem() if path == "/ready" else died()
-        if problem is None:
-            status, body = "200 OK", {"status": "ready" if path == "/ready" else "ok"}
-        else:
-            status, body = "503 Service Unavailable", {"status": "not ready", "reason": problem}
-        data = orjson.dumps(body | {"seconds_since_progress": round(watchdog.seconds_stalled(), 1)})
-        start_response(
-            status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
-        )
-        return [data]
-
-    return app
+    return Probes(registry, health=died, ready=watchdog.problem, details=details)
 
 
 def serve(
@@ -65,13 +38,5 @@ def serve(
     watchdog: StallWatchdog,
     died: Callable[[], str | None],
 ) -> WSGIServer:
-    """Serve the endpoint on a daemon thread; raises OSError when the port is taken."""
-    server = make_server(
-        host,
-        port,
-        health_app(registry, watchdog, died),
-        server_class=_Server,
-        handler_class=_QuietHandler,
-    )
-    threading.Thread(target=server.serve_forever, name="sluice-health", daemon=True).start()
-    return server
+    """Serve the endpoints on a daemon thread; raises OSError when the port is taken."""
+    return worker_probes(registry, watchdog, died).serve_in_thread(host, port)

@@ -2,17 +2,17 @@
 
 Faust's consumer hands each fetched message to the topic conductor inside a race
 against its flow-control switch (`wait_first(callback(message), suspend_flow.wait())`):
-two tasks and an `asyncio.wait` for every message, about 60 µs of the worker's
-~160 µs an event on this machine. The race matters: when a rebalance suspends the
+two tasks and an `asyncio.wait` for every message, a large share of the worker's time
+an event (BENCHMARKS.md). The race matters: when a rebalance suspends the
 flow, delivery must stop at once. Here the race is run once for each batch `getmany`
 returned: the batch's messages are delivered in order inside it, and a suspension
 cancels the rest of the batch exactly as it cancelled the rest of the messages before
 (those are read again from the committed offsets once the rebalance seeks).
 
 For the topics an agent takes in batches (`deliver_in_batches`), the conductor's
-per-message step (an `Event` built and queued for every message, ~16 µs) is skipped as
+per-message step (an `Event` built and queued for every message) is skipped as
 well: each partition's share of a fetched batch goes to the subscribing channels'
-queues as one list of messages, which `streams.agents.take_batches` reads. Flow control
+queues as one list of messages, which `streams.batches.take_batches` reads. Flow control
 still gates the hand-over, and a rebalance clears those queues as it clears Faust's.
 
 Faust acks offsets that a partition skipped as a "gap" (for transaction markers and
