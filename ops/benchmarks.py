@@ -21,7 +21,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from core.settings import KafkaSettings, TransformSettings
-from ops.console import fail
+from ops.output import fail
 
 Bootstrap = Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results here.")]

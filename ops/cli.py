@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 import typer
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from core.config import PipelineConfig, load_config
 from core.errors import SluiceError
@@ -25,7 +24,7 @@ from core.settings import (
     WarehouseSettings,
     WorkerSettings,
 )
-from ops.console import fail, iso_ms, say_error
+from ops.output import fail, iso_ms, print_rows, say_error
 
 app = typer.Typer(
     name="sluice",
@@ -181,66 +180,6 @@ def deliver(config: ConfigOption = None) -> None:
     run(DeliverySettings(), KafkaSettings(), cfg, TransformSettings())
 
 
-def query_warehouse(sql: str, settings: WarehouseSettings) -> tuple[list[str], list[list[Any]]]:
-    """Run a read-only query: through the sink process in embedded mode, directly otherwise."""
-    if not settings.dsn.startswith("chdb:"):
-        from connectors.clickhouse import Warehouse  # noqa: PLC0415
-
-        warehouse = Warehouse(settings)
-        try:
-            result = warehouse.read_only_query(sql)
-        finally:
-            warehouse.close()
-        return result.columns, result.rows
-    import urllib.error  # noqa: PLC0415
-    import urllib.request  # noqa: PLC0415
-
-    from connectors.query_auth import configured_token  # noqa: PLC0415
-
-    url = f"http://{settings.query_host}:{settings.query_port}/query"
-    token = configured_token(settings)
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=orjson.dumps({"sql": sql}), headers=headers)
-    try:
-        # The sink stops a query at query_timeout_s; the answer may take a little longer.
-        with urllib.request.urlopen(req, timeout=settings.query_timeout_s + 30) as resp:  # noqa: S310
-            body = orjson.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        message = _error_of(exc)
-        if exc.code == 401:
-            message += (
-                f"; set SLUICE_WAREHOUSE_QUERY_TOKEN to the sink's token, or run where the "
-                f"sink wrote {settings.query_token_file}"
-            )
-        raise SluiceError(message) from None
-    except OSError as exc:
-        raise SluiceError(
-            f"no sink answers at {url} ({exc}); the sink process owns the embedded warehouse: "
-            "start it with `sluice sink` or `make demo`"
-        ) from None
-    return body["columns"], body["rows"]
-
-
-def _error_of(exc: Any) -> str:
-    """The `error` of a JSON error answer, or the HTTP status line."""
-    try:
-        return str(orjson.loads(exc.read())["error"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, OSError):
-        return str(exc)
-
-
-def print_rows(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
-    """Print a result as a table."""
-    table = Table(title=title, title_justify="left")
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*("NULL" if v is None else str(v) for v in row))
-    out.print(table)
-
-
 @app.command()
 def sql(
     query: Annotated[
@@ -251,6 +190,8 @@ def sql(
     ] = False,
 ) -> None:
     """Query the warehouse."""
+    from ops.warehouse_query import query_warehouse  # noqa: PLC0415
+
     try:
         columns, rows = query_warehouse(query, WarehouseSettings())
     except SluiceError as exc:

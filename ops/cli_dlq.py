@@ -12,9 +12,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from core.settings import KafkaSettings
-from ops.console import fail, iso_ms
 from ops.dlq import DlqFilter, dead_letters, redrive
 from ops.errors import DlqError
+from ops.output import fail, iso_ms
 
 dlq_app = typer.Typer(no_args_is_help=True)
 console = Console()

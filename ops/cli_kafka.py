@@ -6,9 +6,9 @@ import typer
 from rich.console import Console
 
 from core.settings import BrokerSettings
-from ops.console import fail
 from ops.errors import BrokerError
 from ops.kafka_broker import bootstrap, broker_status, start_broker, stop_broker
+from ops.output import fail
 
 kafka_app = typer.Typer(no_args_is_help=True)
 console = Console()

@@ -21,7 +21,9 @@ from core.settings import (
     WarehouseSettings,
 )
 from ops.errors import ServiceError
+from ops.output import print_rows
 from ops.services import Service
+from ops.warehouse_query import query_warehouse
 
 RUN_DIR = Path(".sluice") / "run"
 SERVICES = ("sink", "deliver", "worker", "gateway")
@@ -48,7 +50,6 @@ def run_demo(out: Console, count: int) -> None:
     """Start everything, send `count` sample events, print what landed in the warehouse."""
     from core.admin import apply_topics  # noqa: PLC0415
     from core.topics import required_topics  # noqa: PLC0415
-    from ops.cli import print_rows, query_warehouse  # noqa: PLC0415
     from ops.kafka_broker import start_broker  # noqa: PLC0415
     from ops.traffic import sample_events, send_batches  # noqa: PLC0415
 
@@ -126,7 +127,6 @@ def _show_deliveries(
 ) -> None:
     """The webhook side: `crm` posts tracks back to the gateway (a burst of them gets 429s and
     goes through the retry tiers); `legacy-crm` is refused (401) and dead-letters."""
-    from ops.cli import print_rows, query_warehouse  # noqa: PLC0415
     from ops.dlq import dead_letters  # noqa: PLC0415
 
     metrics = f"http://{dl.host}:{dl.port}/metrics"
@@ -175,8 +175,6 @@ def _metric_sum(url: str, name: str, having: str = "") -> float:
 
 
 def _count(wh: WarehouseSettings, table: str = "events") -> int:
-    from ops.cli import query_warehouse  # noqa: PLC0415
-
     try:
         _, rows = query_warehouse(f"SELECT count() FROM {table}", wh)  # noqa: S608 - our names
     except SluiceError:

@@ -1,12 +1,17 @@
-"""What every CLI command shares: one way to fail, one way to read a time option."""
+"""What the commands show the user: a one-line failure, result tables, time options read.
+
+Every command fails the same way (a one-line reason on stderr, exit status 1) and prints
+query results as the same table, whether it is `sluice sql` or the demo.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 
 def say_error(reason: str) -> None:
@@ -28,3 +33,13 @@ def iso_ms(value: str | None, name: str) -> int | None:
         return int(datetime.fromisoformat(value).timestamp() * 1000)
     except ValueError:
         fail(f"--{name} is not an ISO-8601 time: {value!r}")
+
+
+def print_rows(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+    """Print a result as a table on stdout."""
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    Console().print(table)
