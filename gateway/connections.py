@@ -9,7 +9,8 @@ resources for as long as it likes. Here:
   handler made for it.
 - aiohttp's keep-alive timer closes a connection whose request head is not complete
   `read_timeout_s` after it opened or after its previous response (the same timer closes
-  idle keep-alive connections); the handlers bound the body's time (`gateway.app._read`).
+  idle keep-alive connections); the ingest handlers bound the body's time
+  (`gateway.ingest.read_body`).
 """
 
 from __future__ import annotations

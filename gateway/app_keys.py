@@ -1,0 +1,21 @@
+"""The typed keys of what the gateway app holds: settings, producer, metrics, sources, codec."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from core.producer import EventProducer
+from core.settings import GatewaySettings
+from core.topics import Topics
+from gateway.auth import SourceTable
+from gateway.fastpath import FastWriter
+from gateway.metrics import GatewayMetrics
+from schemas.codec import AvroCodec
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+PRODUCER = web.AppKey("producer", EventProducer)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+SOURCES = web.AppKey("sources", SourceTable)
+CODEC = web.AppKey("codec", AvroCodec)
+TOPICS = web.AppKey("topics", Topics)
+FAST = web.AppKey("fast", FastWriter)

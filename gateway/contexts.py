@@ -1,0 +1,59 @@
+"""The gateway app's resources, opened with the app and closed after its last request.
+
+The producer flushes what it holds before the process exits; the config follower
+swaps new sources and write keys into the app's table on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import structlog
+from aiohttp import web
+
+from core.config import PipelineConfig
+from core.config_topic import ConfigFollower
+from core.producer import EventProducer
+from core.settings import GatewaySettings, KafkaSettings, TransformSettings
+from gateway.app_keys import METRICS, PRODUCER, SOURCES
+
+log = structlog.get_logger("sluice.gateway")
+
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+
+
+def producer_ctx(kafka: KafkaSettings, settings: GatewaySettings) -> CleanupContext:
+    """The app's event producer (`PRODUCER`), flushed when the app closes."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        producer = EventProducer(kafka, settings.produce_timeout_s, settings.linger_ms)
+        app[PRODUCER] = producer
+        yield
+        left = await asyncio.get_running_loop().run_in_executor(None, producer.close)
+        if left:
+            log.error("records not delivered at shutdown", count=left)
+
+    return ctx
+
+
+def config_ctx(
+    kafka: KafkaSettings, cfg: PipelineConfig, transforms: TransformSettings | None
+) -> CleanupContext:
+    """A follower of the config topic that updates the app's sources (`SOURCES`)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        sources = app[SOURCES]
+        follower = ConfigFollower(
+            kafka,
+            cfg,
+            lambda new: loop.call_soon_threadsafe(sources.update, new),
+            transforms,
+            app[METRICS].registry,
+        )
+        follower.start()
+        yield
+        await loop.run_in_executor(None, follower.stop)
+
+    return ctx
