@@ -1,8 +1,7 @@
-"""Dead-letter queues: list, show and redrive records, with an audit trail.
+"""Redrive: dead letters sent back to the destination's topic, with an audit trail.
 
-A DLQ record keeps the original key and value and says in its headers where it came
-from and why it failed. A redrive produces matching records back onto the
-destination's topic (history headers added) and audits itself on `sluice.dlq.audit`:
+A redrive produces matching records back onto the destination's topic (history headers
+added) and audits itself on `sluice.dlq.audit`:
 
 1. a `start` record (its id, the filter, the counts and the target topic's end offsets)
    before it produces anything; nothing is sent if it cannot be written;
@@ -18,18 +17,17 @@ takes the records carrying that redrive's id as sent, and writes their `done` re
 
 from __future__ import annotations
 
-import bisect
 import getpass
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import ConfigResource
 
 from core.admin import admin_client
@@ -37,239 +35,9 @@ from core.headers import REDRIVE_COUNT, REDRIVE_FROM, REDRIVE_ID, REDRIVE_PREFIX
 from core.kafka import Headers
 from core.settings import KafkaSettings
 from core.topics import Topics
+from ops.dlq.history import RefSet, redrive_history
+from ops.dlq.letters import DlqFilter, dead_letters, end_offsets, read_topic
 from ops.errors import DlqError
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """One record of a DLQ topic."""
-
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes
-    headers: dict[str, str]
-
-    @property
-    def ref(self) -> str:
-        """`partition:offset`, how commands name a record."""
-        return f"{self.partition}:{self.offset}"
-
-    @property
-    def error_class(self) -> str:
-        """The class of the error that sent it here."""
-        return self.headers.get("sluice.error.class", "")
-
-
-@dataclass(frozen=True)
-class DlqFilter:
-    """Which records a command applies to; empty fields match everything."""
-
-    error_class: str | None = None
-    since_ms: int | None = None
-    until_ms: int | None = None
-    refs: frozenset[str] = field(default_factory=frozenset)
-
-    def matches(self, rec: DeadLetter) -> bool:
-        """Whether `rec` passes every set condition."""
-        if self.error_class and rec.error_class != self.error_class:
-            return False
-        if self.since_ms is not None and rec.timestamp_ms < self.since_ms:
-            return False
-        if self.until_ms is not None and rec.timestamp_ms > self.until_ms:
-            return False
-        return not self.refs or rec.ref in self.refs
-
-
-def read_topic(
-    kafka: KafkaSettings,
-    topic: str,
-    timeout: float = 10.0,
-    start: dict[int, int] | None = None,
-) -> Iterator[Any]:
-    """Every record of `topic` up to its end now, read without a consumer group's commits.
-
-    `start` (partition -> offset) skips what comes before those offsets.
-    """
-    consumer = Consumer(
-        kafka.client_config()
-        | {
-            "group.id": f"sluice-reader-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
-    try:
-        meta = consumer.list_topics(topic, timeout=timeout)
-        if topic not in meta.topics or meta.topics[topic].error is not None:
-            raise DlqError(f"topic {topic} does not exist")
-        parts = []
-        for p in meta.topics[topic].partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-            low = max(low, (start or {}).get(p, low))
-            if high > low:
-                parts.append(TopicPartition(topic, p, low))
-        if not parts:
-            return
-        consumer.assign(parts)
-        open_parts = {tp.partition for tp in parts}
-        deadline = time.monotonic() + timeout
-        while open_parts:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                if time.monotonic() > deadline:
-                    raise DlqError(f"reading {topic} timed out")
-                continue
-            deadline = time.monotonic() + timeout
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    open_parts.discard(msg.partition())
-                    continue
-                raise DlqError(f"reading {topic}: {err.str()}")
-            yield msg
-    finally:
-        consumer.close()
-
-
-def end_offsets(kafka: KafkaSettings, topic: str, timeout: float = 10.0) -> dict[int, int]:
-    """Partition -> the offset the next record of `topic` gets."""
-    consumer = Consumer(kafka.client_config() | {"group.id": f"sluice-reader-{uuid.uuid4().hex}"})
-    try:
-        meta = consumer.list_topics(topic, timeout=timeout)
-        if topic not in meta.topics or meta.topics[topic].error is not None:
-            raise DlqError(f"topic {topic} does not exist")
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
-            for p in meta.topics[topic].partitions
-        }
-    finally:
-        consumer.close()
-
-
-def dead_letters(
-    kafka: KafkaSettings, destination: str, flt: DlqFilter | None = None
-) -> list[DeadLetter]:
-    """The records of a destination's DLQ that match `flt`, oldest first per partition."""
-    topic = Topics(kafka.topic_prefix).destination(destination).dlq
-    out = []
-    for msg in read_topic(kafka, topic):
-        headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (msg.headers() or [])}
-        rec = DeadLetter(
-            msg.partition(),
-            msg.offset(),
-            msg.timestamp()[1],
-            msg.key(),
-            msg.value() or b"",
-            headers,
-        )
-        if flt is None or flt.matches(rec):
-            out.append(rec)
-    return out
-
-
-class RefSet:
-    """DLQ records (`partition:offset`) as sorted offset ranges per partition."""
-
-    def __init__(self) -> None:
-        self._ranges: dict[int, list[tuple[int, int]]] = {}
-        self._dirty: set[int] = set()
-
-    def add(self, partition: int, first: int, last: int | None = None) -> None:
-        """Add one offset or the range first..last."""
-        self._ranges.setdefault(partition, []).append((first, first if last is None else last))
-        self._dirty.add(partition)
-
-    def add_text(self, text: str) -> None:
-        """Add `p:o` or `p:a-b` as the audit records write them (junk is ignored)."""
-        part, _, span = text.partition(":")
-        first, _, last = span.partition("-")
-        try:
-            self.add(int(part), int(first), int(last) if last else None)
-        except ValueError:
-            return
-
-    def _merged(self, partition: int) -> list[tuple[int, int]]:
-        ranges = self._ranges.get(partition, [])
-        if partition in self._dirty:
-            merged: list[tuple[int, int]] = []
-            for first, last in sorted(ranges):
-                if merged and first <= merged[-1][1] + 1:
-                    merged[-1] = (merged[-1][0], max(merged[-1][1], last))
-                else:
-                    merged.append((first, last))
-            ranges = self._ranges[partition] = merged
-            self._dirty.discard(partition)
-        return ranges
-
-    def __contains__(self, ref: object) -> bool:
-        if not isinstance(ref, str):
-            return False
-        part, _, offset = ref.partition(":")
-        try:
-            p, o = int(part), int(offset)
-        except ValueError:
-            return False
-        ranges = self._merged(p)
-        i = bisect.bisect_right(ranges, (o, 1 << 62)) - 1
-        return i >= 0 and ranges[i][0] <= o <= ranges[i][1]
-
-    def __len__(self) -> int:
-        return sum(b - a + 1 for p in list(self._ranges) for a, b in self._merged(p))
-
-    def texts(self) -> list[str]:
-        """The ranges as `p:o` / `p:a-b`, partition by partition."""
-        return [
-            f"{p}:{a}" if a == b else f"{p}:{a}-{b}"
-            for p in sorted(self._ranges)
-            for a, b in self._merged(p)
-        ]
-
-
-@dataclass
-class RedriveHistory:
-    """What the audit topic says about the redrives of one destination."""
-
-    done: RefSet = field(default_factory=RefSet)
-    # `start` records of redrives whose `done` records are not all there.
-    unfinished: list[dict[str, Any]] = field(default_factory=list)
-
-
-def redrive_history(kafka: KafkaSettings, destination: str) -> RedriveHistory:
-    """The DLQ records earlier redrives of `destination` sent, and those left unfinished."""
-    history = RedriveHistory()
-    starts: dict[str, dict[str, Any]] = {}
-    parts: dict[tuple[str, str], set[int]] = {}
-    complete: set[str] = set()
-    for msg in read_topic(kafka, Topics(kafka.topic_prefix).dlq_audit):
-        try:
-            audit = orjson.loads(msg.value() or b"{}")
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(audit, dict) or audit.get("destination") != destination:
-            continue
-        if audit.get("dry_run"):
-            continue
-        kind, run = audit.get("kind"), str(audit.get("id"))
-        if kind == "start":
-            starts[run] = audit
-            continue
-        for text in audit.get("records", []):
-            history.done.add_text(str(text))
-        if kind == "done":
-            write = (run, str(audit.get("write")))
-            seen = parts.setdefault(write, set())
-            seen.add(int(audit.get("part", 0)))
-            if len(seen) >= int(audit.get("parts", 1)):
-                complete.add(run)
-    history.unfinished = [a for run, a in starts.items() if run not in complete]
-    return history
-
-
-def redriven_refs(kafka: KafkaSettings, destination: str) -> RefSet:
-    """DLQ records (`partition:offset`) that earlier redrives of `destination` sent."""
-    return redrive_history(kafka, destination).done
 
 
 @dataclass
