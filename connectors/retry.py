@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 from core.config import RetryPolicy
+from core.due import DueRule, clamp_due
 from core.headers import RETRY_DUE, RetryPlan, int_header
 
 
@@ -94,6 +95,13 @@ def retry_due_ms(headers: dict[str, str], written_ms: int, now_ms: int, policy: 
     A due time further out than the policy's longest wait after the record was written
     (a record from an older version, or put in the tier by hand) is brought in to that.
     """
-    due = int_header(headers, RETRY_DUE) or 0
-    latest = min(written_ms, now_ms) + int(longest_wait_s(policy) * 1000)
-    return min(due, latest)
+    return clamp_due(int_header(headers, RETRY_DUE), written_ms, now_ms, _longest_wait_ms(policy))
+
+
+def retry_due_rule(policy: RetryPolicy) -> DueRule:
+    """The due-time rule of a tier's records: `retry_due_ms` for a due-time lane."""
+    return DueRule(RETRY_DUE, _longest_wait_ms(policy))
+
+
+def _longest_wait_ms(policy: RetryPolicy) -> int:
+    return int(longest_wait_s(policy) * 1000)
