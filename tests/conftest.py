@@ -12,6 +12,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from core.settings import KafkaSettings
+from tests.configs import Configs
 from tests.pipeline import Pipeline, pipeline_with_topics
 
 BOOTSTRAP = os.environ.get("SLUICE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
@@ -72,3 +73,9 @@ def pipeline(broker: str, prefix: str, tmp_path: Path) -> Iterator[Pipeline]:
     yield pipe
     for service in pipe.services.values():
         service.stop(timeout=30)
+
+
+@pytest.fixture
+def configs() -> Configs:
+    """Pipeline configs from parts (tests/configs.py) instead of pasted YAML."""
+    return Configs()

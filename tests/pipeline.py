@@ -22,17 +22,10 @@ from core.config import parse_config
 from core.settings import KafkaSettings
 from core.topics import required_topics
 from ops.services import Service
+from tests.configs import KEY, Configs
 
-CONFIG = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-  - id: warehouse
-    type: clickhouse
-    sources: [test-src]
-    retry: {tiers: [1s, 3s], max_attempts: 3}
-"""
+# A warehouse destination with two short retry tiers.
+CONFIG = Configs().text(Configs().warehouse(retry={"tiers": ["1s", "3s"], "max_attempts": 3}))
 
 
 def free_port() -> int:
@@ -94,7 +87,7 @@ class Pipeline:
         self.delivery_port = free_port()
         self.worker_metrics_port = free_port()
         config = self.root / "sluice.yaml"
-        config.write_text(self.config.replace("{key}", self.write_key))
+        config.write_text(self.config.replace(KEY, self.write_key))
         self.env = {
             "SLUICE_CONFIG_FILE": str(config),
             "SLUICE_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
@@ -119,7 +112,7 @@ class Pipeline:
             for name in ("gateway", "worker", "sink", "deliver")
         }
         # `start()` runs the delivery process only when there is something to deliver.
-        cfg = parse_config(self.config.replace("{key}", self.write_key))
+        cfg = parse_config(self.config.replace(KEY, self.write_key))
         self.defaults = ("gateway", "worker", "sink") + (
             ("deliver",) if any(d.type == "webhook" for d in cfg.destinations) else ()
         )
@@ -192,9 +185,7 @@ def pipeline_with_topics(root: Path, bootstrap: str, prefix: str, config: str = 
     """A Pipeline whose config's topics exist."""
     pipe = Pipeline(root, bootstrap, prefix, config=config)
     kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix)
-    apply_topics(
-        required_topics(parse_config(config.replace("{key}", pipe.write_key)), kafka), kafka
-    )
+    apply_topics(required_topics(parse_config(config.replace(KEY, pipe.write_key)), kafka), kafka)
     return pipe
 
 

@@ -11,19 +11,19 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from core.admin import apply_topics
-from core.config import parse_config
 from core.settings import BrokerSettings, GatewaySettings, KafkaSettings
 from core.topics import Topics, required_topics
 from gateway.app import create_app
 from ops.kafka_broker import start_broker, stop_broker
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
-from tests.pipeline import free_port
+from tests.configs import Configs
 from tests.integration.test_gateway import read_topic
+from tests.pipeline import free_port
 
 pytestmark = pytest.mark.integration
 
-CONFIG = parse_config("sources: [{id: web, write_keys: [k]}]")
+CONFIG = Configs().model(sources=[Configs().source("web", keys=["k"])])
 PRODUCE_TIMEOUT_S = 3.0
 
 

@@ -26,30 +26,21 @@ from core.config_topic import KEY, ConfigFollower
 from core.settings import KafkaSettings, TransformSettings
 from core.topics import Topics, required_topics
 from ops.traffic import basic_auth
+from tests.configs import Configs
 from tests.pipeline import Pipeline, http_text
 
 pytestmark = pytest.mark.integration
 
-BASE = """
-sources:
-  - id: test-src
-    write_keys: [{keys}]
-destinations:
-  - id: warehouse
-    type: clickhouse
-    sources: [test-src]
-    retry: {{tiers: [1s, 3s], max_attempts: 3}}
-"""
-# A destination whose transform is `{function}`.
-WITH_TRANSFORM = (
-    BASE
-    + """  - id: audit
-    type: clickhouse
-    sources: [test-src]
-    settings: {{table: audit_events, layout: false}}
-    transform: {{function: '{function}'}}
-"""
-)
+
+def _config(keys: str, function: str | None = None) -> str:
+    """A config with this write key, and with `function` an `audit` destination running it."""
+    configs = Configs()
+    destinations = [configs.warehouse(retry={"tiers": ["1s", "3s"], "max_attempts": 3})]
+    if function is not None:
+        audit = {"table": "audit_events", "layout": False}
+        transform = {"function": function}
+        destinations.append(configs.warehouse("audit", settings=audit, transform=transform))
+    return configs.text(*destinations, sources=[configs.source(keys=[keys])])
 
 
 def _record(keys: str, function: str | None = None) -> bytes:
@@ -57,8 +48,7 @@ def _record(keys: str, function: str | None = None) -> bytes:
 
     Written as JSON straight from the YAML: nothing validates (or imports) it on the way.
     """
-    text = BASE if function is None else WITH_TRANSFORM
-    return orjson.dumps(yaml.safe_load(text.format(keys=keys, function=function)))
+    return orjson.dumps(yaml.safe_load(_config(keys, function)))
 
 
 def _publish(kafka: KafkaSettings, value: bytes) -> None:
@@ -134,7 +124,7 @@ def _wait_status(pipe: Pipeline, key: str, status: int, timeout: float = 30) -> 
 
 
 def test_the_follower_refuses_bad_records_and_applies_later_ones(kafka: KafkaSettings) -> None:
-    first = parse_config(BASE.format(keys="k1"))
+    first = parse_config(_config("k1"))
     apply_topics(required_topics(first, kafka), kafka)
     applied: list[PipelineConfig] = []
     changed = threading.Event()
@@ -221,7 +211,7 @@ def test_a_worker_survives_a_transform_that_exits_on_import_and_takes_the_next_c
     routed = "sluice_processor_events_total"
     key = pipeline.write_key
     # Every config below names the `audit` destination: its topics exist from the start.
-    audit = WITH_TRANSFORM.format(keys=key, function="tests.transforms:fan_out")
+    audit = _config(key, "tests.transforms:fan_out")
     apply_topics(required_topics(parse_config(audit), kafka), kafka)
     pipeline.start("gateway", "worker")
     _wait_status(pipeline, key, 200)

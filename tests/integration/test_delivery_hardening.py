@@ -11,6 +11,7 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -19,6 +20,7 @@ from confluent_kafka import KafkaError, Producer
 
 from core.settings import KafkaSettings
 from ops.traffic import sample_events
+from tests.configs import Configs
 from tests.pipeline import (
     Pipeline,
     envelope_records,
@@ -33,29 +35,24 @@ from tests.pipeline import (
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-  - id: hook
-    type: webhook
-    sources: [test-src]
-    retry: RETRY
-    settings:
-      url: http://127.0.0.1:PORT/hook
-      timeout_s: TIMEOUT
-      breaker: {failures: 1000, cooldown_s: 1}
-"""
-
 
 def _pipeline(
-    tmp_path: Path, broker: str, prefix: str, port: int, retry: str, timeout_s: float = 2
+    tmp_path: Path,
+    broker: str,
+    prefix: str,
+    port: int,
+    retry: dict[str, Any],
+    timeout_s: float = 2,
 ) -> Pipeline:
-    config = (
-        CONFIG.replace("PORT", str(port)).replace("RETRY", retry).replace("TIMEOUT", str(timeout_s))
+    """A pipeline with a webhook on `port`, this retry policy and a breaker that stays closed."""
+    configs = Configs()
+    hook = configs.webhook(
+        f"http://127.0.0.1:{port}/hook",
+        retry=retry,
+        timeout_s=timeout_s,
+        breaker={"failures": 1000, "cooldown_s": 1},
     )
-    return pipeline_with_topics(tmp_path, broker, prefix, config)
+    return pipeline_with_topics(tmp_path, broker, prefix, configs.text(hook))
 
 
 def _kafka(pipe: Pipeline) -> KafkaSettings:
@@ -114,9 +111,8 @@ async def test_absurd_retry_after_values_are_capped_and_every_record_is_delivere
         return web.Response(status=200)
 
     # The policy caps a Retry-After at 3 s; the tiers are 1 s and 2 s.
-    pipe = _pipeline(
-        tmp_path, broker, prefix, port, "{tiers: [1s, 2s], max_attempts: 5, max_retry_after_s: 3}"
-    )
+    retry = {"tiers": ["1s", "2s"], "max_attempts": 5, "max_retry_after_s": 3}
+    pipe = _pipeline(tmp_path, broker, prefix, port, retry)
     kafka = _kafka(pipe)
     topic = f"{prefix}.dest.hook"
     tiers = [f"{topic}.retry.1s", f"{topic}.retry.2s"]
@@ -173,7 +169,7 @@ async def test_a_stalled_destination_loop_fails_ready_with_the_reason_and_progre
         delivered.append(orjson.loads(await request.read())["messageId"])
         return web.Response(status=200)
 
-    pipe = _pipeline(tmp_path, broker, prefix, port, "{tiers: [1s]}", timeout_s=60)
+    pipe = _pipeline(tmp_path, broker, prefix, port, {"tiers": ["1s"]}, timeout_s=60)
     pipe.env["SLUICE_DELIVERY_STALL_AFTER_S"] = "3"
     kafka = _kafka(pipe)
     messages = sample_events(5, users=1, seed=4)
@@ -236,7 +232,7 @@ async def test_records_held_behind_a_parked_key_stay_within_the_bound_and_go_out
         arrived[body["userId"]].append(body["messageId"])
         return web.Response(status=200)
 
-    retry = "{tiers: [1s], max_attempts: 1000, preserve_order: true}"
+    retry = {"tiers": ["1s"], "max_attempts": 1000, "preserve_order": True}
     pipe = _pipeline(tmp_path, broker, prefix, port, retry)
     pipe.env["SLUICE_DELIVERY_MAX_HELD_RECORDS"] = str(bound)
     kafka = _kafka(pipe)
@@ -386,7 +382,7 @@ async def test_a_long_parked_changelog_is_restored_beside_the_poll_loop_without_
         arrived[user].append(body["messageId"])
         return web.Response(status=200)
 
-    pipe = _pipeline(tmp_path, broker, prefix, port, "{tiers: [1s], preserve_order: true}")
+    pipe = _pipeline(tmp_path, broker, prefix, port, {"tiers": ["1s"], "preserve_order": True})
     # A short poll interval: a restore that held up polling would cost the assignment.
     pipe.env["SLUICE_DELIVERY_MAX_POLL_INTERVAL_MS"] = "10000"
     kafka = _kafka(pipe)
@@ -453,7 +449,7 @@ async def test_a_damaged_parked_changelog_record_is_skipped_and_the_rest_restore
         arrived[body["userId"]].append(body["messageId"])
         return web.Response(status=200)
 
-    pipe = _pipeline(tmp_path, broker, prefix, port, "{tiers: [1s], preserve_order: true}")
+    pipe = _pipeline(tmp_path, broker, prefix, port, {"tiers": ["1s"], "preserve_order": True})
     kafka = _kafka(pipe)
     topic = f"{prefix}.dest.hook"
     held = [

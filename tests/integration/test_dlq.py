@@ -27,24 +27,14 @@ from ops.cli import app
 from ops.dlq import DlqFilter, RefSet, dead_letters, read_topic, redrive
 from ops.errors import DlqError
 from ops.traffic import sample_events, send_batches
+from tests.configs import Configs
 from tests.pipeline import free_port, pipeline_with_topics, webhook_receiver
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-  - id: hook
-    type: webhook
-    sources: [test-src]
-    settings: {url: "http://127.0.0.1:PORT/hook", timeout_s: 2}
-"""
-
 
 async def test_redrive_after_the_destination_heals_delivers_every_record_once(
-    broker: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    configs: Configs, broker: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     count = 20
     port = free_port()
@@ -61,7 +51,12 @@ async def test_redrive_after_the_destination_heals_delivers_every_record_once(
             everything.set()
         return web.Response(status=200)
 
-    pipe = pipeline_with_topics(tmp_path, broker, prefix, CONFIG.replace("PORT", str(port)))
+    pipe = pipeline_with_topics(
+        tmp_path,
+        broker,
+        prefix,
+        configs.text(configs.webhook(f"http://127.0.0.1:{port}/hook", timeout_s=2)),
+    )
     kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
     monkeypatch.setenv("SLUICE_KAFKA_BOOTSTRAP_SERVERS", broker)
     monkeypatch.setenv("SLUICE_KAFKA_TOPIC_PREFIX", prefix)

@@ -13,7 +13,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import Consumer
 
 from core.admin import apply_topics
-from core.config import parse_config
 from core.settings import GatewaySettings, KafkaSettings
 from core.topics import Topics, required_topics
 from gateway.app import create_app
@@ -21,13 +20,18 @@ from gateway.envelope import in_time_range
 from gateway.numbers import holdable
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
+from tests.configs import Configs
 
 pytestmark = pytest.mark.integration
 
-CONFIG = parse_config(
-    "sources: [{id: web, write_keys: [good-key]}, {id: paused, write_keys: [off-key], enabled: false},"
-    " {id: slow, write_keys: [slow-key], rate_limit: {events_per_s: 2, burst: 5}}]\n"
-    "destinations: [{id: wh, type: clickhouse, sources: [web]}]"
+_CONFIGS = Configs()
+CONFIG = _CONFIGS.model(
+    _CONFIGS.warehouse("wh", sources=["web"]),
+    sources=[
+        _CONFIGS.source("web", keys=["good-key"]),
+        _CONFIGS.source("paused", keys=["off-key"], enabled=False),
+        _CONFIGS.source("slow", keys=["slow-key"], rate_limit={"events_per_s": 2, "burst": 5}),
+    ],
 )
 AUTH = {"Authorization": basic_auth("good-key")}
 

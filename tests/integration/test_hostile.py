@@ -28,6 +28,7 @@ from core.settings import KafkaSettings
 from core.topics import Topics
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
+from tests.configs import KEY, Configs
 from tests.pipeline import (
     Pipeline,
     envelope_records,
@@ -42,28 +43,23 @@ from tests.pipeline import (
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-  - id: warehouse
-    type: clickhouse
-    sources: [test-src]
-  # Outputs that grow past Kafka's message size: the worker's own refusals.
-  - id: fat
-    type: clickhouse
-    sources: [test-src]
-    filter: {allow_events: [Inflate Me, Order Completed]}
-    transform: {function: 'tests.transforms:inflate'}
-    settings: {table: fat_events, layout: false}
-  - id: hook
-    type: webhook
-    sources: [test-src]
-    filter: {allow_events: [Hook Me]}
-    retry: {tiers: [1s, 2s], max_attempts: 6, max_retry_after_s: 2}
-    settings: {url: 'http://127.0.0.1:{hook_port}/hook'}
-"""
+
+def _config(hook_port: int, keys: tuple[str, ...] = (KEY,)) -> str:
+    configs = Configs()
+    # Outputs that grow past Kafka's message size: the worker's own refusals.
+    fat = configs.warehouse(
+        "fat",
+        filter={"allow_events": ["Inflate Me", "Order Completed"]},
+        transform={"function": "tests.transforms:inflate"},
+        settings={"table": "fat_events", "layout": False},
+    )
+    hook = configs.webhook(
+        f"http://127.0.0.1:{hook_port}/hook",
+        filter={"allow_events": ["Hook Me"]},
+        retry={"tiers": ["1s", "2s"], "max_attempts": 6, "max_retry_after_s": 2},
+    )
+    return configs.text(configs.warehouse(), fat, hook, sources=[configs.source(keys=keys)])
+
 
 # Retry-After values a hostile (or broken) webhook answers with.
 RETRY_AFTERS = ("inf", "-5", "nan", "99999999999", "Wed, 21 Oct 9999 07:28:00 GMT", "soon")
@@ -124,8 +120,7 @@ async def test_hostile_inputs_end_in_a_reason_and_everything_else_lands_once(
     broker: str, prefix: str, tmp_path: Path
 ) -> None:
     hook_port = free_port()
-    config = CONFIG.replace("{hook_port}", str(hook_port))
-    pipe = pipeline_with_topics(tmp_path, broker, prefix, config=config)
+    pipe = pipeline_with_topics(tmp_path, broker, prefix, config=_config(hook_port))
     # Order Completed, the names, then room for MAX_TABLES of the many.
     pipe.env["SLUICE_WAREHOUSE_MAX_EVENT_TABLES"] = str(1 + len(NAMES) + MAX_TABLES)
     kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
@@ -213,11 +208,7 @@ async def test_hostile_inputs_end_in_a_reason_and_everything_else_lands_once(
         # is refused, the later one applies (a new write key works).
         produce(kafka, topics.config, [(b"pipeline", b'{"sources": "nonsense"}', None)])
         new_key = "hostile-new-key"
-        cfg = parse_config(
-            config.replace("{key}", pipe.write_key).replace(
-                f"write_keys: [{pipe.write_key}]", f"write_keys: [{pipe.write_key}, {new_key}]"
-            )
-        )
+        cfg = parse_config(_config(hook_port, keys=(pipe.write_key, new_key)))
         await asyncio.to_thread(apply_config, cfg, kafka)
 
         async def new_key_works() -> bool:

@@ -532,7 +532,7 @@ def test_every_query_carries_the_bounds_on_both_paths(
 
 def test_compose_publishes_the_query_port_on_loopback_only_with_a_token() -> None:
     compose = yaml.safe_load(
-        (Path(__file__).parent.parent / "docker-compose.kafka.yml").read_text()
+        (Path(__file__).parents[2] / "docker-compose.kafka.yml").read_text()
     )
     sink = compose["services"]["sink"]
     for port in sink.get("ports", []):

@@ -19,13 +19,13 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from core.admin import apply_topics
-from core.config import parse_config
 from core.settings import KafkaSettings, TransformSettings
 from core.topics import Topics, required_topics
 from ops.services import Service
 from ops.traffic import sample_events
 from schemas.codec import event_codec, load_schema
 from streams.processor import Incoming, Router
+from tests.configs import Configs
 from tests.orders import NO_DEFAULT, V1, V2
 from tests.pipeline import free_port
 
@@ -39,11 +39,10 @@ USER_INFO = ":".join(WRITER)
 
 
 @pytest.fixture
-def registry(kafka: KafkaSettings, tmp_path: Path) -> Iterator[tuple[str, Service, dict[str, str]]]:
-    cfg = parse_config(
-        "sources: [{id: web, write_keys: [k]}]\n"
-        "destinations: [{id: wh, type: clickhouse, sources: [web]}]"
-    )
+def registry(
+    configs: Configs, kafka: KafkaSettings, tmp_path: Path
+) -> Iterator[tuple[str, Service, dict[str, str]]]:
+    cfg = configs.model(configs.warehouse("wh", sources=["web"]), sources=[configs.source("web")])
     apply_topics(required_topics(cfg, kafka), kafka)
     port = free_port()
     env = {
@@ -179,9 +178,9 @@ def test_writes_need_the_credential(
 
 @pytest.mark.integration
 def test_without_a_configured_password_nothing_may_write(
-    kafka: KafkaSettings, tmp_path: Path
+    configs: Configs, kafka: KafkaSettings, tmp_path: Path
 ) -> None:
-    apply_topics(required_topics(parse_config("sources: []"), kafka), kafka)
+    apply_topics(required_topics(configs.model(sources=[]), kafka), kafka)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     service = Service("registry", tmp_path)
@@ -228,10 +227,8 @@ def _use_registry(client: SchemaRegistryClient, kafka: KafkaSettings) -> int:
     # confluent-kafka's own AvroDeserializer pointed at this registry.
     topics = Topics(kafka.topic_prefix)
     dest = topics.destination("wh").main
-    cfg = parse_config(
-        "sources: [{id: web, write_keys: [k]}]\n"
-        "destinations: [{id: wh, type: clickhouse, sources: [web]}]"
-    )
+    configs = Configs()
+    cfg = configs.model(configs.warehouse("wh", sources=["web"]), sources=[configs.source("web")])
     codec = event_codec()
     from gateway.envelope import build_event  # noqa: PLC0415
 

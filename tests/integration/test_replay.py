@@ -16,26 +16,12 @@ from typer.testing import CliRunner
 
 from ops.cli import app
 from ops.traffic import sample_events, send_batches
+from tests.configs import Configs
 from tests.pipeline import free_port, http_text, pipeline_with_topics, until, webhook_receiver
-
-CONFIG = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-  - id: warehouse
-    type: clickhouse
-    sources: [test-src]
-  - id: hook
-    type: webhook
-    sources: [test-src]
-    filter: {allow_types: [track]}
-    settings: {url: "http://127.0.0.1:PORT/hook", timeout_s: 2}
-"""
 
 
 async def test_replays_deliver_again_without_duplicate_rows(
-    broker: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    configs: Configs, broker: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = free_port()
     seen: dict[str, int] = defaultdict(int)
@@ -44,7 +30,17 @@ async def test_replays_deliver_again_without_duplicate_rows(
         seen[orjson.loads(await request.read())["messageId"]] += 1
         return web.Response(status=200)
 
-    pipe = pipeline_with_topics(tmp_path, broker, prefix, CONFIG.replace("PORT", str(port)))
+    pipe = pipeline_with_topics(
+        tmp_path,
+        broker,
+        prefix,
+        configs.text(
+            configs.warehouse(),
+            configs.webhook(
+                f"http://127.0.0.1:{port}/hook", filter={"allow_types": ["track"]}, timeout_s=2
+            ),
+        ),
+    )
     monkeypatch.setenv("SLUICE_KAFKA_BOOTSTRAP_SERVERS", broker)
     monkeypatch.setenv("SLUICE_KAFKA_TOPIC_PREFIX", prefix)
     cli = CliRunner()

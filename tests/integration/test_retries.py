@@ -23,6 +23,7 @@ from core.settings import KafkaSettings
 from ops.services import Service
 from ops.traffic import sample_events, send_batches
 from schemas.codec import event_codec
+from tests.configs import Configs
 from tests.conftest import scaled
 from tests.pipeline import (
     Pipeline,
@@ -40,24 +41,18 @@ from tests.pipeline import (
 pytestmark = pytest.mark.integration
 CODEC = event_codec(logical_types=False)
 
-CONFIG = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-  - id: hook
-    type: webhook
-    sources: [test-src]
-    retry: RETRY
-    settings:
-      url: http://127.0.0.1:PORT/hook
-      timeout_s: 2
-      breaker: {failures: 1000, cooldown_s: 1}
-"""
 
-
-def _config(port: int, retry: str) -> str:
-    return CONFIG.replace("PORT", str(port)).replace("RETRY", retry)
+def _config(port: int, retry: dict[str, Any]) -> str:
+    """A webhook on `port` with this retry policy and a breaker that stays closed."""
+    configs = Configs()
+    return configs.text(
+        configs.webhook(
+            f"http://127.0.0.1:{port}/hook",
+            retry=retry,
+            timeout_s=2,
+            breaker={"failures": 1000, "cooldown_s": 1},
+        )
+    )
 
 
 def _kafka(pipe: Pipeline) -> KafkaSettings:
@@ -90,7 +85,7 @@ async def test_retries_come_due_on_time_across_a_restart(
         return web.Response(status=200)
 
     pipe = pipeline_with_topics(
-        tmp_path, broker, prefix, _config(port, "{tiers: [1s, 3s], max_attempts: 4}")
+        tmp_path, broker, prefix, _config(port, {"tiers": ["1s", "3s"], "max_attempts": 4})
     )
     kafka = _kafka(pipe)
     second_port = free_port()
@@ -160,7 +155,7 @@ async def test_a_poison_record_every_thousand_lands_in_the_dlq_once_and_the_lag_
         return web.Response(status=200)
 
     pipe = pipeline_with_topics(
-        tmp_path, broker, prefix, _config(port, "{tiers: [1s], max_attempts: 2}")
+        tmp_path, broker, prefix, _config(port, {"tiers": ["1s"], "max_attempts": 2})
     )
     kafka = _kafka(pipe)
     topic = f"{prefix}.dest.hook"
@@ -232,7 +227,7 @@ async def test_an_unavailable_dlq_holds_the_source_offset_and_loses_nothing(
         delivered.append(body["messageId"])
         return web.Response(status=200)
 
-    pipe = pipeline_with_topics(tmp_path, broker, prefix, _config(port, "{tiers: [1s]}"))
+    pipe = pipeline_with_topics(tmp_path, broker, prefix, _config(port, {"tiers": ["1s"]}))
     kafka = _kafka(pipe)
     topic, group = f"{prefix}.dest.hook", f"{prefix}-delivery-hook"
     messages = sample_events(101, seed=12)
@@ -302,7 +297,7 @@ async def test_order_preserving_retries_keep_every_users_order_across_a_restart(
             arrived[body["userId"]].append(mid)
         return web.Response(status=status)
 
-    retry = f"{{tiers: [1s, 2s], max_attempts: {max_attempts}, preserve_order: true}}"
+    retry = {"tiers": ["1s", "2s"], "max_attempts": max_attempts, "preserve_order": True}
     pipe = pipeline_with_topics(tmp_path, broker, prefix, _config(port, retry))
     kafka = _kafka(pipe)
     rounds: list[list[dict[str, Any]]] = []

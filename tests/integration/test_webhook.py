@@ -14,27 +14,13 @@ from confluent_kafka import Consumer
 
 from core.settings import KafkaSettings
 from ops.traffic import sample_events, send_batches
+from tests.configs import Configs
 from tests.pipeline import free_port, pipeline_with_topics, webhook_receiver
-
-WEBHOOK_CONFIG = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-  - id: hook
-    type: webhook
-    sources: [test-src]
-    settings:
-      url: http://127.0.0.1:PORT/hook
-      rate_limit: {requests_per_s: RATE}
-      breaker: {failures: 3, cooldown_s: 1}
-      timeout_s: 2
-"""
 
 
 @pytest.mark.integration
 async def test_failing_rate_limiting_webhook_gets_every_event_at_the_configured_rate(
-    broker: str, prefix: str, tmp_path: Path
+    configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
     rate, count = 25.0, 150
     port = free_port()
@@ -59,7 +45,14 @@ async def test_failing_rate_limiting_webhook_gets_every_event_at_the_configured_
             all_delivered.set()
         return web.Response(status=200)
 
-    config = WEBHOOK_CONFIG.replace("PORT", str(port)).replace("RATE", str(rate))
+    config = configs.text(
+        configs.webhook(
+            f"http://127.0.0.1:{port}/hook",
+            rate_limit={"requests_per_s": rate},
+            breaker={"failures": 3, "cooldown_s": 1},
+            timeout_s=2,
+        )
+    )
     pipe = pipeline_with_topics(tmp_path, broker, prefix, config)
     kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
     async with webhook_receiver(port, hook):

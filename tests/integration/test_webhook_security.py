@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -19,6 +20,7 @@ from aiohttp import web
 from core.settings import KafkaSettings
 from ops.dlq import DeadLetter, dead_letters
 from ops.traffic import sample_events
+from tests.configs import Configs
 from tests.pipeline import (
     Pipeline,
     envelope_records,
@@ -28,24 +30,8 @@ from tests.pipeline import (
     until,
 )
 
-CONFIG = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-DESTINATIONS
-"""
-
-
-def _destinations(*settings: tuple[str, str]) -> str:
-    return CONFIG.replace(
-        "DESTINATIONS",
-        "".join(
-            f"  - id: {name}\n    type: webhook\n    sources: [test-src]\n"
-            f"    retry: {{tiers: [1s], max_attempts: 2}}\n    settings: {body}\n"
-            for name, body in settings
-        ),
-    )
+# Dead-lettered after two attempts, one second apart.
+ONE_RETRY = {"tiers": ["1s"], "max_attempts": 2}
 
 
 async def _letters(
@@ -72,7 +58,7 @@ def _reason(letter: DeadLetter) -> tuple[str, str]:
 
 @pytest.mark.integration
 async def test_a_redirect_to_another_host_is_not_followed_and_dead_letters_with_the_reason(
-    broker: str, prefix: str, tmp_path: Path
+    configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
     elsewhere: list[dict[str, str]] = []
     first: list[str] = []
@@ -89,14 +75,19 @@ async def test_a_redirect_to_another_host_is_not_followed_and_dead_letters_with_
             raise web.HTTPTemporaryRedirect(target)
 
         async with http_receiver(hook) as port:
-            auth = "auth: {type: bearer, token: '${SLUICE_SECRET_CRM_TOKEN}'}"
-            url = f"url: 'http://127.0.0.1:{port}/hook', headers: {{X-Key: k}}, {auth}"
+            settings: dict[str, Any] = {
+                "url": f"http://127.0.0.1:{port}/hook",
+                "retry": ONE_RETRY,
+                "headers": {"X-Key": "k"},
+                "auth": {"type": "bearer", "token": "${SLUICE_SECRET_CRM_TOKEN}"},
+            }
             pipe = pipeline_with_topics(
                 tmp_path,
                 broker,
                 prefix,
-                _destinations(
-                    ("plain", f"{{{url}}}"), ("follows", f"{{{url}, follow_redirects: true}}")
+                configs.text(
+                    configs.webhook(id="plain", **settings),
+                    configs.webhook(id="follows", follow_redirects=True, **settings),
                 ),
             )
             pipe.env["SLUICE_SECRET_CRM_TOKEN"] = "t0ken"
@@ -123,7 +114,7 @@ async def test_a_redirect_to_another_host_is_not_followed_and_dead_letters_with_
 
 @pytest.mark.integration
 async def test_blocking_private_targets_refuses_loopback_by_address_and_by_name(
-    broker: str, prefix: str, tmp_path: Path
+    configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
     received: list[str] = []
 
@@ -136,9 +127,9 @@ async def test_blocking_private_targets_refuses_loopback_by_address_and_by_name(
             tmp_path,
             broker,
             prefix,
-            _destinations(
-                ("by-ip", f"{{url: 'http://127.0.0.1:{port}/hook'}}"),
-                ("by-name", f"{{url: 'http://localhost:{port}/hook'}}"),
+            configs.text(
+                configs.webhook(f"http://127.0.0.1:{port}/hook", id="by-ip", retry=ONE_RETRY),
+                configs.webhook(f"http://localhost:{port}/hook", id="by-name", retry=ONE_RETRY),
             ),
         )
         pipe.env["SLUICE_DELIVERY_BLOCK_PRIVATE_TARGETS"] = "true"

@@ -24,6 +24,7 @@ from core.settings import KafkaSettings
 from core.topics import Topics
 from ops.traffic import sample_events, send_batches
 from schemas.codec import event_codec
+from tests.configs import Configs
 from tests.pipeline import (
     group_lag,
     http_text,
@@ -34,21 +35,6 @@ from tests.pipeline import (
 )
 
 CODEC = event_codec(logical_types=False)
-
-
-CONFIG = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-  - id: warehouse
-    type: clickhouse
-    sources: [test-src]
-  - id: fat
-    type: clickhouse
-    sources: [test-src]
-    transform: {function: 'tests.transforms:inflate'}
-"""
 
 
 def _set_topic_config(kafka: KafkaSettings, topic: str, name: str, value: str) -> None:
@@ -80,9 +66,17 @@ def _metric(port: int, name: str, **labels: str) -> float:
 
 @pytest.mark.integration
 async def test_outputs_kafka_refuses_go_to_the_dlq_and_the_rest_of_the_batch_is_confirmed(
-    broker: str, prefix: str, tmp_path: Path
+    configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
-    pipe = pipeline_with_topics(tmp_path, broker, prefix, CONFIG)
+    pipe = pipeline_with_topics(
+        tmp_path,
+        broker,
+        prefix,
+        configs.text(
+            configs.warehouse(),
+            configs.warehouse("fat", transform={"function": "tests.transforms:inflate"}),
+        ),
+    )
     kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
     topics = Topics(prefix)
     warehouse, fat = topics.destination("warehouse"), topics.destination("fat")
@@ -144,23 +138,18 @@ async def test_outputs_kafka_refuses_go_to_the_dlq_and_the_rest_of_the_batch_is_
     assert refused == len(padded)
 
 
-STALLING = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-  - id: warehouse
-    type: clickhouse
-    sources: [test-src]
-    transform: {function: 'tests.transforms:stall', timeout_s: 20}
-"""
-
-
 @pytest.mark.integration
 async def test_a_worker_that_makes_no_progress_is_not_ready_until_it_moves_again(
-    broker: str, prefix: str, tmp_path: Path
+    configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
-    pipe = pipeline_with_topics(tmp_path, broker, prefix, STALLING)
+    pipe = pipeline_with_topics(
+        tmp_path,
+        broker,
+        prefix,
+        configs.text(
+            configs.warehouse(transform={"function": "tests.transforms:stall", "timeout_s": 20})
+        ),
+    )
     pipe.env["SLUICE_WORKER_STALL_AFTER_S"] = "3"
     kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
     topics = Topics(prefix)

@@ -9,7 +9,7 @@ import yaml
 
 from core.settings import env_names
 
-COMPOSE = Path(__file__).parent.parent / "docker-compose.kafka.yml"
+COMPOSE = Path(__file__).parents[2] / "docker-compose.kafka.yml"
 
 
 def _services() -> dict[str, Any]:

@@ -16,7 +16,7 @@ from core.transforms import resolve_function
 
 
 def test_the_shipped_config_is_valid_and_routes_the_demo_source() -> None:
-    cfg = load_config(Path(__file__).parent.parent / "sluice.yaml")
+    cfg = load_config(Path(__file__).parents[2] / "sluice.yaml")
     assert cfg.routes() == {
         "demo-web": ("warehouse", "crm", "legacy-crm"),
         "demo-crm": ("warehouse",),

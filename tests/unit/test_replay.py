@@ -8,26 +8,19 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from ops.cli import app
-
-CONFIG = """
-sources:
-  - id: test-src
-    write_keys: [{key}]
-destinations:
-  - id: warehouse
-    type: clickhouse
-    sources: [test-src]
-  - id: hook
-    type: webhook
-    sources: [test-src]
-    filter: {allow_types: [track]}
-    settings: {url: "http://127.0.0.1:PORT/hook", timeout_s: 2}
-"""
+from tests.configs import Configs
 
 
-def test_replay_needs_a_range_and_a_known_destination(tmp_path: Path) -> None:
+def test_replay_needs_a_range_and_a_known_destination(configs: Configs, tmp_path: Path) -> None:
     cfg = tmp_path / "sluice.yaml"
-    cfg.write_text(CONFIG.replace("{key}", "k").replace("PORT", "1"))
+    cfg.write_text(
+        configs.text(
+            configs.warehouse(),
+            configs.webhook(
+                "http://127.0.0.1:1/hook", filter={"allow_types": ["track"]}, timeout_s=2
+            ),
+        )
+    )
     no_range = CliRunner().invoke(app, ["replay", "hook", "--config", str(cfg)])
     assert no_range.exit_code == 1
     assert "say which records" in no_range.output

@@ -9,9 +9,10 @@ import pytest
 
 from connectors.errors import DestinationUnavailable
 from connectors.retry import parse_retry_after, plan_retry, retry_due_ms
-from core.config import RetryPolicy, parse_config
+from core.config import RetryPolicy
 from core.errors import ConfigError
 from core.headers import Failure, Origin, RetryPlan, failure_headers, header_map, origin_of
+from tests.configs import Configs
 
 NOW = 1_800_000_000_000
 POLICY = RetryPolicy(tiers=("5s", "1m", "10m"), max_attempts=5, jitter=0.1)
@@ -124,12 +125,11 @@ def test_a_due_time_further_out_than_the_policy_allows_is_brought_in() -> None:
     assert far == NOW + 66_000
 
 
-def test_tiers_must_grow() -> None:
+def test_tiers_must_grow(
+    configs: Configs,
+) -> None:
     with pytest.raises(ConfigError, match="retry tiers must grow"):
-        parse_config(
-            "sources: [{id: s, write_keys: [k]}]\n"
-            "destinations: [{id: d, type: clickhouse, retry: {tiers: [1m, 5s]}}]"
-        )
+        configs.model(configs.warehouse(retry={"tiers": ["1m", "5s"]}))
 
 
 def test_failure_headers_keep_the_first_origin_and_history_and_replace_the_last_failure() -> None:

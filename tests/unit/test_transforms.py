@@ -15,10 +15,12 @@ from core.topics import Topics
 from gateway.envelope import build_event
 from schemas.codec import event_codec
 from streams.processor import Incoming, Router
+from tests.configs import Configs
 
 TOPICS = Topics("t")
 CODEC = event_codec(logical_types=False)
 TRANSFORMS = TransformSettings(modules=("tests.transforms",))
+CONFIGS = Configs()
 MESSAGES: list[dict[str, Any]] = [
     {
         "type": "track",
@@ -46,9 +48,11 @@ MESSAGES: list[dict[str, Any]] = [
 ]
 
 
-def _router(destination: str) -> Router:
-    cfg = parse_config(
-        f"sources: [{{id: web, write_keys: [k]}}]\ndestinations: [{destination}]",
+def _router(**fields: Any) -> Router:
+    """A router for one warehouse destination `d` of the source `web`, with these fields."""
+    cfg = CONFIGS.model(
+        CONFIGS.warehouse("d", sources=["web"], **fields),
+        sources=[CONFIGS.source("web")],
         transforms=TRANSFORMS,
     )
     return Router(cfg, TOPICS, CODEC, TRANSFORMS)
@@ -74,9 +78,14 @@ def _headers(record: Any) -> dict[str, str]:
 
 def test_filters_by_type_name_and_properties() -> None:
     router = _router(
-        "{id: d, type: clickhouse, sources: [web], filter: {allow_types: [track, identify],"
-        " deny_events: [Product Viewed], where: [{property: plan, op: eq, value: pro},"
-        " {property: cart.items, op: gte, value: 2}]}}"
+        filter={
+            "allow_types": ["track", "identify"],
+            "deny_events": ["Product Viewed"],
+            "where": [
+                {"property": "plan", "op": "eq", "value": "pro"},
+                {"property": "cart.items", "op": "gte", "value": 2},
+            ],
+        }
     )
     routed = router.route(_batch())
     # t1 passes everything; t2 fails the plan rule, t3 is a denied name, p1 a denied type,
@@ -88,8 +97,7 @@ def test_filters_by_type_name_and_properties() -> None:
 
 def test_a_fan_out_transform_writes_both_records() -> None:
     routed = _router(
-        "{id: d, type: clickhouse, sources: [web], filter: {allow_types: [track]},"
-        " transform: {function: 'tests.transforms:fan_out'}}"
+        filter={"allow_types": ["track"]}, transform={"function": "tests.transforms:fan_out"}
     ).route(_batch())
     events = _events(routed.outputs[TOPICS.destination("d").main])
     assert [e["event_id"] for e in events] == ["t1", "t1-copy", "t2", "t2-copy", "t3", "t3-copy"]
@@ -101,9 +109,7 @@ def test_a_fan_out_transform_writes_both_records() -> None:
 
 
 def test_a_dropping_transform_counts_what_it_dropped() -> None:
-    routed = _router(
-        "{id: d, type: clickhouse, sources: [web], transform: {function: tests.transforms.drop_pages}}"
-    ).route(_batch())
+    routed = _router(transform={"function": "tests.transforms.drop_pages"}).route(_batch())
     events = _events(routed.outputs[TOPICS.destination("d").main])
     assert [e["event_id"] for e in events] == ["t1", "t2", "t3", "i1"]
     assert events[0]["event"] == "ORDER COMPLETED"
@@ -122,9 +128,7 @@ def test_a_dropping_transform_counts_what_it_dropped() -> None:
 def test_a_failing_transform_sends_the_event_to_the_dlq_with_the_traceback(
     function: str, failing: list[str], error_class: str, reason: str
 ) -> None:
-    routed = _router(
-        f"{{id: d, type: clickhouse, sources: [web], transform: {{function: 'tests.transforms:{function}'}}}}"
-    ).route(_batch())
+    routed = _router(transform={"function": f"tests.transforms:{function}"}).route(_batch())
     dlq = routed.outputs[TOPICS.destination("d").dlq]
     assert [CODEC.decode(value)["event_id"] for _, value, _ in dlq] == failing
     headers = _headers(dlq[0])
@@ -145,8 +149,8 @@ def test_a_failing_transform_sends_the_event_to_the_dlq_with_the_traceback(
 def test_a_slow_transform_is_stopped_at_its_limit() -> None:
     started = time.monotonic()
     routed = _router(
-        "{id: d, type: clickhouse, sources: [web], filter: {allow_types: [page]},"
-        " transform: {function: 'tests.transforms:slow', timeout_s: 0.2}}"
+        filter={"allow_types": ["page"]},
+        transform={"function": "tests.transforms:slow", "timeout_s": 0.2},
     ).route(_batch())
     assert time.monotonic() - started < 2
     (record,) = routed.outputs[TOPICS.destination("d").dlq]
@@ -156,7 +160,7 @@ def test_a_slow_transform_is_stopped_at_its_limit() -> None:
 
 def test_destinations_without_rules_get_the_record_as_it_came() -> None:
     batch = _batch()
-    routed = _router("{id: d, type: clickhouse, sources: [web]}").route(batch)
+    routed = _router().route(batch)
     assert [v for _, v, _ in routed.outputs[TOPICS.destination("d").main]] == [
         r.value for r in batch
     ]
@@ -200,10 +204,10 @@ def test_a_transform_that_cannot_be_imported_is_refused_by_the_router(
 ) -> None:
     # Validating never imports: the config is valid by name; the router, which imports
     # what it runs, refuses it and keeps routing by the config it had.
-    router = _router("{id: d, type: clickhouse, sources: [web]}")
-    cfg = parse_config(
-        "sources: [{id: web, write_keys: [k]}]\n"
-        f"destinations: [{{id: d, type: clickhouse, sources: [web], transform: {{function: '{function}'}}}}]",
+    router = _router()
+    cfg = CONFIGS.model(
+        CONFIGS.warehouse("d", sources=["web"], transform={"function": function}),
+        sources=[CONFIGS.source("web")],
         transforms=TRANSFORMS,
     )
     with pytest.raises(ConfigError, match=reason):
@@ -211,17 +215,21 @@ def test_a_transform_that_cannot_be_imported_is_refused_by_the_router(
     assert router.route(_batch()).delivered == {"d": len(MESSAGES)}
 
 
-PLAN = (
-    "tracking_plan: {{on_violation: {mode}, unplanned: violate, events: {{"
-    "'Order Completed': {{required: {{total: number, currency: string}}, optional: {{plan: string}}}},"
-    "'Product Viewed': {{required: {{sku: string}}}}}}}}"
-)
-
-
 def _planned_router(mode: str) -> Router:
-    cfg = parse_config(
-        f"sources: [{{id: web, write_keys: [k], {PLAN.format(mode=mode)}}}]\n"
-        "destinations: [{id: d, type: clickhouse, sources: [web]}]"
+    plan = {
+        "on_violation": mode,
+        "unplanned": "violate",
+        "events": {
+            "Order Completed": {
+                "required": {"total": "number", "currency": "string"},
+                "optional": {"plan": "string"},
+            },
+            "Product Viewed": {"required": {"sku": "string"}},
+        },
+    }
+    cfg = CONFIGS.model(
+        CONFIGS.warehouse("d", sources=["web"]),
+        sources=[CONFIGS.source("web", tracking_plan=plan)],
     )
     return Router(cfg, TOPICS, CODEC, TRANSFORMS)
 
@@ -277,7 +285,7 @@ def test_a_tracking_plan_flags_what_breaks_it_and_lets_it_through() -> None:
 
 
 def test_a_source_the_config_does_not_know_waits_then_is_rejected_with_the_reason() -> None:
-    router = _router("{id: d, type: clickhouse, sources: [web]}")
+    router = _router()
     late = [
         rec._replace(value=CODEC.encode(CODEC.decode(rec.value) | {"source_id": "late"}))
         for rec in _batch()[:2]
@@ -291,9 +299,9 @@ def test_a_source_the_config_does_not_know_waits_then_is_rejected_with_the_reaso
 
     # The config caught up: now they are routed ...
     router.update(
-        parse_config(
-            "sources: [{id: web, write_keys: [k]}, {id: late, write_keys: [k2]}]\n"
-            "destinations: [{id: d, type: clickhouse, sources: [web, late]}]"
+        CONFIGS.model(
+            CONFIGS.warehouse("d", sources=["web", "late"]),
+            sources=[CONFIGS.source("web"), CONFIGS.source("late", keys=["k2"])],
         )
     )
     again = router.route(routed.unknown, final=True)

@@ -164,7 +164,7 @@ def test_docker_compose_blocks_private_targets_for_the_delivery_service(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     compose = yaml.safe_load(
-        (Path(__file__).parent.parent / "docker-compose.kafka.yml").read_text()
+        (Path(__file__).parents[2] / "docker-compose.kafka.yml").read_text()
     )
     env = compose["services"]["deliver"]["environment"]
     monkeypatch.setenv(
