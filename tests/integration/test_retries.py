@@ -343,7 +343,6 @@ async def test_order_preserving_retries_keep_every_users_order_across_a_restart(
                     await asyncio.to_thread(pipe.stop, "deliver")
                     await asyncio.to_thread(pipe.start, "deliver")
                 await asyncio.sleep(0.1)
-            sent_all = time.monotonic()
             await until(
                 lambda: (
                     {m for ids in arrived.values() for m in ids} >= good
@@ -352,7 +351,6 @@ async def test_order_preserving_retries_keep_every_users_order_across_a_restart(
                 120,
                 "every event delivered or dead-lettered",
             )
-            took = time.monotonic() - sent_all
             parked = await asyncio.to_thread(
                 _metric, pipe.delivery_port, "sluice_retry_parked_keys"
             )
@@ -368,7 +366,6 @@ async def test_order_preserving_retries_keep_every_users_order_across_a_restart(
     assert sorted(_dlq_ids(kafka, prefix)) == sorted(dead)
     assert max(requests.values()) <= max_attempts
     assert parked == 0
-    assert took < 120
 
 
 def _dlq_ids(kafka: KafkaSettings, prefix: str) -> list[str]:
