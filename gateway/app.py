@@ -22,7 +22,7 @@ from gateway.app_keys import CODEC, FAST, METRICS, PRODUCER, SETTINGS, SOURCES, 
 from gateway.auth import SourceTable
 from gateway.connections import serve
 from gateway.contexts import config_ctx, producer_ctx
-from gateway.fastpath import FastWriter
+from gateway.fast_envelope import FastWriter
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import observe
 from gateway.openapi import openapi_document

@@ -8,7 +8,7 @@ from core.producer import EventProducer
 from core.settings import GatewaySettings
 from core.topics import Topics
 from gateway.auth import SourceTable
-from gateway.fastpath import FastWriter
+from gateway.fast_envelope import FastWriter
 from gateway.metrics import GatewayMetrics
 from schemas.codec import AvroCodec
 

@@ -2,7 +2,7 @@
 
 A request's body is read with its size and time bounded, its source admitted
 (`gateway.admission`), and its messages turned into Avro records: by the fast path
-(`gateway.fastpath`) when it can be sure of them, else by the general path
+(`gateway.fast_envelope`) when it can be sure of them, else by the general path
 (`gateway.envelope`), which gives invalid messages their reason. Accepted records go to
 the ingest topic and rejected ones, with failure headers, to the rejected topic; the
 answer comes once Kafka confirmed both.

@@ -17,7 +17,7 @@ from typing import Any
 import fastavro
 
 from core.errors import SchemaError
-from schemas.fastpath import compile_decoder, compile_encoder
+from schemas.flat_avro import compile_decoder, compile_encoder
 
 MAGIC = 0
 _HEADER = struct.Struct(">bI")

@@ -11,7 +11,7 @@ from core.errors import SchemaError
 from gateway.envelope import build_event
 from ops.traffic import sample_events
 from schemas.codec import EVENT_SCHEMA_ID, _plain, event_codec, load_schema
-from schemas.fastpath import compile_encoder
+from schemas.flat_avro import compile_encoder
 
 EVENT = {
     "event_id": "e1",

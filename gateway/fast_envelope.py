@@ -28,7 +28,7 @@ from gateway.errors import InvalidEvent
 from gateway.messages import NULL, Message, Scalar
 from gateway.numbers import INT64_MAX, INT64_MIN, holdable, may_overflow
 from schemas.codec import AvroCodec
-from schemas.fastpath import EVENT_LAYOUT, encode_event, layout, zigzag
+from schemas.flat_avro import EVENT_LAYOUT, encode_event, layout, zigzag
 
 _UNSEEN: Final = object()
 _OBJECT_FIELDS: Final = 4  # properties, traits, context, integrations; then `_metadata`

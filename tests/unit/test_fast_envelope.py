@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-import gateway.fastpath
+import gateway.fast_envelope
 from gateway.envelope import (
     MAX_TIME_MS,
     MIN_TIME_MS,
@@ -23,7 +23,7 @@ from gateway.envelope import (
     partition_key,
 )
 from gateway.errors import InvalidEvent
-from gateway.fastpath import FastWriter, iso_millis
+from gateway.fast_envelope import FastWriter, iso_millis
 from gateway.messages import decode_batch, decode_single
 from gateway.numbers import holdable, loads
 from ops.traffic import sample_events
@@ -219,9 +219,9 @@ def test_iso_millis_agrees_with_parse_timestamp() -> None:
 
 
 def _pure_python() -> ModuleType:
-    """`gateway/fastpath.py` loaded from its source, even where a compiled build is present."""
-    path = Path(gateway.fastpath.__file__).with_name("fastpath.py")
-    spec = importlib.util.spec_from_file_location("gateway_fastpath_source", path)
+    """`gateway/fast_envelope.py` loaded from its source, even where a compiled build is present."""
+    path = Path(gateway.fast_envelope.__file__).with_name("fast_envelope.py")
+    spec = importlib.util.spec_from_file_location("gateway_fast_envelope_source", path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -239,7 +239,7 @@ def test_source_and_compiled_builds_agree() -> None:
     assert _fast(raw, source.FastWriter(CODEC, 32 * 1024, 32)) == expected
 
 
-@pytest.mark.parametrize("module", ["gateway.fastpath", "schemas.fastpath"])
+@pytest.mark.parametrize("module", ["gateway.fast_envelope", "schemas.flat_avro"])
 def test_compiled_builds_are_not_stale(module: str) -> None:
     # `make` rebuilds the C extensions when a source changes; a stale one would run old code.
     loaded = Path(sys.modules[module].__file__ or "")
