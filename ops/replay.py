@@ -17,11 +17,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from core.config import PipelineConfig
 from core.headers import REPLAY_OF
-from core.kafka import Headers
+from core.kafka import Headers, idempotent_producer
 from core.settings import KafkaSettings, TransformSettings
 from core.topics import Topics
 from ops.errors import ReplayError
@@ -154,7 +154,7 @@ def run_replay(
             "isolation.level": "read_committed",
         }
     )
-    producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all"})
+    producer = idempotent_producer(kafka)
     failures: list[str] = []
 
     def delivered(err: KafkaError | None, _msg: Message) -> None:

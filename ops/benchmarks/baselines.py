@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from core.kafka import idempotent_producer
 from core.settings import KafkaSettings, TransformSettings
 from ops.benchmarks.harness import BENCH_TRANSFORM_MODULES, per_second
 
@@ -21,17 +22,9 @@ def raw_producer_rate(
     kafka: KafkaSettings, topic: str, records: list[tuple[bytes, bytes]]
 ) -> float:
     """Events/s of a bare confluent-kafka producer (idempotent, acks=all, linger 5 ms, lz4)."""
-    from confluent_kafka import Producer  # noqa: PLC0415
-
-    producer = Producer(
-        kafka.client_config()
-        | {
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "compression.type": "lz4",
-            "queue.buffering.max.messages": 1_000_000,
-        }
+    producer = idempotent_producer(
+        kafka,
+        **{"linger.ms": 5, "compression.type": "lz4", "queue.buffering.max.messages": 1_000_000},
     )
     started = time.perf_counter()
     for i, (key, value) in enumerate(records):
@@ -57,7 +50,7 @@ def plain_loop_rate(
     `Router` the worker uses, produce, commit every second: the worker minus Faust. Its
     outputs go to topics of a prefix of their own.
     """
-    from confluent_kafka import Consumer, Producer  # noqa: PLC0415
+    from confluent_kafka import Consumer  # noqa: PLC0415
 
     from core.config import parse_config  # noqa: PLC0415
     from core.topics import Topics  # noqa: PLC0415
@@ -78,10 +71,7 @@ def plain_loop_rate(
             "enable.auto.commit": False,
         }
     )
-    producer = Producer(
-        kafka.client_config()
-        | {"enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"}
-    )
+    producer = idempotent_producer(kafka, **{"linger.ms": 5, "compression.type": "lz4"})
     consumer.subscribe([source])
     done = routed = 0
     started = 0.0

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from core.kafka import idempotent_producer
 from core.settings import KafkaSettings
 from ops.output import fail
 
@@ -67,9 +68,7 @@ def envelopes(count: int) -> list[tuple[bytes, bytes]]:
 
 def seed_topic(kafka: KafkaSettings, topic: str, records: list[tuple[bytes, bytes]]) -> None:
     """Produce the benchmark's input, with a progress bar; waits for the broker's confirmations."""
-    from confluent_kafka import Producer  # noqa: PLC0415
-
-    producer = Producer(kafka.client_config() | {"linger.ms": 20, "compression.type": "lz4"})
+    producer = idempotent_producer(kafka, **{"linger.ms": 20, "compression.type": "lz4"})
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"producing to {topic}", total=len(records))
         for i, (key, value) in enumerate(records):

@@ -32,7 +32,7 @@ from confluent_kafka.admin import ConfigResource
 
 from core.admin import admin_client
 from core.headers import REDRIVE_COUNT, REDRIVE_FROM, REDRIVE_ID, REDRIVE_PREFIX
-from core.kafka import Headers
+from core.kafka import Headers, idempotent_producer
 from core.settings import KafkaSettings
 from core.topics import Topics
 from ops.dlq.history import RefSet, redrive_history
@@ -166,7 +166,7 @@ def redrive(
     target, dlq = dest.main, dest.dlq
     records = dead_letters(kafka, destination, flt)
     history = redrive_history(kafka, destination)
-    producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all"})
+    producer = idempotent_producer(kafka)
     audit = _Audit(kafka, producer, destination.encode())
     report = RedriveReport()
     for start in history.unfinished:
