@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
 import structlog
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from core.follower import CompactedFollower, Entry
 from core.kafka import Record
 from core.producer import EventProducer
 from core.settings import KafkaSettings
@@ -159,66 +157,42 @@ class ParkedKeys:
     ) -> Restored:
         """Read a partition's state from the changelog (blocking; run it beside the poll loop).
 
-        However long the changelog, this only reads: `install` makes the state current.
-        It gives up (None) when `cancelled` is set (the partition was revoked meanwhile),
+        However long the changelog, this only reads (up to the end the partition had when
+        the read began, through a `core.follower.CompactedFollower`): `install` makes the
+        state current. A record Sluice did not write is logged and skipped. It gives up (None) when `cancelled` is set (the partition was revoked meanwhile),
         calls `progress` after each batch, and raises TimeoutError only when the broker
         sent nothing for `idle_timeout` s before the end was reached.
         """
-        consumer = Consumer(
-            self.kafka.client_config()
-            | {
-                "group.id": f"sluice-parked-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-            }
-        )
         states: dict[bytes, KeyState] = {}
         held: dict[bytes, dict[int, Held]] = {}
         seq = 0
-        try:
-            tp = TopicPartition(self.topic, partition)
-            low, high = consumer.get_watermark_offsets(tp, timeout=idle_timeout)
-            if high > low:
-                consumer.assign([TopicPartition(self.topic, partition, low)])
-                last_seen = time.monotonic()
-                done = False
-                while not done:
-                    if cancelled is not None and cancelled.is_set():
-                        return None
-                    msgs = consumer.consume(1000, 0.5)
-                    if msgs:
-                        last_seen = time.monotonic()
-                    elif time.monotonic() - last_seen > idle_timeout:
-                        raise TimeoutError(
-                            f"restoring {self.topic}[{partition}]: nothing read for"
-                            f" {idle_timeout:.0f} s"
-                        )
-                    for msg in msgs:
-                        err = msg.error()
-                        if err is not None:
-                            if err.code() == KafkaError._PARTITION_EOF:
-                                done = True
-                                continue
-                            raise RuntimeError(f"restoring {self.topic}: {err.str()}")
-                        name, value = msg.key() or b"", msg.value()
-                        try:
-                            seq = max(seq, _apply(name, value, states, held))
-                        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                            # Not written by Sluice (or damaged): it cannot be delivered,
-                            # and it must not keep the partition from being restored.
-                            log.error(
-                                "parked changelog record skipped",
-                                topic=self.topic,
-                                partition=partition,
-                                offset=msg.offset(),
-                                error=f"{type(exc).__name__}: {exc}",
-                            )
-                        if (msg.offset() or 0) >= high - 1:
-                            done = True
-                    if progress is not None:
-                        progress()
-        finally:
-            consumer.close()
+
+        def apply(entry: Entry) -> None:
+            nonlocal seq
+            seq = max(seq, _apply(entry.key or b"", entry.value, states, held))
+
+        def skipped(entry: Entry, exc: Exception) -> None:
+            # Not written by Sluice (or damaged): it cannot be delivered, and it must not
+            # keep the partition from being restored.
+            log.error(
+                "parked changelog record skipped",
+                topic=self.topic,
+                partition=partition,
+                offset=entry.offset,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+        changelog = CompactedFollower(
+            self.kafka,
+            self.topic,
+            apply,
+            name="parked",
+            partition=partition,
+            on_bad=skipped,
+            batch=1000,
+        )
+        if not changelog.read_to_end(cancelled, progress, idle_timeout):
+            return None
         for key, records in held.items():
             if records:
                 state = states.setdefault(key, KeyState(None))

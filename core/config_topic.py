@@ -9,20 +9,18 @@ transform module outside `SLUICE_TRANSFORM_MODULES`) is refused, reported and sk
 
 from __future__ import annotations
 
-import threading
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import orjson
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter
 
 from core.admin import apply_topics
 from core.config import PipelineConfig, validate_config
 from core.errors import ConfigError
-from core.kafka import Headers
+from core.follower import CompactedFollower, Entry
+from core.kafka import Headers, idempotent_producer
 from core.settings import KafkaSettings, TransformSettings
 from core.topics import Topics, required_topics
 
@@ -35,7 +33,7 @@ REFUSALS = ("json", "invalid", "apply")
 def apply_config(cfg: PipelineConfig, kafka: KafkaSettings, timeout: float = 30.0) -> None:
     """Create the topics `cfg` needs, then publish it; returns once Kafka confirmed it."""
     apply_topics(required_topics(cfg, kafka), kafka)
-    producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all"})
+    producer = idempotent_producer(kafka)
     errors: list[str] = []
     headers: Headers = [("sluice.applied.at", datetime.now(UTC).isoformat().encode())]
     producer.produce(
@@ -56,9 +54,10 @@ class ConfigFollower:
     `sluice_config_refused_total{reason}` when it is not JSON (`json`), not a valid config
     or names a transform module `transforms` does not allow (`invalid`), or when
     `on_change` raises anything, `SystemExit` included (`apply`). The config in use
-    stays as it was, and later records still apply. Validating imports nothing. The
-    thread itself survives any error (logged, counted in
-    `sluice_config_follower_errors_total`, retried after a second).
+    stays as it was, and later records still apply. Validating imports nothing. Of the
+    valid configs read in one batch only the newest is switched to. The thread itself
+    survives any error (logged, counted in `sluice_config_follower_errors_total`, retried
+    after a second): it is a `core.follower.CompactedFollower`.
     """
 
     def __init__(
@@ -89,100 +88,56 @@ class ConfigFollower:
             "Errors of the config follower itself (it logs them and goes on).",
             registry=registry,
         )
-        self._stop = threading.Event()
-        # Callers waiting until the follower has read everything on the topic.
-        self._waiting: list[threading.Event] = []
-        self._consumer = Consumer(
-            kafka.client_config()
-            | {
-                "group.id": f"sluice-config-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-            }
+        # The newest valid config of the batch being read, and its offset.
+        self._newest: tuple[PipelineConfig, int] | None = None
+        self.follower = CompactedFollower(
+            kafka,
+            self.topic,
+            self._read,
+            name="config",
+            on_bad=self._unreadable,
+            on_batch=self._batch_read,
+            on_error=lambda _exc: self.errors.inc(),
         )
-        self._thread = threading.Thread(target=self._run, name="config-follower", daemon=True)
 
     def start(self) -> None:
         """Follow the topic from its beginning (the newest record wins)."""
-        self._consumer.assign([TopicPartition(self.topic, 0, -2)])  # -2: the beginning
-        self._thread.start()
+        self.follower.start()
 
     def wait_current(self, timeout: float = 10.0) -> bool:
         """Block until every config record on the topic now has been read and applied.
 
         False when that did not happen within `timeout` (the broker is unreachable, say).
         """
-        done = threading.Event()
-        self._waiting.append(done)
-        return done.wait(timeout)
+        return self.follower.sync(timeout)
 
     def stop(self) -> None:
         """Stop following."""
-        self._stop.set()
-        self._thread.join(5)
+        self.follower.stop()
 
     def alive(self) -> bool:
         """Whether the following thread runs (it only ends after `stop`)."""
-        return self._thread.is_alive()
+        return self.follower.alive()
 
-    def _run(self) -> None:
-        tp = TopicPartition(self.topic, 0)
-        try:
-            while not self._stop.is_set():
-                try:
-                    self._step(tp)
-                except BaseException as exc:  # the thread must not die: log, count, go on
-                    self.errors.inc()
-                    log.exception("config follower error; going on", error=repr(exc))
-                    self._stop.wait(1.0)
-        finally:
-            try:
-                self._consumer.close()
-            except Exception as exc:  # closing at exit: nothing is left to save
-                log.warning("closing the config consumer failed", error=str(exc))
+    def _read(self, entry: Entry) -> None:
+        """Validate a config record; raises (to `_unreadable`) when it holds no valid config."""
+        if entry.key != KEY:
+            return
+        data = orjson.loads(entry.value or b"")
+        where = f"config record at offset {entry.offset}"
+        self._newest = (validate_config(data, where, self.transforms), entry.offset)
 
-    def _step(self, tp: TopicPartition) -> None:
-        """Read what is there, apply the newest valid config, wake callers that are current."""
-        waiting = list(self._waiting)
-        end = None
-        if waiting:
-            try:
-                end = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)[1]
-            except KafkaException as exc:
-                log.warning("config topic end unknown", error=str(exc))
-        msgs = self._consumer.consume(100, timeout=0.05 if waiting else 0.2)
-        newest: tuple[PipelineConfig, int] | None = None
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("config topic error", error=err.str())
-                continue
-            if msg.key() != KEY:
-                continue
-            offset = msg.offset() or 0
-            cfg = self._validate(msg.value(), offset)
-            if cfg is not None:
-                newest = (cfg, offset)
+    def _unreadable(self, entry: Entry, exc: Exception) -> None:
+        if isinstance(exc, orjson.JSONDecodeError):
+            self._refuse("json", entry.offset, f"not JSON: {exc}")
+        else:  # any failure to validate refuses the record
+            self._refuse("invalid", entry.offset, str(exc))
+
+    def _batch_read(self) -> None:
+        """Switch to the newest valid config of the batch, if it differs from the current one."""
+        newest, self._newest = self._newest, None
         if newest is not None and newest[0] != self.current:
             self._apply(*newest)
-        if end is not None and self._read_up_to(tp) >= end:
-            for done in waiting:
-                self._waiting.remove(done)
-                done.set()
-
-    def _validate(self, value: bytes | None, offset: int) -> PipelineConfig | None:
-        """The config a record holds; None (refused and reported) when it holds none."""
-        try:
-            data = orjson.loads(value or b"")
-        except orjson.JSONDecodeError as exc:
-            self._refuse("json", offset, f"not JSON: {exc}")
-            return None
-        try:
-            return validate_config(data, f"config record at offset {offset}", self.transforms)
-        except Exception as exc:  # any failure to validate refuses the record
-            self._refuse("invalid", offset, str(exc))
-            return None
 
     def _apply(self, cfg: PipelineConfig, offset: int) -> None:
         try:
@@ -207,10 +162,3 @@ class ConfigFollower:
             reason=reason,
             error=why,
         )
-
-    def _read_up_to(self, tp: TopicPartition) -> int:
-        """The offset after the last record read (the low watermark before any)."""
-        offset: int = self._consumer.position([tp])[0].offset
-        if offset < 0:
-            offset = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)[0]
-        return offset

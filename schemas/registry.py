@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +23,9 @@ import avro.errors
 import avro.schema
 import structlog
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from core.follower import CompactedFollower, Entry
+from core.kafka import idempotent_producer
 from core.settings import KafkaSettings
 from core.topics import Topics
 from schemas.codec import EVENT_SCHEMA_ID, load_schema
@@ -201,36 +200,26 @@ def _key(version: Version) -> str:
 
 
 class SchemaRegistry:
-    """`RegistryState` kept in the compacted schemas topic, followed in a thread."""
+    """`RegistryState` kept in the compacted schemas topic, followed in a thread.
+
+    A log record the state cannot take (not JSON, fields missing) is logged and skipped.
+    """
 
     def __init__(self, kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
         self.state = RegistryState()
         self.topics = Topics(kafka.topic_prefix)
         self.topic = self.topics.schemas
         self.timeout_s = timeout_s
+        # Held while the state changes: planning a registration sees no half-applied record.
         self._lock = threading.Lock()
-        self._applied = threading.Condition(self._lock)
-        self._offset = -1  # the last offset applied
-        self._stop = threading.Event()
-        self._producer = Producer(
-            kafka.client_config() | {"enable.idempotence": True, "acks": "all"}
+        self._producer = idempotent_producer(kafka)
+        self.follower = CompactedFollower(
+            kafka, self.topic, self._apply, name="registry", on_bad=_bad_record
         )
-        self._consumer = Consumer(
-            kafka.client_config()
-            | {
-                "group.id": f"sluice-registry-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-            }
-        )
-        # Watermarks come from a handle of their own: the follower thread owns `_consumer`.
-        self._watermarks = Consumer(kafka.client_config() | {"group.id": "sluice-registry-marks"})
-        self._thread = threading.Thread(target=self._follow, name="registry", daemon=True)
 
     def start(self) -> None:
         """Read the log to its end, register the event envelope if the log is empty, follow."""
-        self._consumer.assign([TopicPartition(self.topic, 0, -2)])
-        self._thread.start()
+        self.follower.start()
         self._catch_up()
         envelope = json.dumps(load_schema("event"))
         if self.state.by_id.get(EVENT_SCHEMA_ID) is None:
@@ -240,10 +229,8 @@ class SchemaRegistry:
 
     def stop(self) -> None:
         """Stop following the log."""
-        self._stop.set()
-        self._thread.join(5)
+        self.follower.stop()
         self._producer.flush(5)
-        self._watermarks.close()
 
     def register(self, subject: str, text: str, wanted_id: int | None = None) -> Version:
         """Register `text` under `subject` (or find it there); returns its version."""
@@ -279,36 +266,18 @@ class SchemaRegistry:
 
     def _catch_up(self) -> None:
         """Wait until the follower applied everything the log holds now."""
-        _, high = self._watermarks.get_watermark_offsets(
-            TopicPartition(self.topic, 0), timeout=self.timeout_s, cached=False
-        )
-        deadline = time.monotonic() + self.timeout_s
-        with self._applied:
-            while self._offset < high - 1:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RegistryError(500, 50002, "the schema log could not be read in time")
-                self._applied.wait(left)
+        if not self.follower.sync(self.timeout_s):
+            raise RegistryError(500, 50002, "the schema log could not be read in time")
 
-    def _follow(self) -> None:
-        try:
-            while not self._stop.is_set():
-                for msg in self._consumer.consume(100, timeout=0.2):
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("schema log error", error=err.str())
-                        continue
-                    key, value = (msg.key() or b"").decode(), msg.value()
-                    with self._applied:
-                        if value is not None:
-                            try:
-                                self.state.apply(key, json.loads(value))
-                            except (ValueError, KeyError) as exc:
-                                log.error(
-                                    "ignoring a bad schema log record", key=key, error=str(exc)
-                                )
-                        self._offset = msg.offset() or 0
-                        self._applied.notify_all()
-        finally:
-            self._consumer.close()
+    def _apply(self, entry: Entry) -> None:
+        if entry.value is None:
+            return  # a tombstone: the registry never writes one, and keeps what it has
+        key = (entry.key or b"").decode()
+        value = json.loads(entry.value)
+        with self._lock:
+            self.state.apply(key, value)
+
+
+def _bad_record(entry: Entry, exc: Exception) -> None:
+    key = (entry.key or b"").decode(errors="replace")
+    log.error("ignoring a bad schema log record", key=key, offset=entry.offset, error=str(exc))
