@@ -1,10 +1,9 @@
-"""Webhook destinations: POST events to a URL, rate limited, with a circuit breaker.
+"""Webhook destinations: POST events to a URL and classify the answer.
 
 Responses are classified like the error model says: 2xx delivered; 408, 429, 5xx,
 timeouts and connection errors retriable (a Retry-After is honoured); any other 4xx
-fatal. A retriable failure is tried again with backoff while the breaker is closed;
-after `failures` consecutive failures the breaker opens, delivery pauses for
-`cooldown_s`, then one probe decides whether to close it again.
+fatal. When a request may go (the circuit breaker and the rate limit) is the
+delivery's concern (`connectors/delivery/pacing.py`).
 
 What a config can make this process send, and where, is bounded: `${NAME}` expands
 only allowed variables (`DeliverySettings.secret_refusal`), a redirect is a fatal
@@ -15,14 +14,12 @@ multicast, unspecified or reserved address, whatever the URL's name resolves to.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 import re
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -41,7 +38,7 @@ from connectors.errors import (
     TargetRefused,
 )
 from connectors.retry import parse_retry_after
-from core.config import SECRET_REF, Breaker, WebhookConfig
+from core.config import SECRET_REF, WebhookConfig
 from core.settings import DeliverySettings
 
 # Answers that redirect; other 3xx (300, 304) are fatal like any unexpected answer.
@@ -192,58 +189,6 @@ def payload(event: dict[str, Any]) -> dict[str, Any]:
     if event["previous_id"]:
         body["previousId"] = event["previous_id"]
     return {k: v for k, v in body.items() if v is not None}
-
-
-@dataclass
-class Pacer:
-    """Spaces requests `1/rate` seconds apart; `share` scales the rate to this process's part."""
-
-    rate: float
-    share: float = 1.0
-    _next: float = 0.0
-
-    async def wait(self) -> None:
-        """Sleep until the next request may go (each caller takes its own slot)."""
-        interval = 1.0 / (self.rate * self.share) if self.share > 0 else 1.0
-        now = time.monotonic()
-        slot = max(now, self._next)
-        # The slot is taken before sleeping, so callers waiting side by side space out.
-        self._next = slot + interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
-
-
-class CircuitBreaker:
-    """Counts consecutive failures; open means: do not call, wait for the cooldown."""
-
-    def __init__(self, cfg: Breaker) -> None:
-        self.cfg = cfg
-        self.failures = 0
-        self.opened_at: float | None = None
-
-    @property
-    def state(self) -> str:
-        """closed, open or half-open."""
-        if self.opened_at is None:
-            return "closed"
-        return "half-open" if time.monotonic() - self.opened_at >= self.cfg.cooldown_s else "open"
-
-    def until_probe(self) -> float:
-        """Seconds until a probe may go (0 when closed or half-open)."""
-        if self.opened_at is None:
-            return 0.0
-        return max(0.0, self.opened_at + self.cfg.cooldown_s - time.monotonic())
-
-    def success(self) -> None:
-        """A delivery worked: close."""
-        self.failures = 0
-        self.opened_at = None
-
-    def failure(self) -> None:
-        """A delivery failed: open after enough of them (a failed probe reopens)."""
-        self.failures += 1
-        if self.failures >= self.cfg.failures:
-            self.opened_at = time.monotonic()
 
 
 class WebhookClient:
