@@ -2,6 +2,7 @@
 FROM python:3.11.7-slim-bookworm
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY core core
 COPY gateway gateway
 COPY streams streams
 COPY connectors connectors
