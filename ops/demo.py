@@ -20,20 +20,20 @@ from core.settings import (
     KafkaSettings,
     WarehouseSettings,
 )
-from ops.errors import ServiceError
+from ops.errors import ProcessError
 from ops.output import print_rows
-from ops.services import Service
+from ops.processes import BackgroundProcess
 from ops.warehouse_query import query_warehouse
 
 RUN_DIR = Path(".sluice") / "run"
 SERVICES = ("sink", "deliver", "worker", "gateway")
 
 
-def _wait_http(url: str, service: Service, timeout: float) -> None:
+def _wait_http(url: str, service: BackgroundProcess, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if service.pid() is None:
-            raise ServiceError(f"{service.name} exited; its log says:\n{service.tail()}")
+            raise ProcessError(f"{service.name} exited; its log says:\n{service.tail()}")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own loopback URL
                 if resp.status == 200:
@@ -41,7 +41,7 @@ def _wait_http(url: str, service: Service, timeout: float) -> None:
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.3)
-    raise ServiceError(
+    raise ProcessError(
         f"{service.name} did not answer {url} within {timeout:.0f}s; see {service.log_file}"
     )
 
@@ -66,7 +66,7 @@ def run_demo(out: Console, count: int) -> None:
         c for c in apply_topics(required_topics(cfg, kafka), kafka) if c.action != "unchanged"
     ]
     out.print(f"topics ready ({len(created)} created or updated)")
-    services = {name: Service(name, RUN_DIR) for name in SERVICES}
+    services = {name: BackgroundProcess(name, RUN_DIR) for name in SERVICES}
     for name, service in services.items():
         pid = service.start([name])
         out.print(f"{name:8} running, pid {pid}, log {service.log_file}")
@@ -187,6 +187,6 @@ def stop_demo(out: Console) -> None:
     from ops.kafka_broker import stop_broker  # noqa: PLC0415
 
     for name in reversed(SERVICES):
-        stopped = Service(name, RUN_DIR).stop()
+        stopped = BackgroundProcess(name, RUN_DIR).stop()
         out.print(f"{name:8} {'stopped' if stopped else 'was not running'}")
     stop_broker(BrokerSettings(), out)

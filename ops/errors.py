@@ -13,8 +13,8 @@ class BrokerError(SluiceError):
     """The local broker could not be resolved, started or stopped."""
 
 
-class ServiceError(SluiceError):
-    """A background service did not start or stop as asked."""
+class ProcessError(SluiceError):
+    """A background process (`ops.processes`) did not start or stop as asked."""
 
 
 class DlqError(SluiceError):

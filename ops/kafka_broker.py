@@ -23,7 +23,7 @@ from rich.console import Console
 
 from core.settings import BrokerSettings
 from ops.errors import BrokerError
-from ops.services import alive, spawn_detached
+from ops.processes import alive, spawn_detached
 
 _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>

@@ -21,7 +21,7 @@ from core.admin import apply_topics
 from core.config import parse_config
 from core.settings import KafkaSettings
 from core.topics import required_topics
-from ops.services import Service
+from ops.processes import BackgroundProcess
 from tests.configs import KEY, Configs
 
 # A warehouse destination with two short retry tiers.
@@ -108,7 +108,7 @@ class Pipeline:
             **self.env,
         }
         self.services = {
-            name: Service(name, self.root / "run")
+            name: BackgroundProcess(name, self.root / "run")
             for name in ("gateway", "worker", "sink", "deliver")
         }
         # `start()` runs the delivery process only when there is something to deliver.

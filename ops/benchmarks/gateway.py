@@ -44,7 +44,7 @@ def bench_gateway(
     import urllib.request  # noqa: PLC0415
 
     from core.topics import Topics  # noqa: PLC0415
-    from ops.services import Service  # noqa: PLC0415
+    from ops.processes import BackgroundProcess  # noqa: PLC0415
     from ops.traffic import sample_events  # noqa: PLC0415
 
     kafka, _ = bench_topics(bootstrap or KafkaSettings().bootstrap_servers)
@@ -64,7 +64,7 @@ def bench_gateway(
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     config = workdir / "sluice.yaml"
     config.write_text(BENCH_CONFIG)
-    service = Service("gateway", workdir)
+    service = BackgroundProcess("gateway", workdir)
     env = {
         "SLUICE_CONFIG_FILE": str(config),
         "SLUICE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,

@@ -56,7 +56,7 @@ def bench_processor(
     """Worker (Faust) events/s from ingest to destination topic, next to a plain confluent-kafka loop."""
 
     from core.topics import Topics  # noqa: PLC0415
-    from ops.services import Service  # noqa: PLC0415
+    from ops.processes import BackgroundProcess  # noqa: PLC0415
 
     kafka, _ = bench_topics(bootstrap or KafkaSettings().bootstrap_servers)
     topics = Topics(kafka.topic_prefix)
@@ -73,7 +73,7 @@ def bench_processor(
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-worker-"))
     config = workdir / "sluice.yaml"
     config.write_text(config_text)
-    service = Service("worker", workdir)
+    service = BackgroundProcess("worker", workdir)
     try:
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("sluice worker", total=expected)

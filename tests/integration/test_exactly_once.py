@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from core.settings import KafkaSettings
-from ops.services import Service
+from ops.processes import BackgroundProcess
 from ops.traffic import sample_events, send_batches
 from schemas.codec import event_codec
 from tests.conftest import scaled
@@ -138,7 +138,7 @@ async def test_a_worker_that_gets_its_partitions_back_loses_no_batch(
     ingest, topic = f"{prefix}.events.ingest", f"{prefix}.dest.warehouse"
     events = sample_events(scaled(1800), users=200, seed=43)
     second_port = free_port()
-    second = Service("worker-2", pipe.root / "run")
+    second = BackgroundProcess("worker-2", pipe.root / "run")
     sent = 0
 
     async def send(upto: int) -> None:

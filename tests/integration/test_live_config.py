@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ops.cli import app
-from ops.services import Service
+from ops.processes import BackgroundProcess
 from ops.traffic import basic_auth, sample_events, send_batches
 from tests.configs import Configs
 from tests.conftest import scaled
@@ -64,7 +64,7 @@ async def _post_until_accepted(pipe: Pipeline, key: str, deadline_s: float) -> s
 async def test_config_applied_under_load_takes_effect_without_restarts_or_losses(
     pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    second = Service("worker-2", pipeline.root / "run")
+    second = BackgroundProcess("worker-2", pipeline.root / "run")
     pipeline.start()
     second.start(
         ["worker"],

@@ -21,7 +21,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from core.admin import apply_topics
 from core.settings import KafkaSettings, TransformSettings
 from core.topics import Topics, required_topics
-from ops.services import Service
+from ops.processes import BackgroundProcess
 from ops.traffic import sample_events
 from schemas.codec import event_codec, load_schema
 from streams.processor import Incoming, Router
@@ -41,7 +41,7 @@ USER_INFO = ":".join(WRITER)
 @pytest.fixture
 def registry(
     configs: Configs, kafka: KafkaSettings, tmp_path: Path
-) -> Iterator[tuple[str, Service, dict[str, str]]]:
+) -> Iterator[tuple[str, BackgroundProcess, dict[str, str]]]:
     cfg = configs.model(configs.warehouse("wh", sources=["web"]), sources=[configs.source("web")])
     apply_topics(required_topics(cfg, kafka), kafka)
     port = free_port()
@@ -52,7 +52,7 @@ def registry(
         "SLUICE_REGISTRY_WRITE_USER": WRITER[0],
         "SLUICE_REGISTRY_WRITE_PASSWORD": WRITER[1],
     }
-    service = Service("registry", tmp_path)
+    service = BackgroundProcess("registry", tmp_path)
     url = f"http://127.0.0.1:{port}"
     _start(service, env, url)
     try:
@@ -61,7 +61,7 @@ def registry(
         service.stop()
 
 
-def _start(service: Service, env: dict[str, str], url: str) -> None:
+def _start(service: BackgroundProcess, env: dict[str, str], url: str) -> None:
     service.start(["registry"], env)
     deadline = time.monotonic() + 60
     while True:
@@ -76,7 +76,7 @@ def _start(service: Service, env: dict[str, str], url: str) -> None:
 
 @pytest.mark.integration
 def test_confluent_clients_use_it(
-    registry: tuple[str, Service, dict[str, str]], kafka: KafkaSettings
+    registry: tuple[str, BackgroundProcess, dict[str, str]], kafka: KafkaSettings
 ) -> None:
     url, service, env = registry
     with SchemaRegistryClient({"url": url, "basic.auth.user.info": USER_INFO}) as client:
@@ -127,7 +127,7 @@ def basic_auth(user: str, password: str) -> str:
 
 @pytest.mark.integration
 def test_writes_need_the_credential(
-    registry: tuple[str, Service, dict[str, str]], kafka: KafkaSettings
+    registry: tuple[str, BackgroundProcess, dict[str, str]], kafka: KafkaSettings
 ) -> None:
     url, _service, _env = registry
     with SchemaRegistryClient({"url": url, "basic.auth.user.info": USER_INFO}) as writer:
@@ -183,7 +183,7 @@ def test_without_a_configured_password_nothing_may_write(
     apply_topics(required_topics(configs.model(sources=[]), kafka), kafka)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    service = Service("registry", tmp_path)
+    service = BackgroundProcess("registry", tmp_path)
     _start(
         service,
         {

@@ -20,7 +20,7 @@ from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from core.admin import admin_client
 from core.settings import KafkaSettings
-from ops.services import Service
+from ops.processes import BackgroundProcess
 from ops.traffic import sample_events, send_batches
 from schemas.codec import event_codec
 from tests.configs import Configs
@@ -89,7 +89,7 @@ async def test_retries_come_due_on_time_across_a_restart(
     )
     kafka = _kafka(pipe)
     second_port = free_port()
-    second = Service("deliver-2", pipe.root / "run")
+    second = BackgroundProcess("deliver-2", pipe.root / "run")
     messages = sample_events(count, users=100, seed=3)
     for i, m in enumerate(messages):
         fail_first[m["messageId"]] = (0, 0, 1, 0, 2, 1, 0, 3)[i % 8]

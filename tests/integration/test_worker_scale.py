@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ops.services import Service
+from ops.processes import BackgroundProcess
 from ops.traffic import sample_events, send_batches
 from tests.conftest import scaled
 from tests.pipeline import Pipeline, free_port, worker_routed
@@ -23,7 +23,7 @@ async def test_two_workers_share_the_load_and_a_killed_one_loses_nothing(
     count = scaled(6000)
     events = sample_events(count, users=200, seed=21)
     second_port = free_port()
-    second = Service("worker-2", pipeline.root / "run")
+    second = BackgroundProcess("worker-2", pipeline.root / "run")
     pipeline.start()
     second.start(
         ["worker"],

@@ -1,4 +1,5 @@
-"""Background Sluice processes (gateway, worker, sink) with pid files and log files."""
+"""The local process runner: `sluice <command>` processes run in the background, tracked by
+pid files, their output in log files (the demo, the benchmarks and the tests start them)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
-class Service:
+class BackgroundProcess:
     """One `sluice <command>` process run in the background under `run_dir`."""
 
     name: str
