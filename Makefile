@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 # The ingest hot path, compiled to C extensions with mypyc (the same modules run as plain
 # Python when no compiler is at hand). Rebuilt whenever a source changes.
-NATIVE_SRC := gateway/fast_envelope.py schemas/flat_avro.py connectors/layout.py connectors/loader.py
+NATIVE_SRC := gateway/fast_envelope.py schemas/flat_avro.py connectors/warehouse/layout.py connectors/warehouse/loader.py
 NATIVE := $(VENV)/.native
 
 .PHONY: native install demo stop test lint typecheck imports unit broker-up broker-down clean

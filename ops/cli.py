@@ -160,7 +160,7 @@ def worker(config: ConfigOption = None) -> None:
 @app.command()
 def sink(config: ConfigOption = None) -> None:
     """Run the warehouse sink (it owns an embedded warehouse) in the foreground."""
-    from connectors.service import run  # noqa: PLC0415
+    from connectors.warehouse.process import run  # noqa: PLC0415
 
     cfg = _config(config)
     _setup_logging()

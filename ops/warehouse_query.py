@@ -17,7 +17,7 @@ from core.settings import WarehouseSettings
 def query_warehouse(sql: str, settings: WarehouseSettings) -> tuple[list[str], list[list[Any]]]:
     """Run a read-only query: through the sink process in embedded mode, directly otherwise."""
     if not settings.dsn.startswith("chdb:"):
-        from connectors.clickhouse import Warehouse  # noqa: PLC0415
+        from connectors.warehouse.clickhouse import Warehouse  # noqa: PLC0415
 
         warehouse = Warehouse(settings)
         try:
@@ -28,7 +28,7 @@ def query_warehouse(sql: str, settings: WarehouseSettings) -> tuple[list[str], l
     import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
-    from connectors.query_auth import configured_token  # noqa: PLC0415
+    from connectors.warehouse.query_auth import configured_token  # noqa: PLC0415
 
     url = f"http://{settings.query_host}:{settings.query_port}/query"
     token = configured_token(settings)

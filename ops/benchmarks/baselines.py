@@ -15,7 +15,7 @@ from core.settings import KafkaSettings, TransformSettings
 from ops.benchmarks.harness import BENCH_TRANSFORM_MODULES, per_second
 
 if TYPE_CHECKING:
-    from connectors.clickhouse import Warehouse
+    from connectors.warehouse.clickhouse import Warehouse
 
 
 def raw_producer_rate(
@@ -103,7 +103,7 @@ def plain_loop_rate(
 
 def bare_insert_rate(warehouse: Warehouse, columns: list[list[Any]], rows: int) -> float:
     """Rows/s of a bare clickhouse-connect insert loop, 10,000 rows an insert, into `bare`."""
-    from connectors.clickhouse import COLUMN_NAMES, EVENT_COLUMNS, table_ddl  # noqa: PLC0415
+    from connectors.warehouse.clickhouse import COLUMN_NAMES, EVENT_COLUMNS, table_ddl  # noqa: PLC0415
 
     warehouse.command(table_ddl("bare", list(EVENT_COLUMNS), "tuple()", replacing=False))
     started = time.perf_counter()

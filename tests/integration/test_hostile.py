@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from connectors.layout import event_table
 
+from connectors.warehouse.layout import event_table
 from core.config import parse_config
 from core.config_topic import apply_config
 from core.settings import KafkaSettings

@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 import yaml
-from connectors.clickhouse import Warehouse
-from connectors.queries import query_settings
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from connectors.errors import QueryFailed
+from connectors.warehouse.clickhouse import Warehouse
+from connectors.warehouse.queries import query_settings
 from core.settings import KafkaSettings, WarehouseSettings
 from ops.cli import app
 from ops.traffic import sample_events

@@ -23,10 +23,10 @@ import pytest
 from aiohttp import web
 from clickhouse_connect.driver.exceptions import ClickHouseError, ProgrammingError
 from confluent_kafka import Consumer
-from connectors.clickhouse import Warehouse, warehouse_error
-from connectors.service import METRICS, create_app
 
 from connectors.errors import DestinationUnavailable, WarehouseRefused
+from connectors.warehouse.clickhouse import Warehouse, warehouse_error
+from connectors.warehouse.process import METRICS, create_app
 from core.admin import apply_topics
 from core.config import PipelineConfig, parse_config
 from core.settings import KafkaSettings, WarehouseSettings

@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 import pytest
-from connectors.clickhouse import EVENT_COLUMNS, Warehouse
-from connectors.layout import COMMON_COLUMNS, event_table, layout_rows, sql_name
-from connectors.loader import Batch, Loader
 
+from connectors.warehouse.clickhouse import EVENT_COLUMNS, Warehouse
+from connectors.warehouse.layout import COMMON_COLUMNS, event_table, layout_rows, sql_name
+from connectors.warehouse.loader import Batch, Loader
 from core.settings import WarehouseSettings
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)

@@ -8,8 +8,8 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-from connectors.layout import event_table
 
+from connectors.warehouse.layout import event_table
 from core.settings import KafkaSettings
 from core.topics import Topics
 from tests.pipeline import envelope_records, http_text, pipeline_with_topics, produce, until

@@ -39,9 +39,9 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from connectors.clickhouse import OFFSETS_TABLE, StagedInsert, Warehouse, warehouse_error
 from connectors.errors import DestinationUnavailable, WarehouseRefused
-from connectors.loader import Batch, Loader, LoadResult
+from connectors.warehouse.clickhouse import OFFSETS_TABLE, StagedInsert, Warehouse, warehouse_error
+from connectors.warehouse.loader import Batch, Loader, LoadResult
 from core.errors import SchemaError, SluiceError
 from core.headers import REPLAY_OF, Failure, Origin, failure_headers, message_headers
 from core.settings import KafkaSettings, WarehouseSettings

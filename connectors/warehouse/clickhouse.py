@@ -24,7 +24,7 @@ from clickhouse_connect.driver.exceptions import (
 )
 
 from connectors.errors import DestinationUnavailable, WarehouseRefused
-from connectors.queries import QueryResult, ReadOnlyQueries, query_settings
+from connectors.warehouse.queries import QueryResult, ReadOnlyQueries, query_settings
 from core.errors import SluiceError
 from core.settings import WarehouseSettings
 
@@ -328,7 +328,7 @@ class Warehouse:
     def read_only_query(self, sql: str) -> QueryResult:
         """Run one statement from a user (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN, EXISTS).
 
-        Checked and bounded as `connectors.queries` says, on a client of its own that never
+        Checked and bounded as `queries` says, on a client of its own that never
         takes the sink's lock; raises QueryRefused, QueryFailed (QueryTimeout), or
         DestinationUnavailable when the server cannot be reached.
         """

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from connectors.clickhouse import (
+from connectors.warehouse.clickhouse import (
     COLUMN_NAMES,
     DISCARDS_COLUMNS,
     DISCARDS_TABLE,
@@ -29,7 +29,7 @@ from connectors.clickhouse import (
     Warehouse,
     table_ddl,
 )
-from connectors.layout import TableRows, infer_type, layout_rows
+from connectors.warehouse.layout import TableRows, infer_type, layout_rows
 
 EVENT_TABLES = "_sluice_event_tables"
 EVENT_TABLES_COLUMNS = (

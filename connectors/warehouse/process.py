@@ -15,10 +15,10 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from connectors.clickhouse import Warehouse
-from connectors.query_api import QueryEndpoint, json_default
-from connectors.query_auth import ensure_token
-from connectors.sink import SinkMetrics, SinkTarget, WarehouseSink
+from connectors.warehouse.clickhouse import Warehouse
+from connectors.warehouse.query_api import QueryEndpoint, json_default
+from connectors.warehouse.query_auth import ensure_token
+from connectors.warehouse.sink import SinkMetrics, SinkTarget, WarehouseSink
 from core.config import ClickHouseConfig, PipelineConfig
 from core.config_topic import ConfigFollower
 from core.settings import KafkaSettings, TransformSettings, WarehouseSettings
@@ -32,7 +32,7 @@ WAREHOUSE = web.AppKey("warehouse", Warehouse)
 SINK = web.AppKey("sink", WarehouseSink)
 METRICS = web.AppKey("metrics", SinkMetrics)
 WATCHDOG = web.AppKey("watchdog", StallWatchdog)
-# `POST /query`: authenticated, read-only, bounded (connectors/query_api.py).
+# `POST /query`: authenticated, read-only, bounded (connectors/warehouse/query_api.py).
 QUERY = web.AppKey("query", QueryEndpoint)
 # Why the sink's loop died, if it did (the process then exits with status 1).
 DEATH = web.AppKey("death", list[str])

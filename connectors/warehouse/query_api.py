@@ -1,9 +1,9 @@
 """`POST /query` of the sink process: one read-only statement, authenticated and bounded.
 
-- `Authorization: Bearer <token>` (connectors/query_auth.py), else 401.
+- `Authorization: Bearer <token>` (`query_auth`), else 401.
 - `Content-Type: application/json` only, else 415: a browser's cross-site form or
   `text/plain` POST never runs a query (and no CORS header ever invites one).
-- One query at a time, on a client of its own (connectors/queries.py): a query waits for
+- One query at a time, on a client of its own (`queries`): a query waits for
   the one before it at most `query_timeout_s` (then 503), and never holds the sink's inserts.
 - Refused statements 403, syntax or engine errors 400, a result over the limits 422, a query
   over `query_timeout_s` 504, the warehouse unreachable 503; always `{"error": ...}`.
@@ -20,10 +20,10 @@ from uuid import UUID
 import orjson
 from aiohttp import web
 
-from connectors.clickhouse import Warehouse
 from connectors.errors import DestinationUnavailable, QueryFailed, QueryRefused
-from connectors.queries import QueryResult
-from connectors.query_auth import authorized
+from connectors.warehouse.clickhouse import Warehouse
+from connectors.warehouse.queries import QueryResult
+from connectors.warehouse.query_auth import authorized
 from core.settings import WarehouseSettings
 
 _FAILURE_STATUS = {"timeout": 504, "too_large": 422, "refused": 403, "invalid": 400}
