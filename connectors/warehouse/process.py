@@ -16,10 +16,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from connectors.warehouse.clickhouse import Warehouse
+from connectors.warehouse.metrics import SinkMetrics
 from connectors.warehouse.query_api import QueryEndpoint, json_default
 from connectors.warehouse.query_auth import ensure_token
-from connectors.warehouse.sink import SinkMetrics, SinkTarget, WarehouseSink
-from core.config import ClickHouseConfig, PipelineConfig
+from connectors.warehouse.sink import WarehouseSink
+from connectors.warehouse.targets import sink_targets
+from core.config import PipelineConfig
 from core.config_topic import ConfigFollower
 from core.settings import KafkaSettings, TransformSettings, WarehouseSettings
 from core.topics import Topics
@@ -63,20 +65,6 @@ async def handle_metrics(request: web.Request) -> web.Response:
     """`GET /metrics`: the sink's Prometheus metrics."""
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def sink_targets(
-    cfg: PipelineConfig, topics: Topics, settings: WarehouseSettings
-) -> list[SinkTarget]:
-    """One target per ClickHouse destination: its topic and table (`settings.table` by default)."""
-    targets = []
-    for dest in cfg.destinations:
-        connector = dest.connector()
-        if isinstance(connector, ClickHouseConfig):
-            table = str(dest.settings.get("table", settings.table))
-            dt = topics.destination(dest.id)
-            targets.append(SinkTarget(dest.id, dt.main, table, connector.layout, dt.dlq))
-    return targets
 
 
 def create_app(

@@ -36,7 +36,8 @@ def bench_sink(
     """Warehouse sink rows/s (Kafka to embedded ClickHouse) next to a bare insert loop."""
 
     from connectors.warehouse.clickhouse import COLUMN_NAMES, Warehouse  # noqa: PLC0415
-    from connectors.warehouse.sink import SinkTarget, WarehouseSink  # noqa: PLC0415
+    from connectors.warehouse.sink import WarehouseSink  # noqa: PLC0415
+    from connectors.warehouse.targets import SinkTarget  # noqa: PLC0415
     from core.settings import WarehouseSettings  # noqa: PLC0415
     from core.topics import Topics  # noqa: PLC0415
     from schemas.codec import event_codec  # noqa: PLC0415
