@@ -173,7 +173,7 @@ def sink(config: ConfigOption = None) -> None:
 @app.command()
 def deliver(config: ConfigOption = None) -> None:
     """Deliver webhook destinations (retry tiers, DLQs) in the foreground; run several to scale."""
-    from connectors.delivery_service import run  # noqa: PLC0415
+    from connectors.delivery.process import run  # noqa: PLC0415
 
     cfg = _config(config)
     _setup_logging()
