@@ -20,12 +20,13 @@ from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from connectors.delivery import DeliveryMetrics, WebhookDelivery
 from core.config import PipelineConfig, WebhookConfig
 from core.config_topic import ConfigFollower
 from core.settings import DeliverySettings, KafkaSettings, TransformSettings
+from core.shell import Probe, Probes, run_app
 from core.topics import Topics
 from schemas.codec import event_codec
 
@@ -139,26 +140,20 @@ class Deliveries:
 DELIVERIES = web.AppKey("deliveries", Deliveries)
 
 
-async def handle_health(request: web.Request) -> web.Response:
-    """`GET /health`: 503 once a destination's loop died (the process is stopping)."""
-    if failed := request.app[DELIVERIES].failed:
-        return web.json_response({"status": "failed", "problems": failed}, status=503)
-    return web.json_response({"status": "ok"})
+def _probes(app: web.Application) -> Probes:
+    """`/health`: 503 once a destination's loop died (the process is stopping); `/ready`:
+    503 while a destination's loop is dead or stalled; both name the running destinations."""
+    deliveries = app[DELIVERIES]
 
+    def alive() -> Probe:
+        return dict(deliveries.failed) or None
 
-async def handle_ready(request: web.Request) -> web.Response:
-    """`GET /ready`: 200 while every destination's loop is alive and moving; else 503."""
-    deliveries = request.app[DELIVERIES]
-    problems = deliveries.problems()
-    if problems:
-        return web.json_response({"status": "not ready", "problems": problems}, status=503)
-    return web.json_response({"status": "ready", "destinations": sorted(deliveries.running)})
+    def moving() -> Probe:
+        return deliveries.problems() or None
 
-
-async def handle_metrics(request: web.Request) -> web.Response:
-    """`GET /metrics`: retries, dead letters, lateness, parked keys, webhook requests."""
-    body = generate_latest(request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return Probes(
+        app[REGISTRY], alive, moving, lambda: {"destinations": sorted(deliveries.running)}
+    )
 
 
 def create_app(
@@ -205,9 +200,7 @@ def create_app(
         log.info("deliveries stopped")
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_get("/health", handle_health)
-    app.router.add_get("/ready", handle_ready)
-    app.router.add_get("/metrics", handle_metrics)
+    _probes(app).add_routes(app)
     return app
 
 
@@ -222,13 +215,7 @@ def run(
     Exits with status 1 when it stopped because a delivery loop died.
     """
     app = create_app(settings, kafka, cfg, transforms)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log=None,
-        print=lambda *_: None,
-    )
+    run_app(app, settings.host, settings.port)
     if failed := app[DELIVERIES].failed:
         # A dead loop stopped the process: say so to its supervisor.
         log.error("stopped after a delivery loop died", destinations=sorted(failed))

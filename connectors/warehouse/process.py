@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
-import orjson
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from connectors.warehouse.clickhouse import Warehouse
 from connectors.warehouse.metrics import SinkMetrics
-from connectors.warehouse.query_api import QueryEndpoint, json_default
+from connectors.warehouse.query_api import QueryEndpoint
 from connectors.warehouse.query_auth import ensure_token
 from connectors.warehouse.sink import WarehouseSink
 from connectors.warehouse.targets import sink_targets
 from core.config import PipelineConfig
 from core.config_topic import ConfigFollower
 from core.settings import KafkaSettings, TransformSettings, WarehouseSettings
+from core.shell import Probes, graceful_exit, run_app
 from core.topics import Topics
 from core.watchdog import StallWatchdog
 from schemas.codec import event_codec
@@ -38,33 +36,6 @@ WATCHDOG = web.AppKey("watchdog", StallWatchdog)
 QUERY = web.AppKey("query", QueryEndpoint)
 # Why the sink's loop died, if it did (the process then exits with status 1).
 DEATH = web.AppKey("death", list[str])
-
-
-def _json(body: dict[str, Any], status: int) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body, default=json_default),
-        status=status,
-        content_type="application/json",
-    )
-
-
-async def handle_health(_request: web.Request) -> web.Response:
-    """`GET /health`."""
-    return _json({"status": "ok"}, 200)
-
-
-async def handle_ready(request: web.Request) -> web.Response:
-    """`GET /ready`: 503 with the reason when the sink's loop died or it is stalled."""
-    problem = request.app[WATCHDOG].problem()
-    if problem is not None:
-        return _json({"status": "not ready", "reason": problem}, 503)
-    return _json({"status": "ready"}, 200)
-
-
-async def handle_metrics(request: web.Request) -> web.Response:
-    """`GET /metrics`: the sink's Prometheus metrics."""
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_app(
@@ -95,7 +66,7 @@ def create_app(
             # would load nothing); `run` then exits with status 1.
             app[DEATH].append(reason)
             if exit_on_death:
-                loop.call_soon_threadsafe(_graceful_exit)
+                loop.call_soon_threadsafe(graceful_exit)
 
         warehouse = await loop.run_in_executor(None, Warehouse, settings)
         targets = sink_targets(cfg, Topics(kafka.topic_prefix), settings)
@@ -131,15 +102,10 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/query", app[QUERY].handle)
-    app.router.add_get("/health", handle_health)
-    app.router.add_get("/ready", handle_ready)
-    app.router.add_get("/metrics", handle_metrics)
+    # `/health` answers while the process serves; `/ready` is 503 with the reason when the
+    # sink's loop died or it is stalled.
+    Probes(app[METRICS].registry, ready=app[WATCHDOG].problem).add_routes(app)
     return app
-
-
-def _graceful_exit() -> None:
-    # What aiohttp's own SIGTERM handler raises: run_app stops and runs the cleanups.
-    raise web.GracefulExit
 
 
 def run(
@@ -153,13 +119,7 @@ def run(
     A sink whose loop died ends the process with status 1, after logging why.
     """
     app = create_app(settings, kafka, cfg, transforms, exit_on_death=True)
-    web.run_app(
-        app,
-        host=settings.query_host,
-        port=settings.query_port,
-        access_log=None,
-        print=lambda *_: None,
-    )
+    run_app(app, settings.query_host, settings.query_port)
     if app[DEATH]:
         log.error("sink exits: its loop died", reason=app[DEATH][0])
         raise SystemExit(1)
