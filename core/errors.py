@@ -6,9 +6,14 @@ from typing import ClassVar
 
 
 class SluiceError(Exception):
-    """Base of every error Sluice raises on purpose."""
+    """Base of every error Sluice raises on purpose.
+
+    `retriable` says whether the same operation can succeed later; `retry_after` is how
+    long the other side asked to wait (seconds), when it said.
+    """
 
     retriable: ClassVar[bool] = False
+    retry_after: float | None = None
 
 
 class SchemaError(SluiceError):

@@ -24,11 +24,11 @@ class Refused(SluiceError):
         self.records = records
 
 
-class TransformTimeout(Exception):
+class TransformTimeout(SluiceError):
     """The transform ran past its time limit."""
 
 
-class TransformResultError(TypeError):
+class TransformResultError(SluiceError, TypeError):
     """The transform returned something that is not an event, a list of events or None."""
 
 

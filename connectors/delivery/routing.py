@@ -1,11 +1,12 @@
 """Where a record goes when it is not delivered: its next retry tier, or the DLQ.
 
-A retriable failure (`DestinationUnavailable`) sends the record to the tier the retry
-policy (`connectors/retry.py`) picks for its attempt count, with its due time; a fatal
-one, spent retries, or a record that does not decode, to the destination's DLQ. Either
-way the record carries the failure headers (`core.headers.failure_headers`) and keeps
-its partition number. Every write is confirmed by Kafka before the caller goes on
-(`durably`): a record's offset is committed only once it is somewhere.
+A failure whose error says it is retriable (`DestinationUnavailable`) sends the record
+to the tier the retry policy (`connectors/retry.py`) picks for its attempt count, with
+its due time; a fatal one, spent retries, or a record that does not decode, to the
+destination's DLQ. Either way the record carries the failure headers
+(`core.headers.failure_headers`) and keeps its partition number. Every write is
+confirmed by Kafka before the caller goes on (`durably`): a record's offset is committed
+only once it is somewhere.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import structlog
 from confluent_kafka import Message
 
 from connectors.delivery.metrics import DeliveryMetrics
-from connectors.errors import DestinationUnavailable
 from connectors.retry import plan_retry
 from core.config import RetryPolicy
-from core.errors import BrokerUnavailable, SchemaError
+from core.errors import BrokerUnavailable, SchemaError, SluiceError
 from core.headers import Failure, Origin, failure_headers, header_map, message_headers, origin_of
 from core.kafka import Record
 from core.producer import EventProducer
@@ -68,7 +68,7 @@ class Routing:
         now = now_ms()
         failure = Failure(self.destination, "delivery", error, attempts, first_failure_ms, now)
         plan = None
-        if isinstance(error, DestinationUnavailable):
+        if isinstance(error, SluiceError) and error.retriable:
             plan = plan_retry(self.policy, attempts, first_failure_ms, now, error.retry_after)
         if plan is not None:
             tier = self.topics.tiers[plan.tier]
