@@ -531,9 +531,7 @@ def test_every_query_carries_the_bounds_on_both_paths(
 
 
 def test_compose_publishes_the_query_port_on_loopback_only_with_a_token() -> None:
-    compose = yaml.safe_load(
-        (Path(__file__).parents[2] / "docker-compose.kafka.yml").read_text()
-    )
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.kafka.yml").read_text())
     sink = compose["services"]["sink"]
     for port in sink.get("ports", []):
         assert str(port).startswith("127.0.0.1:"), port

@@ -163,9 +163,7 @@ def test_which_addresses_are_refused(address: str, kind: str | None) -> None:
 def test_docker_compose_blocks_private_targets_for_the_delivery_service(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    compose = yaml.safe_load(
-        (Path(__file__).parents[2] / "docker-compose.kafka.yml").read_text()
-    )
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.kafka.yml").read_text())
     env = compose["services"]["deliver"]["environment"]
     monkeypatch.setenv(
         "SLUICE_DELIVERY_BLOCK_PRIVATE_TARGETS", env["SLUICE_DELIVERY_BLOCK_PRIVATE_TARGETS"]
