@@ -29,9 +29,9 @@ from connectors.delivery.lanes import LaneWork
 from connectors.delivery.metrics import DeliveryMetrics
 from connectors.delivery.ordering import Ordering
 from connectors.delivery.pacing import Sender
+from connectors.delivery.parking import ParkedKeys
 from connectors.delivery.restore import Restores
 from connectors.delivery.routing import Routing
-from connectors.parking import ParkedKeys
 from connectors.retry import retry_due_rule
 from connectors.webhook import WebhookClient, webhook_session
 from core.config import RetryPolicy, WebhookConfig

@@ -1,6 +1,6 @@
 """Order per key while retrying (`retry.preserve_order`): held records and their release.
 
-While a record of key K waits in a retry tier, K is parked (`connectors/parking.py`):
+While a record of key K waits in a retry tier, K is parked (`connectors/delivery/parking.py`):
 later records of K are held behind it, each written to the parked changelog before its
 offset is committed. When the head resolves (delivered, or dead-lettered for good), the
 held records of K go out one after the other, in order; one that fails and goes to a
@@ -20,8 +20,8 @@ from confluent_kafka import Message
 
 from connectors.delivery.metrics import DeliveryMetrics
 from connectors.delivery.pacing import Sender
+from connectors.delivery.parking import Held, KeyState, ParkedKeys
 from connectors.delivery.routing import Routing, durably, now_ms, record_ref, written_ms
-from connectors.parking import Held, KeyState, ParkedKeys
 from core.due import Lane
 from core.headers import Origin, header_map, message_headers, origin_of
 from core.settings import DeliverySettings

@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from connectors.delivery.metrics import DeliveryMetrics
 from connectors.delivery.ordering import Ordering
-from connectors.parking import ParkedKeys, Restored
+from connectors.delivery.parking import ParkedKeys, Restored
 from core.due import TP
 from core.watchdog import StallWatchdog
 
