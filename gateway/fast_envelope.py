@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -28,7 +28,7 @@ from gateway.errors import InvalidEvent
 from gateway.messages import NULL, Message, Scalar
 from gateway.numbers import INT64_MAX, INT64_MIN, holdable, may_overflow
 from schemas.codec import AvroCodec
-from schemas.flat_avro import EVENT_LAYOUT, encode_event, layout, zigzag
+from schemas.flat_avro import EVENT_LAYOUT, encode_event, zigzag
 
 _UNSEEN: Final = object()
 _OBJECT_FIELDS: Final = 4  # properties, traits, context, integrations; then `_metadata`
@@ -84,6 +84,19 @@ def iso_millis(text: str) -> int | None:
             _MINUTES.clear()
         minute = _MINUTES[prefix] = int(parsed.timestamp()) * 1000
     return minute + within
+
+
+def layout(schema: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A record schema's fields as (name, kind), kind like `string`, `long?` (nullable)."""
+    return tuple((f["name"], _layout_kind(f["type"])) for f in schema.get("fields", ()))
+
+
+def _layout_kind(schema: Any) -> str:
+    if isinstance(schema, dict):
+        return _layout_kind(schema.get("type"))
+    if isinstance(schema, list) and len(schema) == 2 and schema[0] == "null":
+        return _layout_kind(schema[1]) + "?"
+    return str(schema)
 
 
 class FastWriter:
