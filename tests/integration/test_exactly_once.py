@@ -51,6 +51,37 @@ def _event_ids(kafka: KafkaSettings, topic: str, isolation: str) -> Counter[str]
     return seen
 
 
+class _Watermarks:
+    """A topic's high watermarks next to its last stable offsets (what read_committed sees)."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self.topic = topic
+        self.consumers = [
+            Consumer(
+                kafka.client_config()
+                | {"group.id": f"marks-{time.monotonic_ns()}", "isolation.level": level}
+            )
+            for level in ("read_uncommitted", "read_committed")
+        ]
+        meta = self.consumers[0].list_topics(topic, timeout=10).topics[topic]
+        self.partitions = [TopicPartition(topic, p) for p in meta.partitions]
+
+    def __enter__(self) -> _Watermarks:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for consumer in self.consumers:
+            consumer.close()
+
+    def unstable(self) -> bool:
+        """Whether some partition has records past its last stable offset right now."""
+        written, stable = (
+            [c.get_watermark_offsets(tp, timeout=5, cached=False)[1] for tp in self.partitions]
+            for c in self.consumers
+        )
+        return any(w > s for w, s in zip(written, stable, strict=True))
+
+
 async def test_a_worker_killed_mid_transaction_leaves_no_duplicate(
     broker: str, prefix: str, tmp_path: Path
 ) -> None:
@@ -82,21 +113,23 @@ async def test_a_worker_killed_mid_transaction_leaves_no_duplicate(
     try:
         loader = asyncio.create_task(load())
         await until(lambda: worker_routed(pipe.worker_metrics_port) > 100, 90, "the worker routing")
-        # Freeze the worker. If its records on the output topic stay invisible to
-        # read_committed while it is frozen, a transaction is open, not just committing:
-        # kill it there. Otherwise let it go on and try again a moment later.
+        # Watch the output topic for records past its last stable offset (a transaction
+        # open) and freeze the worker the moment one shows. If its records stay invisible
+        # to read_committed while it is frozen, the transaction is open, not just
+        # committing: kill it there. Otherwise let it go on and watch again.
         victim, left_open = pipe.pid("worker"), 0
-        for _ in range(40):
-            os.kill(victim, signal.SIGSTOP)
-            await asyncio.sleep(0.3)
-            if await asyncio.to_thread(open_records):
+        with _Watermarks(kafka, topic) as marks:
+            for _ in range(400):
+                if not await asyncio.to_thread(marks.unstable):
+                    await asyncio.sleep(0.005)
+                    continue
+                os.kill(victim, signal.SIGSTOP)
                 await asyncio.sleep(0.5)
                 left_open = await asyncio.to_thread(open_records)
                 if left_open:
                     os.kill(victim, signal.SIGKILL)
                     break
-            os.kill(victim, signal.SIGCONT)
-            await asyncio.sleep(0.1)
+                os.kill(victim, signal.SIGCONT)
         assert left_open, "the worker was never caught with a transaction open"
         # A new worker takes the partitions over (once the dead one's session expires),
         # fencing the killed worker's transactional producers.

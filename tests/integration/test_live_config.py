@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from core.settings import KafkaSettings
 from ops.cli import app
 from ops.processes import BackgroundProcess
 from ops.traffic import basic_auth, sample_events, send_batches
+from schemas.codec import event_codec
 from tests.configs import Configs
 from tests.conftest import scaled
-from tests.pipeline import Pipeline, free_port, until
+from tests.pipeline import Pipeline, free_port, read_records, until
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +145,15 @@ async def test_config_applied_under_load_takes_effect_without_restarts_or_losses
         # The late event reached the new destination, and each user's events reach it from
         # the moment its worker follows the config on: of each user's events, those in
         # `audit` are all that user sent from some point.
-        await until(lambda: late_id in audited(), 60, "the late source's event in audit")
+        # Every event the worker routed to `audit` (all is routed by now) is loaded.
+        kafka = KafkaSettings(bootstrap_servers=pipeline.bootstrap, topic_prefix=pipeline.prefix)
+        codec = event_codec(logical_types=False)
+        routed = {
+            codec.decode(m.value())["event_id"]
+            for m in read_records(kafka, f"{pipeline.prefix}.dest.audit")
+        }
+        assert late_id in routed
+        await until(lambda: audited() == routed, 60, "everything routed to audit loaded")
         audit = audited()
         assert audit <= everything
         by_user: dict[str, list[str]] = {}
