@@ -119,6 +119,15 @@ class ConfigFollower:
         """Whether the following thread runs (it only ends after `stop`)."""
         return self.follower.alive()
 
+    def problem(self) -> str | None:
+        """Why this process is not ready as far as its config goes: the config topic cannot
+        be read, or has not been read to its end yet; None once it has (for `/ready`)."""
+        return self.follower.problem()
+
+    def failure(self) -> str | None:
+        """Why the following thread ended before `stop()`; None while it runs (for `/health`)."""
+        return self.follower.failure()
+
     def _read(self, entry: Entry) -> None:
         """Validate a config record; raises (to `_unreadable`) when it holds no valid config."""
         if entry.key != KEY:

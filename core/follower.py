@@ -16,8 +16,9 @@ two ways to run one:
 - `start()`: a thread reads to those ends and then keeps following new records until
   `stop()`. `wait_caught_up(timeout)` waits for the first catch-up, `sync(timeout)` for
   everything on the topic at the time of the call (a write just confirmed, say), and
-  `problem()` says why the follower is not ready (for `/ready`). The thread survives any
-  error: it logs it, keeps it in `last_error`, calls `on_error` and goes on a second later.
+  `problem()` says why the follower is not ready (for `/ready`), `failure()` why its
+  thread ended before `stop()` (for `/health`). The thread survives any error: it logs
+  it, keeps it in `last_error`, calls `on_error` and goes on a second later.
 - `read_to_end()`: the caller's own thread reads up to the ends captured when it began and
   no further, for a state restored once (the parked keys of a partition just assigned); it
   gives up when its `cancelled` flag is set. `open`, `poll` and `close` are its steps.
@@ -71,6 +72,16 @@ class KafkaConsumer(Protocol):
 
     def close(self) -> None:
         """Leave, releasing the connections."""
+
+
+class Followed(Protocol):
+    """What a process's `/ready` and `/health` ask of a follower (this one, or one built on it)."""
+
+    def problem(self) -> str | None:
+        """Why it is not ready: failing, or not read to its end yet; None when it is."""
+
+    def failure(self) -> str | None:
+        """Why its thread ended before `stop()`; None while it runs."""
 
 
 def log_skipped(topic: str) -> Callable[[Entry, Exception], None]:
@@ -294,6 +305,15 @@ class CompactedFollower:
         if not self._caught_up.is_set():
             return f"{self.topic} not read to its end yet"
         return None
+
+    def failure(self) -> str | None:
+        """Why the following thread ended though nobody stopped it; None while it runs.
+
+        Also None before `start()` and after `stop()`: only a thread that died is a failure.
+        """
+        if self._thread.ident is None or self._thread.is_alive() or self._stop.is_set():
+            return None
+        return f"following {self.topic} stopped: {self.last_error or 'its thread ended'}"
 
     def _run(self) -> None:
         try:

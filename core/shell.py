@@ -37,6 +37,13 @@ Check = Callable[[], Probe | Awaitable[Probe]]
 StartResponse = Callable[..., Any]
 
 
+def joined(*reasons: str | None) -> str | None:
+    """One reason from several checks of a process: those that fail, in order, joined by
+    "; " (None when none fails)."""
+    found = [reason for reason in reasons if reason is not None]
+    return "; ".join(found) if found else None
+
+
 def _fine() -> Probe:
     return None
 

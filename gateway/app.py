@@ -15,10 +15,10 @@ from aiohttp import web
 
 from core.config import PipelineConfig
 from core.settings import GatewaySettings, KafkaSettings, TransformSettings
-from core.shell import Probe, Probes
+from core.shell import Probe, Probes, joined
 from core.topics import Topics
 from gateway import ingest
-from gateway.app_keys import CODEC, FAST, METRICS, PRODUCER, SETTINGS, SOURCES, TOPICS
+from gateway.app_keys import CODEC, CONFIG, FAST, METRICS, PRODUCER, SETTINGS, SOURCES, TOPICS
 from gateway.auth import SourceTable
 from gateway.connections import serve
 from gateway.contexts import config_ctx, producer_ctx
@@ -38,14 +38,18 @@ async def handle_openapi(_request: web.Request) -> web.Response:
 
 
 def _probes(app: web.Application) -> Probes:
-    """`/health`: the process is up; `/ready`: the broker answers."""
+    """`/health`: the process is up and follows the config topic; `/ready`: the broker
+    answers and the config topic has been read to its end (new write keys are known)."""
 
-    async def broker_reachable() -> Probe:
+    def following() -> Probe:
+        return app[CONFIG].failure()
+
+    async def ready() -> Probe:
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(None, app[PRODUCER].reachable)
-        return None if ok else "broker unreachable"
+        return joined(None if ok else "broker unreachable", app[CONFIG].problem())
 
-    return Probes(app[METRICS].registry, ready=broker_reachable)
+    return Probes(app[METRICS].registry, health=following, ready=ready)
 
 
 def create_app(

@@ -1,9 +1,11 @@
-"""The typed keys of what the gateway app holds: settings, producer, metrics, sources, codec."""
+"""The typed keys of what the gateway app holds: settings, producer, metrics, sources, codec,
+the config follower."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from core.config_topic import ConfigFollower
 from core.producer import EventProducer
 from core.settings import GatewaySettings
 from core.topics import Topics
@@ -19,3 +21,4 @@ SOURCES = web.AppKey("sources", SourceTable)
 CODEC = web.AppKey("codec", AvroCodec)
 TOPICS = web.AppKey("topics", Topics)
 FAST = web.AppKey("fast", FastWriter)
+CONFIG = web.AppKey("config", ConfigFollower)

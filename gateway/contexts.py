@@ -16,7 +16,7 @@ from core.config import PipelineConfig
 from core.config_topic import ConfigFollower
 from core.producer import EventProducer
 from core.settings import GatewaySettings, KafkaSettings, TransformSettings
-from gateway.app_keys import METRICS, PRODUCER, SOURCES
+from gateway.app_keys import CONFIG, METRICS, PRODUCER, SOURCES
 
 log = structlog.get_logger("sluice.gateway")
 
@@ -40,7 +40,7 @@ def producer_ctx(kafka: KafkaSettings, settings: GatewaySettings) -> CleanupCont
 def config_ctx(
     kafka: KafkaSettings, cfg: PipelineConfig, transforms: TransformSettings | None
 ) -> CleanupContext:
-    """A follower of the config topic that updates the app's sources (`SOURCES`)."""
+    """A follower of the config topic (`CONFIG`) that updates the app's sources (`SOURCES`)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -52,6 +52,7 @@ def config_ctx(
             transforms,
             app[METRICS].registry,
         )
+        app[CONFIG] = follower
         follower.start()
         yield
         await loop.run_in_executor(None, follower.stop)

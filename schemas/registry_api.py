@@ -6,6 +6,10 @@ register and look up, compatibility checks and levels. Errors are Confluent's JS
 bodies (`error_code`, `message`). Writes and the blocking log reads run in a thread so
 that the event loop keeps serving.
 
+`/health` is 503 once the thread following the schema log died, `/ready` while the log
+cannot be read (or has not been read to its end): the process shell's probes
+(`core.shell.Probes`), with `/metrics`.
+
 Reads are open, as in Confluent's registry; a write (any request that is not a read)
 needs HTTP Basic auth with `SLUICE_REGISTRY_WRITE_USER`/`_PASSWORD`, which Confluent's
 clients send from `basic.auth.user.info`. With no password configured, writes are off.
@@ -24,14 +28,19 @@ import orjson
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from prometheus_client import CollectorRegistry
 
+from core.follower import CompactedFollower
 from core.settings import KafkaSettings, RegistrySettings
+from core.shell import Probe, Probes
 from schemas.errors import RegistryError
 from schemas.registry import SchemaRegistry
 
 log = structlog.get_logger("sluice.registry")
 
 REGISTRY = web.AppKey("registry", SchemaRegistry)
+# The follower of the schema log (the registry's), for the probes.
+FOLLOWER = web.AppKey("follower", CompactedFollower)
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -236,9 +245,17 @@ async def put_config(request: web.Request) -> web.Response:
     return _json({"compatibility": done})
 
 
-async def health(_request: web.Request) -> web.Response:
-    """`GET /health`."""
-    return _json({"status": "ok"})
+def probes(app: web.Application) -> Probes:
+    """`/health`: 503 once the thread following the schema log died; `/ready`: 503 while
+    the log cannot be read or has not been read to its end (`FOLLOWER`, set at startup)."""
+
+    def following() -> Probe:
+        return app[FOLLOWER].failure()
+
+    def ready() -> Probe:
+        return app[FOLLOWER].problem()
+
+    return Probes(CollectorRegistry(), health=following, ready=ready)
 
 
 def _registry_ctx(kafka: KafkaSettings) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -246,7 +263,7 @@ def _registry_ctx(kafka: KafkaSettings) -> Callable[[web.Application], AsyncIter
         registry = SchemaRegistry(kafka)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, registry.start)
-        app[REGISTRY] = registry
+        app[REGISTRY], app[FOLLOWER] = registry, registry.follower
         yield
         await loop.run_in_executor(None, registry.stop)
 
@@ -270,7 +287,7 @@ def create_app(settings: RegistrySettings, kafka: KafkaSettings) -> web.Applicat
     app.router.add_put("/config", put_config)
     app.router.add_get("/config/{subject}", get_config)
     app.router.add_put("/config/{subject}", put_config)
-    app.router.add_get("/health", health)
+    probes(app).add_routes(app)
     return app
 
 

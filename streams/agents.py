@@ -165,6 +165,7 @@ def run(
                 metrics.registry,
                 watchdog,
                 lambda: progress.died,
+                follower,
             )
         except OSError as exc:
             # A second worker on the same host: it runs, its metrics need another port.

@@ -6,9 +6,10 @@ Kafka shares its partitions between the processes. It follows the config topic:
 destinations appear, change and go without a restart.
 
 `/ready` tells the truth: it fails while a destination's loop has records it could move
-on but moved none for `SLUICE_DELIVERY_STALL_AFTER_S` (a loop stuck in an await), and
-once a loop died; a dead loop also stops the process with exit status 1, so that its
-supervisor restarts it.
+on but moved none for `SLUICE_DELIVERY_STALL_AFTER_S` (a loop stuck in an await), once
+a loop died, and while the config topic cannot be read (or has not been read to its end
+yet), each under its name (a destination's, the config topic's); a dead loop also stops
+the process with exit status 1, so that its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from schemas.codec import event_codec
 log = structlog.get_logger("sluice.delivery")
 
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+CONFIG = web.AppKey("config", ConfigFollower)
 
 
 def webhook_deliveries(
@@ -141,15 +143,21 @@ DELIVERIES = web.AppKey("deliveries", Deliveries)
 
 
 def _probes(app: web.Application) -> Probes:
-    """`/health`: 503 once a destination's loop died (the process is stopping); `/ready`:
-    503 while a destination's loop is dead or stalled; both name the running destinations."""
+    """`/health`: 503 once a destination's loop died (the process is stopping) or the config
+    follower's thread did; `/ready`: 503 while a destination's loop is dead or stalled, or
+    the config topic cannot be read yet; both name the running destinations."""
     deliveries = app[DELIVERIES]
 
+    def with_config(found: dict[str, str], problem: str | None) -> Probe:
+        if problem is not None:
+            found[app[CONFIG].topic] = problem
+        return found or None
+
     def alive() -> Probe:
-        return dict(deliveries.failed) or None
+        return with_config(dict(deliveries.failed), app[CONFIG].failure())
 
     def moving() -> Probe:
-        return deliveries.problems() or None
+        return with_config(deliveries.problems(), app[CONFIG].problem())
 
     return Probes(
         app[REGISTRY], alive, moving, lambda: {"destinations": sorted(deliveries.running)}
@@ -190,6 +198,7 @@ def create_app(
             transforms,
             app[REGISTRY],
         )
+        app[CONFIG] = follower
         follower.start()
         log.info("deliveries started", destinations=sorted(deliveries.running))
         yield

@@ -21,7 +21,7 @@ from connectors.warehouse.targets import sink_targets
 from core.config import PipelineConfig
 from core.config_topic import ConfigFollower
 from core.settings import KafkaSettings, TransformSettings, WarehouseSettings
-from core.shell import Probes, graceful_exit, run_app
+from core.shell import Probe, Probes, graceful_exit, joined, run_app
 from core.topics import Topics
 from core.watchdog import StallWatchdog
 from schemas.codec import event_codec
@@ -36,6 +36,8 @@ WATCHDOG = web.AppKey("watchdog", StallWatchdog)
 QUERY = web.AppKey("query", QueryEndpoint)
 # Why the sink's loop died, if it did (the process then exits with status 1).
 DEATH = web.AppKey("death", list[str])
+# The follower of the config topic: the sink's destinations come and go with it.
+CONFIG = web.AppKey("config", ConfigFollower)
 
 
 def create_app(
@@ -92,6 +94,7 @@ def create_app(
             transforms,
             app[METRICS].registry,
         )
+        app[CONFIG] = follower
         follower.start()
         log.info("sink started", targets=[t.topic for t in targets], dsn=settings.dsn)
         yield
@@ -102,10 +105,22 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/query", app[QUERY].handle)
-    # `/health` answers while the process serves; `/ready` is 503 with the reason when the
-    # sink's loop died or it is stalled.
-    Probes(app[METRICS].registry, ready=app[WATCHDOG].problem).add_routes(app)
+    _probes(app).add_routes(app)
     return app
+
+
+def _probes(app: web.Application) -> Probes:
+    """`/health` answers while the process serves and follows the config topic; `/ready` is
+    503 with the reason when the sink's loop died or it is stalled, or while the config
+    topic cannot be read (or has not been read to its end yet)."""
+
+    def following() -> Probe:
+        return app[CONFIG].failure()
+
+    def ready() -> Probe:
+        return joined(app[WATCHDOG].problem(), app[CONFIG].problem())
+
+    return Probes(app[METRICS].registry, health=following, ready=ready)
 
 
 def run(

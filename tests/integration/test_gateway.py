@@ -167,9 +167,18 @@ async def test_gzip_body_is_accepted(client: TestClient[Any, Any]) -> None:
     assert (await resp.json())["accepted"] == 1
 
 
-async def test_health_ready_and_metrics(client: TestClient[Any, Any]) -> None:
+async def test_health_ready_and_metrics(client: TestClient[Any, Any], kafka: KafkaSettings) -> None:
     assert (await client.get("/health")).status == 200
-    assert (await client.get("/ready")).status == 200
+    # Ready once the config topic has been read to its end; until then 503, naming it.
+    config = Topics(kafka.topic_prefix).config
+    for _ in range(300):
+        resp = await client.get("/ready")
+        if resp.status == 200:
+            break
+        assert resp.status == 503
+        assert config in (await resp.json())["reason"]
+        await asyncio.sleep(0.1)
+    assert resp.status == 200
     await client.post("/v1/track", json={"userId": "u", "event": "E"}, headers=AUTH)
     text = await (await client.get("/metrics")).text()
     assert 'sluice_gateway_events_total{outcome="accepted",source="web"} 1.0' in text

@@ -274,3 +274,32 @@ def test_a_bad_record_goes_to_the_default_handler_and_is_skipped() -> None:
     follower = CompactedFollower(KAFKA, TOPIC, state.apply, name="test", consumer=log.consumer)
     assert follower.read_to_end(idle_timeout=5)
     assert state.values == {b"b": b"1"}
+
+
+# The thread ending with an exception is what the test is about: pytest reports it.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_only_a_thread_that_ended_without_stop_is_a_failure() -> None:
+    log = FakeLog()
+    log.exists = False
+
+    def give_up(_exc: BaseException) -> None:
+        raise SystemExit(1)  # escapes the thread's guard: the thread ends
+
+    dying = _follower(log, State(), on_error=give_up)
+    assert dying.failure() is None  # not started yet
+    dying.start()
+    deadline = time.monotonic() + 10
+    while dying.alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    failure = dying.failure()
+    assert failure is not None
+    assert failure.startswith(f"following {TOPIC} stopped: RuntimeError: ")
+    assert "no partitions" in failure
+
+    stopped = _follower(FakeLog(), State())
+    stopped.start()
+    assert stopped.wait_caught_up(10)
+    assert stopped.failure() is None
+    stopped.stop()
+    assert not stopped.alive()
+    assert stopped.failure() is None  # stopped on purpose

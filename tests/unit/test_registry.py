@@ -1,15 +1,23 @@
-"""The built-in schema registry: compatibility rules, and Confluent's own clients against it."""
+"""The built-in schema registry: compatibility rules, Confluent's own clients against it, and
+its probes: ready once its log can be read, unhealthy once it stopped following it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from core.follower import CompactedFollower
 from schemas.errors import RegistryError
 from schemas.registry import RegistryState
+from schemas.registry_api import FOLLOWER, probes
 from tests.orders import NO_DEFAULT, V1, V2
+from tests.pipeline import until
+from tests.unit.test_follower import KAFKA, TOPIC, FakeLog
 
 EXTRA = {
     "type": "record",
@@ -65,3 +73,67 @@ def test_invalid_schemas_are_refused_with_a_reason(text: str, code: int) -> None
         RegistryState().plan("s", text)
     assert refused.value.code == code
     assert refused.value.status == 422
+
+
+async def test_the_registry_is_ready_once_its_log_can_be_read_and_unhealthy_if_it_stops() -> None:
+    log = FakeLog()
+    log.exists = False
+    errors: list[BaseException] = []
+    follower = CompactedFollower(
+        KAFKA,
+        TOPIC,
+        lambda _entry: None,
+        name="registry",
+        consumer=log.consumer,
+        on_error=errors.append,
+    )
+    app = web.Application()
+    probes(app).add_routes(app)
+    app[FOLLOWER] = follower
+    follower.start()
+    try:
+        async with TestClient(TestServer(app)) as client:
+            await until(lambda: bool(errors), 10, "the log found missing")
+            resp = await client.get("/ready")
+            body = await resp.json()
+            assert (resp.status, body["status"]) == (503, "not ready")
+            assert body["reason"].startswith(f"following {TOPIC}: RuntimeError: ")
+            assert "no partitions to read" in body["reason"]
+            assert (await client.get("/health")).status == 200  # following, and retrying
+
+            log.exists = True
+            assert await asyncio.to_thread(follower.wait_caught_up, 10)
+            resp = await client.get("/ready")
+            assert (resp.status, await resp.json()) == (200, {"status": "ready"})
+    finally:
+        follower.stop()
+
+
+# The thread ending with an exception is what the test is about: pytest reports it.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_the_registry_is_unhealthy_once_its_following_thread_died() -> None:
+    log = FakeLog()
+    log.exists = False
+
+    def give_up(_exc: BaseException) -> None:
+        raise SystemExit(1)  # escapes the follower's guard: its thread ends
+
+    follower = CompactedFollower(
+        KAFKA,
+        TOPIC,
+        lambda _entry: None,
+        name="registry",
+        consumer=log.consumer,
+        on_error=give_up,
+    )
+    app = web.Application()
+    probes(app).add_routes(app)
+    app[FOLLOWER] = follower
+    follower.start()
+    async with TestClient(TestServer(app)) as client:
+        await until(lambda: not follower.alive(), 10, "the following thread ended")
+        resp = await client.get("/health")
+        body = await resp.json()
+        assert (resp.status, body["status"]) == (503, "failed")
+        assert body["reason"].startswith(f"following {TOPIC} stopped: RuntimeError: ")
+        assert (await client.get("/ready")).status == 503
