@@ -101,6 +101,19 @@ def end_offsets(kafka: KafkaSettings, topic: str) -> int:
         consumer.close()
 
 
+def committed_total(kafka: KafkaSettings, group: str, topic: str) -> int:
+    """The sum of `group`'s committed offsets on `topic`: the input it has finished."""
+    from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
+
+    consumer = Consumer(kafka.client_config() | {"group.id": group})
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        parts = [TopicPartition(topic, p) for p in meta.topics[topic].partitions]
+        return sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=10))
+    finally:
+        consumer.close()
+
+
 def per_second(count: int, started: float) -> float:
     """`count` over the seconds since `started` (a `time.perf_counter()` reading)."""
     return count / (time.perf_counter() - started)

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +23,7 @@ from ops.benchmarks.harness import (
     Bootstrap,
     JsonOut,
     bench_topics,
+    committed_total,
     console,
     end_offsets,
     envelopes,
@@ -39,6 +41,33 @@ TRANSFORM_CONFIG = (
 )
 
 
+class Guarantee(StrEnum):
+    """The worker's processing guarantees."""
+
+    at_least_once = "at_least_once"
+    exactly_once = "exactly_once"
+
+
+def _finished(
+    kafka: KafkaSettings,
+    guarantee: Guarantee,
+    dest: str,
+    group: str,
+    ingest: str,
+    events: int,
+    expected: int,
+) -> int:
+    """How many of the `expected` output records the worker has finished.
+
+    At least once, the destination topic's end offsets count them. Exactly once, those
+    offsets also count each transaction's commit markers; the input offsets the worker
+    committed in its transactions count the events instead (scaled to outputs).
+    """
+    if guarantee is Guarantee.at_least_once:
+        return end_offsets(kafka, dest)
+    return committed_total(kafka, group, ingest) * expected // events
+
+
 def enrich(event: dict[str, Any]) -> dict[str, Any]:
     """The benchmark's transform: one property added."""
     event["properties"]["enriched"] = True
@@ -50,6 +79,12 @@ def bench_processor(
     transform: Annotated[
         bool, typer.Option(help="Route through a filter and a user transform as well.")
     ] = False,
+    guarantee: Annotated[
+        Guarantee,
+        typer.Option(
+            help="The worker's processing guarantee (SLUICE_WORKER_PROCESSING_GUARANTEE)."
+        ),
+    ] = Guarantee.at_least_once,
     bootstrap: Bootstrap = None,
     json_out: JsonOut = None,
 ) -> None:
@@ -63,7 +98,12 @@ def bench_processor(
     dest = topics.destination("warehouse").main
     records = envelopes(events)
     seed_topic(kafka, topics.ingest, records)
-    results: dict[str, Any] = {"events": events, "cores": os.cpu_count(), "transform": transform}
+    results: dict[str, Any] = {
+        "events": events,
+        "cores": os.cpu_count(),
+        "transform": transform,
+        "guarantee": guarantee.value,
+    }
     config_text = TRANSFORM_CONFIG if transform else BENCH_CONFIG
     with console.status("baseline: plain confluent-kafka consume -> route -> produce loop ..."):
         results["plain_loop_events_per_s"], expected = plain_loop_rate(
@@ -74,6 +114,7 @@ def bench_processor(
     config = workdir / "sluice.yaml"
     config.write_text(config_text)
     service = BackgroundProcess("worker", workdir)
+    group = f"{kafka.topic_prefix}-worker"
     try:
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("sluice worker", total=expected)
@@ -83,14 +124,15 @@ def bench_processor(
                     "SLUICE_CONFIG_FILE": str(config),
                     "SLUICE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
                     "SLUICE_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
-                    "SLUICE_WORKER_APP_ID": f"{kafka.topic_prefix}-worker",
+                    "SLUICE_WORKER_APP_ID": group,
+                    "SLUICE_WORKER_PROCESSING_GUARANTEE": guarantee.value,
                     "SLUICE_WORKER_DATA_DIR": str(workdir / "data"),
                     "SLUICE_TRANSFORM_MODULES": BENCH_TRANSFORM_MODULES,
                 },
             )
             first = 0.0
             while True:
-                done = end_offsets(kafka, dest)
+                done = _finished(kafka, guarantee, dest, group, topics.ingest, events, expected)
                 progress.update(task, completed=done)
                 if done and not first:
                     first, base = time.perf_counter(), done
@@ -115,7 +157,7 @@ def bench_processor(
         f"{results['plain_loop_events_per_s']:,.0f}",
     )
     table.add_row(
-        "sluice worker (Faust agent, batched delivery + batch produce, uvloop)",
+        f"sluice worker ({guarantee.value}: Faust agent, batched delivery + batch produce, uvloop)",
         f"{results['worker_events_per_s']:,.0f}",
     )
     report(table, results, json_out)
