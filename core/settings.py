@@ -187,6 +187,9 @@ class WarehouseSettings(BaseSettings):
     # A layout table gets at most this many columns; values of further properties go to
     # `discards` (the event itself still lands).
     max_columns: int = 500
+    # The last this many event ids of each partition are remembered (and read from the
+    # raw table on assignment): a later copy of one of them is dropped. 0 turns it off.
+    copy_window: int = 100_000
 
 
 class DeliverySettings(BaseSettings):

@@ -7,6 +7,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Message
 
+from connectors.warehouse.copies import RecentIds
 from core.headers import REPLAY_OF
 from core.ranges import in_ranges
 
@@ -39,6 +40,8 @@ class PartitionBuffer:
     # Records the warehouse refused, once the batch is loaded (kept across retries of
     # the dead-letter write, so the batch is not loaded again).
     refused: list[DeadRecord] | None = None
+    # The event ids this partition loaded lately (`copies.py`).
+    recent: RecentIds = field(default_factory=lambda: RecentIds(0))
 
     def __len__(self) -> int:
         return len(self.events)
@@ -46,6 +49,21 @@ class PartitionBuffer:
     def is_loaded(self, offset: int) -> bool:
         """Whether `offset` is in the warehouse already."""
         return bool(self.loaded) and in_ranges(self.loaded or [], offset)
+
+    def take(self, event: dict[str, Any], msg: Message) -> bool:
+        """Add a decoded record to the batch; False (and not added) for a recent copy."""
+        key = (str(event["source_id"]), str(event["event_id"]))
+        if key in self.recent:
+            return False
+        self.recent.add(key)
+        event["_topic"], event["_partition"], event["_offset"] = (
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+        )
+        self.events.append(event)
+        self.messages.append(msg)
+        return True
 
     def reset(self) -> None:
         """Empty the batch once it is committed (the loaded ranges stay)."""

@@ -258,16 +258,21 @@ class Warehouse:
 
     def loaded_ranges(self, topic: str, partition: int) -> list[tuple[int, int]]:
         """Offset ranges of `topic`/`partition` that are in the warehouse already."""
+        rows = self.rows(
+            "SELECT first, last FROM `_sluice_offsets` "
+            "WHERE topic = {t:String} AND partition = {p:UInt32} ORDER BY first",
+            {"t": topic, "p": partition},
+            "reading loaded offsets",
+        )
+        return [(int(a), int(b)) for a, b in rows]
+
+    def rows(self, sql: str, parameters: dict[str, Any], what: str) -> list[Sequence[Any]]:
+        """The rows of one of the sink's own parameterised reads (failures named `what`)."""
         try:
             with self._lock:
-                result = self._client.query(
-                    "SELECT first, last FROM `_sluice_offsets` "
-                    "WHERE topic = {t:String} AND partition = {p:UInt32} ORDER BY first",
-                    parameters={"t": topic, "p": partition},
-                )
+                return list(self._client.query(sql, parameters=parameters).result_rows)
         except _CLIENT_ERRORS as exc:
-            raise warehouse_error(exc, "reading loaded offsets") from exc
-        return [(int(a), int(b)) for a, b in result.result_rows]
+            raise warehouse_error(exc, what) from exc
 
     def insert_events(self, table: str, columns: Sequence[list[Any]], token: str) -> None:
         """Insert one batch of the raw events table; the same token twice leaves one copy."""

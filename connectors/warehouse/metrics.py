@@ -29,7 +29,8 @@ class SinkMetrics:
         )
         self.deduplicated = Counter(
             "sluice_sink_deduplicated_records_total",
-            "Records skipped because their offsets are loaded already (replays, redeliveries).",
+            "Records skipped because their offsets are loaded already (replays, redeliveries)"
+            " or their event is (copies within the copy window).",
             ["destination"],
             registry=self.registry,
         )

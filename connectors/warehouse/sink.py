@@ -36,6 +36,7 @@ from connectors.errors import DestinationUnavailable
 from connectors.warehouse.buffer import PartitionBuffer, replayed_from
 from connectors.warehouse.clickhouse import Warehouse
 from connectors.warehouse.consumer import records_behind, sink_consumer
+from connectors.warehouse.copies import RecentIds, recent_event_ids
 from connectors.warehouse.dead_letters import DeadLetters
 from connectors.warehouse.loader import Batch
 from connectors.warehouse.loading import BatchLoading
@@ -162,7 +163,7 @@ class WarehouseSink:
                     end=buf.pending_end,
                 )
             try:
-                buf.loaded = merge_ranges(self.warehouse.loaded_ranges(tp.topic, tp.partition))
+                self._read_loaded(buf)
             except DestinationUnavailable as exc:
                 # Read again once the warehouse answers (`_resolve`); until then the
                 # partition's records are not taken (paused, and read again from `start`).
@@ -242,9 +243,9 @@ class WarehouseSink:
                 self.metrics.errors.labels(destination, "SchemaError").inc()
                 buf.poison.append((msg, exc))
             else:
-                event["_topic"], event["_partition"], event["_offset"] = topic, partition, offset
-                buf.events.append(event)
-                buf.messages.append(msg)
+                if not buf.take(event, msg):
+                    # A copy of an event loaded lately: processed again, or sent again.
+                    self.metrics.deduplicated.labels(destination).inc()
         if buf.pending_end is not None and offset >= buf.pending_end:
             self._flush(buf)
 
@@ -267,16 +268,23 @@ class WarehouseSink:
             return
         for buf in waiting:
             try:
-                ranges = self.warehouse.loaded_ranges(buf.topic, buf.partition)
+                self._read_loaded(buf)
             except DestinationUnavailable as exc:
                 log.warning("loaded offsets still unreadable", topic=buf.topic, error=str(exc))
                 self._resolve_at = time.monotonic() + 2.0
                 return
             tp = TopicPartition(buf.topic, buf.partition, buf.start)
             self._consumer.seek(tp)
-            buf.loaded = merge_ranges(ranges)
             if not self._paused:
                 self._consumer.resume([tp])
+
+    def _read_loaded(self, buf: PartitionBuffer) -> None:
+        """What the warehouse holds of the partition: its offset ranges, its recent events."""
+        table, window = self.targets[buf.topic].table, self.settings.copy_window
+        recent = recent_event_ids(self.warehouse, table, buf.topic, buf.partition, window)
+        ranges = self.warehouse.loaded_ranges(buf.topic, buf.partition)
+        buf.recent = RecentIds(window, recent)
+        buf.loaded = merge_ranges(ranges)
 
     def _flush_due(self, force: bool) -> None:
         now = time.monotonic()
