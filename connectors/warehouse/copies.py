@@ -7,8 +7,11 @@ the same partition as the first one; the sink of that partition remembers the la
 `copy_window` (source, event id) pairs it took and drops a record whose pair it has seen.
 So a plain `SELECT count()` counts each event once in every table, without `FINAL`, for
 copies within the window. A partition's window is read from the raw table when the
-partition is assigned, so a restarted sink, or the next owner after a rebalance, knows
-what was loaded before it.
+partition is assigned: the events of the `copy_window` records before its committed
+offset, so a restarted sink, or the next owner after a rebalance, knows what was loaded
+before it, and a batch left pending by a crash (at and after the committed offset) is
+rebuilt exactly as it was. One read serves all partitions of a topic that an assignment
+brings; it scans three columns of the raw table (`_offset` is not in its sorting key).
 """
 
 from __future__ import annotations
@@ -44,16 +47,33 @@ class RecentIds:
 
 
 def recent_event_ids(
-    warehouse: Warehouse, table: str, topic: str, partition: int, limit: int
-) -> list[EventKey]:
-    """The keys of the last `limit` rows `topic`/`partition` put in `table`, oldest first."""
-    if limit <= 0:
-        return []
+    warehouse: Warehouse, table: str, topic: str, starts: dict[int, int], window: int
+) -> dict[int, list[EventKey]]:
+    """The keys of the rows `topic` put in `table` from the `window` records before each
+    partition's start offset (`starts`: partition -> committed offset), oldest first.
+
+    A partition with no committed offset (negative) has loaded nothing in this group.
+    """
+    found: dict[int, list[EventKey]] = {p: [] for p in starts}
+    begun = {p: s for p, s in starts.items() if s > 0}
+    if window <= 0 or not begun:
+        return found
+    parts = sorted(begun)
     rows = warehouse.rows(
-        "SELECT source_id, event_id FROM {table:Identifier} "
-        "WHERE _topic = {t:String} AND _partition = {p:UInt32} "
-        "ORDER BY _offset DESC LIMIT {n:UInt64}",
-        {"table": table, "t": topic, "p": partition, "n": limit},
+        "SELECT _partition, source_id, event_id FROM {table:Identifier} "
+        "WHERE _topic = {t:String} AND has({parts:Array(UInt32)}, _partition) "
+        "AND _offset < {ends:Array(UInt64)}[indexOf({parts:Array(UInt32)}, _partition)] "
+        "AND _offset >= {lows:Array(UInt64)}[indexOf({parts:Array(UInt32)}, _partition)] "
+        "ORDER BY _partition, _offset",
+        {
+            "table": table,
+            "t": topic,
+            "parts": parts,
+            "ends": [begun[p] for p in parts],
+            "lows": [max(0, begun[p] - window) for p in parts],
+        },
         "reading recent event ids",
     )
-    return [(str(s), str(e)) for s, e in reversed(rows)]
+    for partition, source, event in rows:
+        found[int(partition)].append((str(source), str(event)))
+    return found

@@ -149,6 +149,7 @@ class WarehouseSink:
         self._epoch += 1
         self.metrics.rebalances.labels("assigned").inc(len(partitions))
         committed = consumer.committed(partitions, timeout=30)
+        fresh: list[PartitionBuffer] = []
         for tp in committed:
             buf = PartitionBuffer(tp.topic, tp.partition, self._epoch)
             buf.start = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
@@ -162,14 +163,16 @@ class WarehouseSink:
                     start=tp.offset,
                     end=buf.pending_end,
                 )
-            try:
-                self._read_loaded(buf)
-            except DestinationUnavailable as exc:
-                # Read again once the warehouse answers (`_resolve`); until then the
-                # partition's records are not taken (paused, and read again from `start`).
-                log.warning("loaded offsets unreadable", topic=tp.topic, error=str(exc))
-                buf.loaded = None
             self._buffers[(tp.topic, tp.partition)] = buf
+            fresh.append(buf)
+        try:
+            self._read_loaded(fresh)
+        except DestinationUnavailable as exc:
+            # Read again once the warehouse answers (`_resolve`); until then the
+            # partitions' records are not taken (paused, and read again from `start`).
+            log.warning("loaded offsets unreadable", error=str(exc))
+            for buf in fresh:
+                buf.loaded = None
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Uncommitted rows are simply dropped: the next owner reads them again from the
@@ -266,25 +269,39 @@ class WarehouseSink:
         self._consumer.pause([TopicPartition(b.topic, b.partition) for b in waiting])
         if time.monotonic() < self._resolve_at:
             return
+        try:
+            self._read_loaded(waiting)
+        except DestinationUnavailable as exc:
+            log.warning("loaded offsets still unreadable", error=str(exc))
+            self._resolve_at = time.monotonic() + 2.0
+            return
         for buf in waiting:
-            try:
-                self._read_loaded(buf)
-            except DestinationUnavailable as exc:
-                log.warning("loaded offsets still unreadable", topic=buf.topic, error=str(exc))
-                self._resolve_at = time.monotonic() + 2.0
-                return
             tp = TopicPartition(buf.topic, buf.partition, buf.start)
             self._consumer.seek(tp)
             if not self._paused:
                 self._consumer.resume([tp])
 
-    def _read_loaded(self, buf: PartitionBuffer) -> None:
-        """What the warehouse holds of the partition: its offset ranges, its recent events."""
-        table, window = self.targets[buf.topic].table, self.settings.copy_window
-        recent = recent_event_ids(self.warehouse, table, buf.topic, buf.partition, window)
-        ranges = self.warehouse.loaded_ranges(buf.topic, buf.partition)
-        buf.recent = RecentIds(window, recent)
-        buf.loaded = merge_ranges(ranges)
+    def _read_loaded(self, buffers: list[PartitionBuffer]) -> None:
+        """What the warehouse holds of these partitions: offset ranges, recent events.
+
+        Nothing is set unless every read answered (the buffers stay unresolved).
+        """
+        window = self.settings.copy_window
+        ranges = {
+            (b.topic, b.partition): self.warehouse.loaded_ranges(b.topic, b.partition)
+            for b in buffers
+        }
+        recent: dict[tuple[str, int], list[tuple[str, str]]] = {}
+        for topic in {b.topic for b in buffers}:
+            starts = {b.partition: b.start for b in buffers if b.topic == topic}
+            table = self.targets[topic].table
+            for partition, keys in recent_event_ids(
+                self.warehouse, table, topic, starts, window
+            ).items():
+                recent[(topic, partition)] = keys
+        for buf in buffers:
+            buf.recent = RecentIds(window, recent[(buf.topic, buf.partition)])
+            buf.loaded = merge_ranges(ranges[(buf.topic, buf.partition)])
 
     def _flush_due(self, force: bool) -> None:
         now = time.monotonic()

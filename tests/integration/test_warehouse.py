@@ -386,3 +386,36 @@ def test_past_the_column_limit_properties_go_to_discards_and_events_still_land(
     assert len(discards) == 4 * (30 - room)
     assert {r[0] for r in discards} == {f"p{i:02d}" for i in range(room, 30)}
     assert all("SLUICE_WAREHOUSE_MAX_COLUMNS" in r[3] for r in discards)
+
+
+def test_the_copy_window_is_read_from_the_records_before_each_committed_offset(
+    warehouse: Warehouse,
+) -> None:
+    from connectors.warehouse.copies import recent_event_ids  # noqa: PLC0415
+
+    table = f"t{uuid.uuid4().hex[:8]}_events"
+    Loader(warehouse).prepare(table)
+    names = [name for name, _ in EVENT_COLUMNS]
+    # Partition 0 loaded offsets 0-9, partition 1 offsets 0-4; another topic offsets 0-9.
+    rows = [("dest", 0, o) for o in range(10)] + [("dest", 1, o) for o in range(5)]
+    rows += [("other", 0, o) for o in range(10)]
+    for topic, partition, offset in rows:
+        event = envelope("track", offset, event="E")
+        event.update(
+            event_id=f"{topic}-{partition}-{offset}",
+            _topic=topic,
+            _partition=partition,
+            _offset=offset,
+        )
+        warehouse.insert_events(
+            table, [[event.get(n)] for n in names], f"{topic}:{partition}:{offset}"
+        )
+
+    # Partition 0 committed 8 (8-9 are a pending batch), 1 committed 5, 2 never committed.
+    found = recent_event_ids(warehouse, table, "dest", {0: 8, 1: 5, 2: -1001}, window=3)
+    assert found == {
+        0: [("web", "dest-0-5"), ("web", "dest-0-6"), ("web", "dest-0-7")],
+        1: [("web", "dest-1-2"), ("web", "dest-1-3"), ("web", "dest-1-4")],
+        2: [],
+    }
+    assert recent_event_ids(warehouse, table, "dest", {0: 8}, window=0) == {0: []}
