@@ -7,7 +7,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Message
 
-from connectors.warehouse.copies import RecentIds
+from connectors.warehouse.copies import RecentIds, event_key
 from core.headers import REPLAY_OF
 from core.ranges import in_ranges
 
@@ -52,7 +52,7 @@ class PartitionBuffer:
 
     def take(self, event: dict[str, Any], msg: Message) -> bool:
         """Add a decoded record to the batch; False (and not added) for a recent copy."""
-        key = (str(event["source_id"]), str(event["event_id"]))
+        key = event_key(str(event["source_id"]), str(event["event_id"]))
         if key in self.recent:
             return False
         self.recent.add(key)

@@ -291,7 +291,7 @@ class WarehouseSink:
             (b.topic, b.partition): self.warehouse.loaded_ranges(b.topic, b.partition)
             for b in buffers
         }
-        recent: dict[tuple[str, int], list[tuple[str, str]]] = {}
+        recent: dict[tuple[str, int], list[str]] = {}
         for topic in {b.topic for b in buffers}:
             starts = {b.partition: b.start for b in buffers if b.topic == topic}
             table = self.targets[topic].table

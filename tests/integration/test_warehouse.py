@@ -391,7 +391,7 @@ def test_past_the_column_limit_properties_go_to_discards_and_events_still_land(
 def test_the_copy_window_is_read_from_the_records_before_each_committed_offset(
     warehouse: Warehouse,
 ) -> None:
-    from connectors.warehouse.copies import recent_event_ids  # noqa: PLC0415
+    from connectors.warehouse.copies import event_key, recent_event_ids  # noqa: PLC0415
 
     table = f"t{uuid.uuid4().hex[:8]}_events"
     Loader(warehouse).prepare(table)
@@ -414,8 +414,16 @@ def test_the_copy_window_is_read_from_the_records_before_each_committed_offset(
     # Partition 0 committed 8 (8-9 are a pending batch), 1 committed 5, 2 never committed.
     found = recent_event_ids(warehouse, table, "dest", {0: 8, 1: 5, 2: -1001}, window=3)
     assert found == {
-        0: [("web", "dest-0-5"), ("web", "dest-0-6"), ("web", "dest-0-7")],
-        1: [("web", "dest-1-2"), ("web", "dest-1-3"), ("web", "dest-1-4")],
+        0: [
+            event_key("web", "dest-0-5"),
+            event_key("web", "dest-0-6"),
+            event_key("web", "dest-0-7"),
+        ],
+        1: [
+            event_key("web", "dest-1-2"),
+            event_key("web", "dest-1-3"),
+            event_key("web", "dest-1-4"),
+        ],
         2: [],
     }
     assert recent_event_ids(warehouse, table, "dest", {0: 8}, window=0) == {0: []}
