@@ -5,8 +5,6 @@ produced."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -96,28 +94,13 @@ async def test_submitted_jobs_are_on_their_priority_topics_once_acknowledged(
                 },
             )
             assert status == 202, batch
-        # The CLI: an id and its state, or a one-line reason and exit status 1.
-        cli = [sys.executable, "-m", "ops.cli", "jobs", "submit", "work", "--gateway"]
-        cli += [pipe.gateway_url, "--payload", '{"cli": true}', "--delay-ms", "1000"]
-        done = await asyncio.to_thread(
-            subprocess.run, [*cli, "--key", SUBMIT_KEY], capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.split()[1:] == ["SCHEDULED", "on", "queue", "work"]
-        refused = await asyncio.to_thread(
-            subprocess.run, [*cli, "--key", "nope"], capture_output=True, text=True
-        )
-        assert refused.returncode == 1
-        assert refused.stderr.strip().splitlines() == [
-            "error: the gateway answered 401: unknown or missing submit key"
-        ]
     finally:
         await asyncio.to_thread(pipe.stop)
 
     codec = job_codec(logical_types=False)
     topics = [f"{prefix}.jobs.work.p{n}" for n in range(3)]
     on_topics = {t: await asyncio.to_thread(read_records, kafka, t) for t in topics}
-    assert [len(on_topics[t]) for t in topics] == [4, 0, 1]
+    assert [len(on_topics[t]) for t in topics] == [3, 0, 1]
     (high,) = on_topics[topics[2]]
     job = codec.decode(high.value())
     assert (job["job_id"], high.key()) == (one["id"], one["id"].encode())
@@ -127,7 +110,6 @@ async def test_submitted_jobs_are_on_their_priority_topics_once_acknowledged(
     states = [j["state"] for j in batch["jobs"]]
     assert states == ["SCHEDULED", "PENDING", "PENDING"]
     by_id = {j["job_id"]: j for j in (codec.decode(r.value()) for r in on_topics[topics[0]])}
-    assert {j["payload"] for j in by_id.values()} >= {'{"cli":true}'}
     delayed, ordered, keyed = (by_id[j["id"]] for j in batch["jobs"])
     assert 4900 <= delayed["run_at"] - delayed["submitted_at"] <= 5100
     assert ordered["ordering_key"] == "acct-7"
