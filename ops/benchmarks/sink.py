@@ -31,8 +31,9 @@ def bench_sink(
         bool, typer.Option(help="Also fan out into the per-type and per-event tables.")
     ] = True,
     copy_window: Annotated[
-        int, typer.Option(help="The sink's copy window (SLUICE_WAREHOUSE_COPY_WINDOW).")
-    ] = 100_000,
+        int | None,
+        typer.Option(help="The sink's copy window (default: SLUICE_WAREHOUSE_COPY_WINDOW's)."),
+    ] = None,
     compare: Annotated[
         bool, typer.Option(help="Also run the sink with the copy window off (0), for its cost.")
     ] = True,
@@ -59,6 +60,8 @@ def bench_sink(
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-wh-"))
     settings = WarehouseSettings(dsn=f"chdb://{workdir}")
     warehouse = Warehouse(settings)
+    if copy_window is None:
+        copy_window = settings.copy_window
     windows = [copy_window, 0] if compare and copy_window else [copy_window]
     results: dict[str, Any] = {"events": events, "layout": layout, "cores": os.cpu_count()}
     runs: list[dict[str, Any]] = []
@@ -140,7 +143,6 @@ def bench_sink(
         f"{bare:,.0f}",
         "1",
     )
-    bare = results["bare_insert_rows_per_s"]
     for run in runs:
         label = (
             "sink: consume, decode, insert events"
