@@ -35,7 +35,7 @@ from tests.pipeline import Pipeline, envelope_records, pipeline_with_topics, pro
 pytestmark = pytest.mark.integration
 
 LOADED = 200
-TIMEOUT_S = 3
+TIMEOUT_S = 8
 
 
 def _post(
