@@ -1,4 +1,5 @@
-"""The pipeline configuration: sources (write keys) and destinations, from one YAML file."""
+"""The pipeline configuration: sources (write keys), destinations and job queues, from one
+YAML file."""
 
 from __future__ import annotations
 
@@ -259,11 +260,74 @@ class Destination(_Model):
         return ClickHouseConfig.model_validate(self.settings)
 
 
+# Job priorities: 0 (lowest) to 9 (highest).
+MAX_PRIORITY = 9
+
+
+class JobBackoff(_Model):
+    """Retry delays of a job: `min(base_ms * multiplier^(tries-1), max_ms)`, +/- `jitter`."""
+
+    base_ms: int = Field(default=100, ge=1)
+    multiplier: float = Field(default=2.0, ge=1)
+    max_ms: int = Field(default=60_000, ge=1)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+
+    def delay_ms(self, tries: int, spread: float = 0.0) -> int:
+        """The wait after the `tries`-th failed attempt; `spread` in [-1, 1] picks the jitter."""
+        raw = min(self.base_ms * self.multiplier ** max(tries - 1, 0), float(self.max_ms))
+        return max(0, round(raw * (1 + self.jitter * spread)))
+
+
+class JobRateLimit(_Model):
+    """A token bucket for the whole queue: `jobs_per_s` sustained, up to `burst` at once."""
+
+    jobs_per_s: float = Field(gt=0)
+    burst: int = Field(default=0, ge=0)
+
+
+class PythonExecutor(_Model):
+    """Runs a job by calling `function` (`module:name`) in the worker process."""
+
+    type: Literal["python"] = "python"
+    function: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
+
+
+class Queue(_Model):
+    """A job queue: who may submit to it, how its jobs are ordered, limited and retried.
+
+    Its jobs are records on one topic per priority (`sluice.jobs.<name>.p<n>`, n from 0
+    to `priorities - 1`); dead jobs go to `sluice.jobs.<name>.dlq`.
+    """
+
+    name: Annotated[str, Field(pattern=ID_PATTERN)]
+    # Bearer tokens that may submit jobs to this queue (never an event write key).
+    submit_keys: Annotated[tuple[str, ...], Field(min_length=1)]
+    enabled: bool = True
+    partitions: int | None = Field(default=None, ge=1, le=1000)
+    # How many priority levels the queue has: a job's priority is 0 to priorities - 1.
+    priorities: int = Field(default=MAX_PRIORITY + 1, ge=1, le=MAX_PRIORITY + 1)
+    # Jobs one worker process runs at once, and (unset: no cap) the whole queue at once.
+    concurrency: int = Field(default=10, ge=1, le=10_000)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    rate_limit: JobRateLimit | None = None
+    backoff: JobBackoff = JobBackoff()
+    max_attempts: int = Field(default=3, ge=1, le=1000)
+    timeout_s: float = Field(default=300.0, gt=0)
+    # How long a worker holds a job before it is given to another (unless extended).
+    lease_s: float = Field(default=30.0, gt=0)
+    # How long finished jobs stay visible in their status, and an idempotency key binds.
+    retention_s: float = Field(default=7 * 86400.0, gt=0)
+    idempotency_s: float = Field(default=86400.0, gt=0)
+    max_payload_bytes: int = Field(default=256 * 1024, ge=1, le=8 * 1024 * 1024)
+    executor: PythonExecutor | None = None
+
+
 class PipelineConfig(_Model):
-    """The whole pipeline: every source and destination."""
+    """The whole pipeline: every source, destination and job queue."""
 
     sources: tuple[Source, ...] = ()
     destinations: tuple[Destination, ...] = ()
+    queues: tuple[Queue, ...] = ()
 
     @model_validator(mode="after")
     def _references(self) -> PipelineConfig:
@@ -271,6 +335,13 @@ class PipelineConfig(_Model):
         _unique("source", source_ids)
         _unique("destination", [d.id for d in self.destinations])
         _unique("write key", [k for s in self.sources for k in s.write_keys])
+        _unique("queue", [q.name for q in self.queues])
+        shared = {k for q in self.queues for k in q.submit_keys} & {
+            k for s in self.sources for k in s.write_keys
+        }
+        if shared:
+            # A write key is public (browser SDKs carry it): it must not submit jobs.
+            raise ValueError("a submit key of a queue is also a write key of a source")
         for dest in self.destinations:
             unknown = sorted(set(dest.sources) - set(source_ids))
             if unknown:
@@ -289,6 +360,13 @@ class PipelineConfig(_Model):
                 for src in dest.sources:
                     table[src].append(dest.id)
         return {k: tuple(v) for k, v in table.items()}
+
+    def queue(self, name: str) -> Queue | None:
+        """The enabled queue called `name`, or None."""
+        for queue in self.queues:
+            if queue.name == name and queue.enabled:
+                return queue
+        return None
 
     def destination(self, dest_id: str) -> Destination:
         """The destination named `dest_id`; ConfigError when there is none."""

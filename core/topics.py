@@ -49,6 +49,23 @@ class DestinationTopics:
 
 
 @dataclass(frozen=True)
+class QueueTopics:
+    """The topics of one job queue: one per priority level, and its dead jobs."""
+
+    prefix: str
+    queue: str
+
+    def priority(self, level: int) -> str:
+        """Where jobs of priority `level` wait to run."""
+        return f"{self.prefix}.jobs.{self.queue}.p{level}"
+
+    @property
+    def dlq(self) -> str:
+        """Jobs that spent their attempts or failed for good, with failure headers."""
+        return f"{self.prefix}.jobs.{self.queue}.dlq"
+
+
+@dataclass(frozen=True)
 class Topics:
     """Every topic name Sluice uses, from one prefix."""
 
@@ -84,6 +101,10 @@ class Topics:
         """The built-in schema registry's log (compacted)."""
         return f"{self.prefix}.schemas"
 
+    def queue(self, name: str) -> QueueTopics:
+        """The topics of job queue `name`."""
+        return QueueTopics(self.prefix, name)
+
     def destination(self, name: str, tiers: tuple[str, ...] = ()) -> DestinationTopics:
         """The topics of destination `name`."""
         return DestinationTopics(self.prefix, name, tiers)
@@ -113,4 +134,11 @@ def required_topics(cfg: PipelineConfig, kafka: KafkaSettings) -> list[TopicSpec
         specs.append(TopicSpec(dt.dlq, parts, rf, delete_30d))
         if dest.retry.preserve_order:
             specs.append(TopicSpec(dt.parked, parts, rf, compact))
+    for queue in cfg.queues:
+        qt = topics.queue(queue.name)
+        qparts = queue.partitions or parts
+        specs.extend(
+            TopicSpec(qt.priority(n), qparts, rf, delete_7d) for n in range(queue.priorities)
+        )
+        specs.append(TopicSpec(qt.dlq, qparts, rf, delete_30d))
     return specs

@@ -17,9 +17,20 @@ from core.config import PipelineConfig
 from core.settings import GatewaySettings, KafkaSettings, TransformSettings
 from core.shell import Probe, Probes, joined
 from core.topics import Topics
-from gateway import ingest
-from gateway.app_keys import CODEC, CONFIG, FAST, METRICS, PRODUCER, SETTINGS, SOURCES, TOPICS
-from gateway.auth import SourceTable
+from gateway import ingest, jobs
+from gateway.app_keys import (
+    CODEC,
+    CONFIG,
+    FAST,
+    JOB_CODEC,
+    JOB_KEYS,
+    METRICS,
+    PRODUCER,
+    SETTINGS,
+    SOURCES,
+    TOPICS,
+)
+from gateway.auth import SourceTable, SubmitKeys
 from gateway.connections import serve
 from gateway.contexts import config_ctx, producer_ctx
 from gateway.fast_envelope import FastWriter
@@ -27,7 +38,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.middleware import observe
 from gateway.openapi import openapi_document
 from gateway.responses import json_response
-from schemas.codec import event_codec
+from schemas.codec import event_codec, job_codec
 
 log = structlog.get_logger("sluice.gateway")
 
@@ -66,12 +77,15 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
     app[SOURCES] = SourceTable(cfg)
+    app[JOB_KEYS] = SubmitKeys(cfg)
+    app[JOB_CODEC] = job_codec()
     app[CODEC] = event_codec()
     app[TOPICS] = Topics(kafka.topic_prefix)
     app[FAST] = FastWriter(app[CODEC], settings.max_event_bytes, settings.max_json_depth)
     app.cleanup_ctx.append(producer_ctx(kafka, settings))
     app.cleanup_ctx.append(config_ctx(kafka, cfg, transforms))
     ingest.add_routes(app)
+    jobs.add_routes(app)
     app.router.add_get("/openapi.json", handle_openapi)
     _probes(app).add_routes(app)
     return app

@@ -1,4 +1,5 @@
-"""Write-key authentication: HTTP Basic username, or `writeKey` in the body as SDKs send it."""
+"""Write-key authentication: HTTP Basic username, or `writeKey` in the body as SDKs send it;
+and the job queues' submit keys, sent as Bearer tokens."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import binascii
 import hashlib
 import hmac
 
-from core.config import PipelineConfig, Source
+from core.config import PipelineConfig, Queue, Source
 from gateway.limits import TokenBucket
 
 
@@ -87,3 +88,43 @@ def basic_username(header: str | None) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     return decoded.partition(":")[0] or None
+
+
+class SubmitKeys:
+    """The queues each submit key may use; `update` swaps in a new config."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self._by_digest: dict[bytes, tuple[str, frozenset[str]]] = {}
+        self._queues: dict[str, Queue] = {}
+        self.update(cfg)
+
+    def update(self, cfg: PipelineConfig) -> None:
+        """Use `cfg`'s queues and submit keys from now on."""
+        names: dict[str, set[str]] = {}
+        for queue in cfg.queues:
+            if queue.enabled:
+                for key in queue.submit_keys:
+                    names.setdefault(key, set()).add(queue.name)
+        self._by_digest = {_digest(k): (k, frozenset(v)) for k, v in names.items()}
+        self._queues = {q.name: q for q in cfg.queues if q.enabled}
+
+    def queues_for(self, key: str | None) -> frozenset[str] | None:
+        """The queues `key` may submit to; None for no valid key (compared in constant time)."""
+        if not key:
+            return None
+        found = self._by_digest.get(_digest(key))
+        if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
+            return None
+        return found[1]
+
+    def queue(self, name: str) -> Queue | None:
+        """The enabled queue called `name`."""
+        return self._queues.get(name)
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of a `Bearer` Authorization header, if any."""
+    scheme, _, value = (header or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None

@@ -16,7 +16,7 @@ from core.config import PipelineConfig
 from core.config_topic import ConfigFollower
 from core.producer import EventProducer
 from core.settings import GatewaySettings, KafkaSettings, TransformSettings
-from gateway.app_keys import CONFIG, METRICS, PRODUCER, SOURCES
+from gateway.app_keys import CONFIG, JOB_KEYS, METRICS, PRODUCER, SOURCES
 
 log = structlog.get_logger("sluice.gateway")
 
@@ -40,15 +40,21 @@ def producer_ctx(kafka: KafkaSettings, settings: GatewaySettings) -> CleanupCont
 def config_ctx(
     kafka: KafkaSettings, cfg: PipelineConfig, transforms: TransformSettings | None
 ) -> CleanupContext:
-    """A follower of the config topic (`CONFIG`) that updates the app's sources (`SOURCES`)."""
+    """A follower of the config topic (`CONFIG`) that updates the app's sources (`SOURCES`)
+    and submit keys (`JOB_KEYS`)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        sources = app[SOURCES]
+        sources, job_keys = app[SOURCES], app[JOB_KEYS]
+
+        def update(new: PipelineConfig) -> None:
+            sources.update(new)
+            job_keys.update(new)
+
         follower = ConfigFollower(
             kafka,
             cfg,
-            lambda new: loop.call_soon_threadsafe(sources.update, new),
+            lambda new: loop.call_soon_threadsafe(update, new),
             transforms,
             app[METRICS].registry,
         )

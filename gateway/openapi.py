@@ -88,6 +88,57 @@ def _ingest(summary: str, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+JOB: dict[str, Any] = {
+    "type": "object",
+    "description": "One job. `delay_ms` and `run_at` exclude each other.",
+    "properties": {
+        "queue": {"type": "string", "maxLength": 64},
+        "payload": {"description": "Any JSON value: the job's input"},
+        "priority": {"type": "integer", "minimum": 0, "maximum": 9, "default": 0},
+        "delay_ms": {"type": "integer", "minimum": 0},
+        "run_at": _TS,
+        "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "timeout_ms": {"type": "integer", "minimum": 1},
+        "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 256},
+        "ordering_key": {"type": "string", "minLength": 1, "maxLength": 256},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 64}, "maxItems": 20},
+    },
+    "required": ["queue"],
+    "additionalProperties": False,
+}
+_SUBMITTED = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "queue": {"type": "string"},
+        "state": {"type": "string", "enum": ["PENDING", "SCHEDULED"]},
+    },
+    "required": ["id", "queue", "state"],
+}
+_JOB_ERRORS = {
+    "400": "Malformed JSON or an invalid job (the reason names it)",
+    "401": "Unknown or missing submit key",
+    "403": "The key may not submit to this queue",
+    "404": "No such queue",
+    "413": "Body, payload or batch over the limit",
+    "503": "Kafka did not confirm the write; retry after Retry-After",
+}
+
+
+def _submit(summary: str, body: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"submitKey": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "responses": {
+                "202": _json(answer, "Every job is durable in Kafka"),
+                **{code: _json(_ERROR, text) for code, text in _JOB_ERRORS.items()},
+            },
+        }
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The whole OpenAPI document of the gateway."""
     paths: dict[str, Any] = {
@@ -107,6 +158,20 @@ def openapi_document() -> dict[str, Any]:
     }
     for etype in ("track", "identify", "page", "screen", "group", "alias"):
         paths[f"/v1/{etype}"] = _ingest(f"One {etype} message", MESSAGE)
+    paths["/v1/jobs"] = _submit("Submit one job", JOB, _SUBMITTED)
+    paths["/v1/jobs/batch"] = _submit(
+        "Submit many jobs: all are stored, or none",
+        {
+            "type": "object",
+            "properties": {"jobs": {"type": "array", "items": JOB, "minItems": 1}},
+            "required": ["jobs"],
+        },
+        {
+            "type": "object",
+            "properties": {"jobs": {"type": "array", "items": _SUBMITTED}},
+            "required": ["jobs"],
+        },
+    )
     ok = {"200": _json({"type": "object"}, "OK")}
     paths["/health"] = {"get": {"summary": "The process is up", "responses": ok}}
     paths["/ready"] = {
@@ -136,7 +201,12 @@ def openapi_document() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "basic",
                     "description": "The write key as the username, an empty password",
-                }
+                },
+                "submitKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A submit key of the queue (`submit_keys` in the config)",
+                },
             }
         },
     }

@@ -334,6 +334,15 @@ def _mount_dlq() -> None:
 _mount_dlq()
 
 
+def _mount_jobs() -> None:
+    from ops.cli_jobs import jobs_app  # noqa: PLC0415
+
+    app.add_typer(jobs_app, name="jobs", help="Submit jobs to job queues.")
+
+
+_mount_jobs()
+
+
 def _mount_bench() -> None:
     from ops.benchmarks import bench_app  # noqa: PLC0415
 

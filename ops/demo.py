@@ -7,10 +7,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from core.config import load_config
+from core.config import Queue, load_config
 from core.errors import SluiceError
 from core.settings import (
     AppSettings,
@@ -113,12 +114,38 @@ def run_demo(out: Console, count: int) -> None:
     if any(d.id == "crm" for d in cfg.destinations):
         tracks = sum(1 for e in events if e["type"] == "track")
         _show_deliveries(out, kafka, wh, dl, hooks_before + tracks)
+    if cfg.queues:
+        _submit_jobs(out, cfg.queues[0], kafka, f"http://{gw.host}:{gw.port}")
     out.print(
         "\nThe broker, gateway, worker, sink and delivery keep running. Try:\n"
         '  .venv/bin/sluice sql "SELECT * FROM identifies ORDER BY timestamp DESC LIMIT 5"\n'
         "  .venv/bin/sluice send --count 1000\n"
         "  .venv/bin/sluice dlq list legacy-crm\n"
         "Stop everything with: make stop"
+    )
+
+
+def _submit_jobs(out: Console, queue: Queue, kafka: KafkaSettings, gateway: str) -> None:
+    """Submit a few jobs to the demo's queue and show where they wait."""
+    from core.topics import Topics  # noqa: PLC0415
+    from ops.cli_jobs import submit_job  # noqa: PLC0415
+
+    top = queue.priorities - 1
+    jobs: list[dict[str, Any]] = [
+        {"payload": {"mail": "welcome", "to": "user-0001"}, "priority": top},
+        {"payload": {"mail": "digest"}, "priority": 0, "delay_ms": 60_000},
+        {"payload": {"report": "daily"}, "priority": 1, "idempotency_key": "report-today"},
+        {"payload": {"report": "daily"}, "priority": 1, "idempotency_key": "report-today"},
+    ]
+    rows = []
+    for job in jobs:
+        answer = submit_job(gateway, queue.submit_keys[0], {"queue": queue.name, **job})
+        topic = Topics(kafka.topic_prefix).queue(queue.name).priority(job["priority"])
+        rows.append([answer["id"], answer["state"], str(job["priority"]), topic])
+    print_rows(
+        ["job id", "state", "priority", "topic"],
+        rows,
+        title=f"Jobs: submitted to queue `{queue.name}` (the same idempotency key, the same id)",
     )
 
 

@@ -91,11 +91,17 @@ class AvroCodec:
 
 # Ids of the schemas the built-in registry starts with; the registry keeps them stable.
 EVENT_SCHEMA_ID = 1
+JOB_SCHEMA_ID = 2
 
 
 def event_codec(logical_types: bool = True) -> AvroCodec:
     """The codec of the event envelope on ingest and destination topics."""
     return AvroCodec(load_schema("event"), EVENT_SCHEMA_ID, logical_types)
+
+
+def job_codec(logical_types: bool = True) -> AvroCodec:
+    """The codec of a job submission on a queue's priority topics."""
+    return AvroCodec(load_schema("job"), JOB_SCHEMA_ID, logical_types)
 
 
 def _plain(schema: Any) -> Any:

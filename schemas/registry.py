@@ -7,7 +7,8 @@ from the start and follows it; a registration is written to the log first, confi
 Kafka, and applied from there. Ids are global: the same schema text has the same id in
 every subject, as in Confluent's registry. The event envelope is always id 1
 (`EVENT_SCHEMA_ID`), registered under `<prefix>.events.ingest-value` when the log is
-empty, so records framed before the registry existed decode through it.
+empty, so records framed before the registry existed decode through it; the job
+submission is id 2 (`JOB_SCHEMA_ID`) under `<prefix>.jobs-value`.
 
 `RegistryState` is the pure part (no Kafka); `SchemaRegistry` keeps it in the topic.
 """
@@ -28,7 +29,7 @@ from core.follower import CompactedFollower, Entry
 from core.kafka import idempotent_producer
 from core.settings import KafkaSettings
 from core.topics import Topics
-from schemas.codec import EVENT_SCHEMA_ID, load_schema
+from schemas.codec import EVENT_SCHEMA_ID, JOB_SCHEMA_ID, load_schema
 from schemas.errors import RegistryError
 
 log = structlog.get_logger("sluice.registry")
@@ -221,11 +222,20 @@ class SchemaRegistry:
         """Read the log to its end, register the event envelope if the log is empty, follow."""
         self.follower.start()
         self._catch_up()
-        envelope = json.dumps(load_schema("event"))
-        if self.state.by_id.get(EVENT_SCHEMA_ID) is None:
-            self.register(f"{self.topics.ingest}-value", envelope, wanted_id=EVENT_SCHEMA_ID)
-        elif self.state.by_id[EVENT_SCHEMA_ID] != normalise(envelope)[0]:
-            log.warning("schema id 1 is not the event envelope in this registry's log")
+        builtin = (
+            (f"{self.topics.ingest}-value", "event", EVENT_SCHEMA_ID),
+            (f"{self.topics.prefix}.jobs-value", "job", JOB_SCHEMA_ID),
+        )
+        for subject, name, schema_id in builtin:
+            text = json.dumps(load_schema(name))
+            if self.state.by_id.get(schema_id) is None:
+                self.register(subject, text, wanted_id=schema_id)
+            elif self.state.by_id[schema_id] != normalise(text)[0]:
+                log.warning(
+                    "a built-in schema id holds another schema in this registry's log",
+                    schema=name,
+                    id=schema_id,
+                )
 
     def stop(self) -> None:
         """Stop following the log."""

@@ -21,6 +21,8 @@ from core.settings import TransformSettings
 # The pipeline's write key: `Pipeline` puts its own in place of this.
 KEY = "{key}"
 SOURCE = "test-src"
+# The submit key of the tests' job queues.
+SUBMIT_KEY = "test-submit-key"
 
 
 class Configs:
@@ -59,16 +61,25 @@ class Configs:
                 dest[name] = value
         return dest
 
+    def queue(
+        self, name: str = "work", keys: Sequence[str] = (SUBMIT_KEY,), **fields: Any
+    ) -> dict[str, Any]:
+        """A job queue that `keys` may submit to; other keywords are its fields."""
+        return {"name": name, "submit_keys": list(keys), **fields}
+
     def text(
         self,
         *destinations: dict[str, Any],
         sources: Sequence[dict[str, Any]] | None = None,
+        queues: Sequence[dict[str, Any]] = (),
     ) -> str:
         """The YAML of a config with these destinations (and `test-src` unless `sources`)."""
-        body = {
+        body: dict[str, Any] = {
             "sources": list(sources) if sources is not None else [self.source()],
             "destinations": list(destinations),
         }
+        if queues:
+            body["queues"] = list(queues)
         return yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
     def model(

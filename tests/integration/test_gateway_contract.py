@@ -23,6 +23,7 @@ from core.settings import KafkaSettings
 from core.topics import required_topics
 from gateway.openapi import openapi_document
 from ops.traffic import basic_auth
+from tests.configs import SUBMIT_KEY, Configs
 from tests.pipeline import Pipeline, http_json
 
 pytestmark = pytest.mark.integration
@@ -39,13 +40,22 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def gateway(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     prefix = f"t{uuid.uuid4().hex[:10]}"
-    pipe = Pipeline(tmp_path_factory.mktemp("contract"), broker, prefix)
+    configs = Configs()
+    config = configs.text(configs.warehouse(), queues=[configs.queue("work", priorities=3)])
+    pipe = Pipeline(tmp_path_factory.mktemp("contract"), broker, prefix, config=config)
     kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
     cfg = load_config(Path(pipe.env["SLUICE_CONFIG_FILE"]))
     apply_topics(required_topics(cfg, kafka), kafka)
     pipe.start("gateway")
     yield pipe
     pipe.stop()
+
+
+def _credential(case: schemathesis.Case[Any], gateway: Pipeline) -> str:
+    """The valid key of the operation: a submit key for the jobs API, else the write key."""
+    if case.operation.path.startswith("/v1/jobs"):
+        return f"Bearer {SUBMIT_KEY}"
+    return basic_auth(gateway.write_key)
 
 
 def test_the_served_document_is_the_one_tested(gateway: Pipeline) -> None:
@@ -61,7 +71,7 @@ def test_no_server_errors_and_responses_match_the_schema(
     # (userId or anonymousId, an event name for track): the test checks the contract instead.
     case.call_and_validate(
         base_url=gateway.gateway_url,
-        headers={"Authorization": basic_auth(gateway.write_key)},
+        headers={"Authorization": _credential(case, gateway)},
         checks=[
             not_a_server_error,
             status_code_conformance,
@@ -78,6 +88,7 @@ def test_nothing_is_accepted_without_a_valid_key(
 ) -> None:
     if not case.operation.path.startswith("/v1/"):
         return
-    for headers in ({}, {"Authorization": basic_auth("not-" + gateway.write_key)}):
+    wrong = (basic_auth("not-" + gateway.write_key), f"Bearer not-{SUBMIT_KEY}")
+    for headers in ({}, *({"Authorization": value} for value in wrong)):
         response = case.call(base_url=gateway.gateway_url, headers=headers, params={})
         assert 400 <= response.status_code < 500, response.text

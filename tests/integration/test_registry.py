@@ -165,7 +165,8 @@ def test_writes_need_the_credential(
     # Nothing changed: one version, no new subject, the default level.
     with SchemaRegistryClient({"url": url}) as reader:
         envelope = f"{kafka.topic_prefix}.events.ingest-value"
-        assert set(reader.get_subjects()) == {"orders-value", envelope}
+        jobs = f"{kafka.topic_prefix}.jobs-value"
+        assert set(reader.get_subjects()) == {"orders-value", envelope, jobs}
         assert reader.get_versions("orders-value") == [1]
         assert reader.get_compatibility() == "BACKWARD"
     # With the credential, the same writes work.
@@ -209,10 +210,14 @@ def _use_registry(client: SchemaRegistryClient, kafka: KafkaSettings) -> int:
     envelope = client.get_schema(1).schema_str
     assert envelope is not None
     assert json.loads(envelope) == load_schema("event")
+    # The job submission is id 2, for any Kafka client that produces jobs.
+    job = client.get_schema(2).schema_str
+    assert job is not None
+    assert json.loads(job) == load_schema("job")
     first = client.register_schema("orders-value", Schema(json.dumps(V1), "AVRO"))
     second = client.register_schema("orders-value", Schema(json.dumps(V2), "AVRO"))
     assert first != second
-    assert first not in (1, second)
+    assert first not in (1, 2, second)
     assert client.get_versions("orders-value") == [1, 2]
     assert client.get_latest_version("orders-value").schema_id == second
     assert (

@@ -13,6 +13,7 @@ from core.errors import ConfigError
 from core.settings import KafkaSettings, TransformSettings
 from core.topics import Topics, required_topics
 from core.transforms import resolve_function
+from tests.configs import Configs
 
 
 def test_the_shipped_config_is_valid_and_routes_the_demo_source() -> None:
@@ -196,3 +197,34 @@ def test_allowed_transform_modules_come_from_the_environment(
     assert settings.allows("acme.rules.crm")
     assert not settings.allows("acme.rulesx")
     assert not settings.allows("acme")
+
+
+def test_a_queue_has_a_topic_per_priority_and_a_dlq(configs: Configs) -> None:
+    cfg = parse_config(configs.text(queues=[configs.queue("mail", priorities=3, partitions=8)]))
+    specs = {s.name: s for s in required_topics(cfg, KafkaSettings(topic_prefix="x"))}
+    mail = sorted(name for name in specs if name.startswith("x.jobs.mail."))
+    assert mail == ["x.jobs.mail.dlq", "x.jobs.mail.p0", "x.jobs.mail.p1", "x.jobs.mail.p2"]
+    assert {specs[name].partitions for name in mail} == {8}
+    assert cfg.queue("mail") is not None
+    assert cfg.queue("post") is None
+
+
+def test_a_submit_key_may_not_be_a_write_key_and_queue_names_are_unique(
+    configs: Configs,
+) -> None:
+    with pytest.raises(ConfigError, match="also a write key"):
+        parse_config(
+            configs.text(queues=[configs.queue(keys=["k"])], sources=[configs.source(keys=["k"])])
+        )
+    with pytest.raises(ConfigError, match="duplicate queue"):
+        parse_config(configs.text(queues=[configs.queue("a"), configs.queue("a")]))
+    with pytest.raises(ConfigError, match="priorities"):
+        parse_config(configs.text(queues=[configs.queue(priorities=11)]))
+
+
+def test_job_backoff_grows_to_its_cap_within_its_jitter() -> None:
+    from core.config import JobBackoff  # noqa: PLC0415
+
+    backoff = JobBackoff()  # 100 ms, x2, 60 s, +/- 10 %
+    assert [backoff.delay_ms(n) for n in (1, 2, 3, 11, 30)] == [100, 200, 400, 60_000, 60_000]
+    assert (backoff.delay_ms(3, -1), backoff.delay_ms(3, 1)) == (360, 440)

@@ -1,0 +1,192 @@
+"""The jobs API's submit half: `POST /v1/jobs` and `POST /v1/jobs/batch`.
+
+A submit key (a queue's `submit_keys`, sent as `Authorization: Bearer <key>`) names the
+queues it may submit to; event write keys never do. A request is checked whole before
+anything is produced: one invalid job in a batch fails the batch with its index and the
+reason (400), an unknown queue is 404, a queue the key may not use 403, a payload over
+the queue's `max_payload_bytes` 413. Valid jobs are produced to their queue's topic of
+their priority (`sluice.jobs.<queue>.p<priority>`), keyed by their ordering key or
+their id, and the answer (202, with the ids) comes once Kafka confirmed every one.
+
+A job's id is random, or, with an idempotency key, derived from the queue and the key
+(`uuid5`): every gateway gives the same key on the same queue the same id, so whatever
+takes the jobs off the topic sees one job however often it was submitted.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.config import MAX_PRIORITY
+from core.errors import BrokerUnavailable, SchemaError
+from core.kafka import Record
+from gateway.app_keys import JOB_CODEC, JOB_KEYS, PRODUCER, TOPICS
+from gateway.auth import bearer_token
+from gateway.ingest import _parse, read_body
+from gateway.responses import error, json_response
+
+# The namespace of job ids derived from idempotency keys.
+IDEMPOTENT_IDS = uuid.UUID("6f3c3b0e-2f55-4d4e-9a57-5c1ab4a1d0f1")
+MAX_BATCH = 1000
+# A delay or run_at further out than this is refused: almost surely a unit mistake.
+MAX_DELAY_MS = 366 * 86400 * 1000
+_Text = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class JobRequest(BaseModel):
+    """One job as a client submits it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queue: Annotated[str, Field(min_length=1, max_length=64)]
+    payload: Any = None
+    priority: int = Field(default=0, ge=0, le=MAX_PRIORITY, strict=True)
+    delay_ms: int | None = Field(default=None, ge=0, le=MAX_DELAY_MS, strict=True)
+    run_at: datetime | None = None
+    max_attempts: int | None = Field(default=None, ge=1, le=1000, strict=True)
+    timeout_ms: int | None = Field(default=None, ge=1, le=7 * 86400 * 1000, strict=True)
+    idempotency_key: _Text | None = None
+    ordering_key: _Text | None = None
+    tags: Annotated[tuple[Annotated[str, Field(max_length=64)], ...], Field(max_length=20)] = ()
+
+    @model_validator(mode="after")
+    def _one_start(self) -> JobRequest:
+        if self.delay_ms is not None and self.run_at is not None:
+            raise ValueError("give delay_ms or run_at, not both")
+        if self.run_at is not None and self.run_at.tzinfo is None:
+            raise ValueError("run_at needs a time zone (for example 2026-12-03T10:00:00Z)")
+        return self
+
+
+def job_id(queue: str, idempotency_key: str | None) -> str:
+    """A new random id, or the one id of `idempotency_key` on `queue`."""
+    if idempotency_key is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(IDEMPOTENT_IDS, f"{queue}\x00{idempotency_key}"))
+
+
+def _allowed(request: web.Request) -> frozenset[str]:
+    queues = request.app[JOB_KEYS].queues_for(bearer_token(request.headers.get("Authorization")))
+    if queues is None:
+        raise error(
+            401, "unknown or missing submit key", **{"WWW-Authenticate": 'Bearer realm="sluice"'}
+        )
+    return queues
+
+
+def _check(request: web.Request, allowed: frozenset[str], item: Any, where: str) -> JobRequest:
+    """One job of the request, valid for its queue, or the 4xx that says why not."""
+    try:
+        job = JobRequest.model_validate(item)
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(job)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise error(400, f"{where}: {reasons}") from None
+    queue = request.app[JOB_KEYS].queue(job.queue)
+    if queue is None:
+        raise error(404, f"{where}: no queue named {job.queue!r}")
+    if job.queue not in allowed:
+        raise error(403, f"{where}: this key may not submit to queue {job.queue!r}")
+    if job.priority >= queue.priorities:
+        raise error(
+            400,
+            f"{where}: priority {job.priority} is out of range for queue {job.queue!r} "
+            f"(0 to {queue.priorities - 1})",
+        )
+    size = len(orjson.dumps(job.payload))
+    if size > queue.max_payload_bytes:
+        raise error(
+            413,
+            f"{where}: payload is {size} bytes, over queue {job.queue!r}'s limit of "
+            f"{queue.max_payload_bytes}",
+        )
+    return job
+
+
+def _record(request: web.Request, job: JobRequest, now_ms: int) -> tuple[str, str, Record, str]:
+    """The job's id, topic, record and first state."""
+    jid = job_id(job.queue, job.idempotency_key)
+    run_at: int | None = None
+    if job.delay_ms:
+        run_at = now_ms + job.delay_ms
+    elif job.run_at is not None:
+        run_at = int(job.run_at.timestamp() * 1000)
+        if run_at - now_ms > MAX_DELAY_MS:
+            raise error(400, "run_at is more than a year away")
+    value = request.app[JOB_CODEC].encode(
+        {
+            "job_id": jid,
+            "queue": job.queue,
+            "priority": job.priority,
+            "payload": orjson.dumps(job.payload).decode(),
+            "submitted_at": now_ms,
+            "run_at": run_at,
+            "max_attempts": job.max_attempts,
+            "timeout_ms": job.timeout_ms,
+            "idempotency_key": job.idempotency_key,
+            "ordering_key": job.ordering_key,
+            "tags": list(job.tags),
+        }
+    )
+    topic = request.app[TOPICS].queue(job.queue).priority(job.priority)
+    key = (job.ordering_key or jid).encode()
+    state = "SCHEDULED" if run_at is not None and run_at > now_ms else "PENDING"
+    return jid, topic, (key, value, None), state
+
+
+async def _submit(request: web.Request, jobs: list[JobRequest]) -> list[dict[str, str]]:
+    now_ms = int(time.time() * 1000)
+    built = [_record(request, job, now_ms) for job in jobs]
+    by_topic: dict[str, list[Record]] = {}
+    for _, topic, record, _ in built:
+        by_topic.setdefault(topic, []).append(record)
+    try:
+        for topic, records in by_topic.items():
+            await request.app[PRODUCER].send_batch(topic, records)
+    except (BrokerUnavailable, SchemaError) as exc:
+        # Some jobs may have landed: a client sending the request again with idempotency
+        # keys gets the same ids.
+        raise error(503, f"jobs not stored: {exc}", **{"Retry-After": "1"}) from None
+    return [
+        {"id": jid, "queue": job.queue, "state": state}
+        for job, (jid, _, _, state) in zip(jobs, built, strict=True)
+    ]
+
+
+async def handle_submit(request: web.Request) -> web.Response:
+    """`POST /v1/jobs`: one job; 202 with its id once Kafka confirmed it."""
+    allowed = _allowed(request)
+    body = _parse(request, await read_body(request))
+    if not isinstance(body, dict):
+        raise error(400, "the body must be a JSON object (one job)")
+    job = _check(request, allowed, body, "job")
+    (submitted,) = await _submit(request, [job])
+    return json_response(submitted, status=202)
+
+
+async def handle_submit_batch(request: web.Request) -> web.Response:
+    """`POST /v1/jobs/batch`: `{"jobs": [...]}`, all valid or none stored; 202 with the ids."""
+    allowed = _allowed(request)
+    body = _parse(request, await read_body(request))
+    items = body.get("jobs") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        raise error(400, 'the body must be {"jobs": [...]} with at least one job')
+    if len(items) > MAX_BATCH:
+        raise error(413, f"{len(items)} jobs in one request, over the limit of {MAX_BATCH}")
+    jobs = [_check(request, allowed, item, f"jobs[{i}]") for i, item in enumerate(items)]
+    return json_response({"jobs": await _submit(request, jobs)}, status=202)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the jobs API's routes."""
+    app.router.add_post("/v1/jobs", handle_submit)
+    app.router.add_post("/v1/jobs/batch", handle_submit_batch)
