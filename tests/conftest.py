@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient
 
 from core.settings import KafkaSettings
 from tests.configs import Configs
-from tests.pipeline import Pipeline, pipeline_with_topics
+from tests.pipeline import LIVE, Pipeline, pipeline_with_topics
 
 BOOTSTRAP = os.environ.get("SLUICE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 
@@ -42,7 +42,13 @@ def prefix(request: pytest.FixtureRequest) -> Iterator[str]:
     partition, and a whole suite's worth of them would outgrow its open-file limit.
     """
     name = f"t{uuid.uuid4().hex[:10]}"
+    made = len(LIVE)
     yield name
+    # Services a test left running would go on against deleted topics (and recreate
+    # them), and would load the machine for the rest of the suite.
+    for pipe in LIVE[made:]:
+        if pipe.prefix == name:
+            pipe.stop()
     if "broker" in request.fixturenames:
         _delete_topics(name)
 

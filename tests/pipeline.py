@@ -68,6 +68,10 @@ def worker_routed(port: int) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+# Every pipeline made, so that a test's fixtures can stop the services it left running.
+LIVE: list[Pipeline] = []
+
+
 @dataclass
 class Pipeline:
     """Gateway, worker and sink of one test, with their own topics, group ids and warehouse."""
@@ -82,6 +86,7 @@ class Pipeline:
     config: str = CONFIG
 
     def __post_init__(self) -> None:
+        LIVE.append(self)
         self.gateway_port = free_port()
         self.query_port = free_port()
         self.delivery_port = free_port()

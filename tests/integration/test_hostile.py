@@ -57,6 +57,10 @@ def _config(hook_port: int, keys: tuple[str, ...] = (KEY,)) -> str:
         f"http://127.0.0.1:{hook_port}/hook",
         filter={"allow_events": ["Hook Me"]},
         retry={"tiers": ["1s", "2s"], "max_attempts": 6, "max_retry_after_s": 2},
+        # Every first try fails: with the default breaker (open after 5 in a row for 30 s,
+        # reopened by a failed probe) the retries' timing would be the breaker's, not the
+        # capped Retry-After this test is about.
+        breaker={"failures": 1000, "cooldown_s": 1},
     )
     return configs.text(configs.warehouse(), fat, hook, sources=[configs.source(keys=keys)])
 
