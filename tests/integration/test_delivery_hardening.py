@@ -176,8 +176,8 @@ async def test_a_stalled_destination_loop_fails_ready_with_the_reason_and_progre
     async with webhook_receiver(port, hook):
         await asyncio.to_thread(pipe.start, "deliver")
         try:
-            status, body = await asyncio.to_thread(_ready, pipe)
-            assert status == 200, body
+            # Ready once it has read the config topic to its end (a moment after /health).
+            await until(lambda: _ready(pipe)[0] == 200, 30, "/ready green at the start")
             await asyncio.to_thread(
                 produce, kafka, f"{prefix}.dest.hook", envelope_records(messages), 0
             )
