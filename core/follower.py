@@ -40,6 +40,7 @@ from core.settings import KafkaSettings
 log = structlog.get_logger("sluice.follower")
 
 BEGINNING = -2  # librdkafka's OFFSET_BEGINNING
+LATEST = -1  # as a time for offsets_for_times: the partition's next offset
 # How long one broker request of the follower (metadata, watermarks) may take.
 REQUEST_TIMEOUT_S = 5.0
 
@@ -66,6 +67,11 @@ class KafkaConsumer(Protocol):
         self, partition: TopicPartition, timeout: float = -1, cached: bool = False
     ) -> tuple[int, int]:
         """The first and the next offset of a partition."""
+
+    def offsets_for_times(
+        self, partitions: list[TopicPartition], timeout: float = -1
+    ) -> list[TopicPartition]:
+        """Offsets by time; a time of -1 asks for each partition's next offset (one request)."""
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
         """Cluster metadata, here of one topic."""
@@ -135,6 +141,9 @@ class CompactedFollower:
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": True,
+            # A watermark query waits behind the fetch in flight on the connection: a
+            # short fetch wait keeps `sync` quick (a few partitions, a few tenths of a second).
+            "fetch.wait.max.ms": 100,
         }
         self._make_consumer = consumer
         self._consumer: KafkaConsumer | None = None
@@ -344,13 +353,17 @@ class CompactedFollower:
     def _now_ends(self) -> dict[int, int]:
         assert self._consumer is not None, "opened by _step"
         assert self._ends is not None, "opened by _step"
+        # Every partition's end in one request: it waits behind the fetch in flight once,
+        # not once per partition.
+        found = self._consumer.offsets_for_times(
+            [TopicPartition(self.topic, p, LATEST) for p in self._ends],
+            timeout=REQUEST_TIMEOUT_S,
+        )
         ends = {}
-        for p in self._ends:
-            low, high = self._consumer.get_watermark_offsets(
-                TopicPartition(self.topic, p), timeout=REQUEST_TIMEOUT_S, cached=False
-            )
-            self._next[p] = max(self._next.get(p, 0), low)
-            ends[p] = high
+        for tp in found:
+            if tp.error is not None:
+                raise RuntimeError(f"the end of {self.topic}[{tp.partition}]: {tp.error}")
+            ends[tp.partition] = tp.offset
         return ends
 
     def _reached(self, ends: dict[int, int]) -> bool:

@@ -245,6 +245,39 @@ class DeliverySettings(BaseSettings):
         return None
 
 
+class JobSettings(BaseSettings):
+    """The job worker process: the queues whose executor runs in it."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_JOBS_", frozen=True)
+
+    host: str = "127.0.0.1"
+    # `/health`, `/ready` and `/metrics` of the job worker.
+    port: int = 8126
+    # Each queue is worked by the consumer group `<consumer_group>-<queue>`.
+    consumer_group: str = "sluice-jobs"
+    # Modules a queue's python executor may name (comma-separated prefixes, as for
+    # SLUICE_TRANSFORM_MODULES): `jobs` allows `jobs` and `jobs.billing`.
+    modules: Annotated[tuple[str, ...], NoDecode] = ("jobs", "connectors.jobs.builtin")
+    # The group's session timeout: how soon a killed worker's partitions go to another.
+    session_timeout_ms: int = 10_000
+    # Jobs a queue's loop keeps read and due but not started, per priority: at this many
+    # the priority's partitions are paused until half of them started.
+    max_ready: int = 1000
+    # `/ready` fails when a queue has jobs due but started or finished none for this long.
+    stall_after_s: float = 120.0
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    def allows(self, module: str) -> bool:
+        """Whether `module` is one of the allowed modules or lies under one."""
+        return TransformSettings(modules=self.modules).allows(module)
+
+
 class AppSettings(BaseSettings):
     """Where the pipeline configuration file lives."""
 
@@ -263,6 +296,7 @@ ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     WorkerSettings,
     WarehouseSettings,
     DeliverySettings,
+    JobSettings,
     AppSettings,
 )
 

@@ -32,7 +32,7 @@ from gateway.app_keys import (
 )
 from gateway.auth import SourceTable, SubmitKeys
 from gateway.connections import serve
-from gateway.contexts import config_ctx, producer_ctx
+from gateway.contexts import config_ctx, job_status_ctx, producer_ctx
 from gateway.fast_envelope import FastWriter
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import observe
@@ -84,6 +84,7 @@ def create_app(
     app[FAST] = FastWriter(app[CODEC], settings.max_event_bytes, settings.max_json_depth)
     app.cleanup_ctx.append(producer_ctx(kafka, settings))
     app.cleanup_ctx.append(config_ctx(kafka, cfg, transforms))
+    app.cleanup_ctx.append(job_status_ctx(kafka))
     ingest.add_routes(app)
     jobs.add_routes(app)
     app.router.add_get("/openapi.json", handle_openapi)

@@ -1,11 +1,15 @@
 """The typed keys of what the gateway app holds: settings, producer, metrics, sources, codecs,
-the config follower, the queues' submit keys."""
+the config follower, the queues' submit keys, the jobs' statuses."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from core.config_topic import ConfigFollower
+from core.follower import CompactedFollower
+from core.jobs import StatusTable
 from core.producer import EventProducer
 from core.settings import GatewaySettings
 from core.topics import Topics
@@ -24,3 +28,14 @@ FAST = web.AppKey("fast", FastWriter)
 CONFIG = web.AppKey("config", ConfigFollower)
 JOB_KEYS = web.AppKey("job_keys", SubmitKeys)
 JOB_CODEC = web.AppKey("job_codec", AvroCodec)
+
+
+@dataclass(frozen=True)
+class JobStatuses:
+    """The status of every job, followed from the status topic."""
+
+    table: StatusTable
+    follower: CompactedFollower
+
+
+JOB_STATUS = web.AppKey("job_status", JobStatuses)

@@ -1,7 +1,8 @@
 """The gateway app's resources, opened with the app and closed after its last request.
 
 The producer flushes what it holds before the process exits; the config follower
-swaps new sources and write keys into the app's table on the event loop.
+swaps new sources and write keys into the app's table on the event loop; the job status
+follower keeps the status of every job for `GET /v1/jobs`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,20 @@ from aiohttp import web
 
 from core.config import PipelineConfig
 from core.config_topic import ConfigFollower
+from core.follower import CompactedFollower
+from core.jobs import StatusTable
 from core.producer import EventProducer
 from core.settings import GatewaySettings, KafkaSettings, TransformSettings
-from gateway.app_keys import CONFIG, JOB_KEYS, METRICS, PRODUCER, SOURCES
+from core.topics import Topics
+from gateway.app_keys import (
+    CONFIG,
+    JOB_KEYS,
+    JOB_STATUS,
+    METRICS,
+    PRODUCER,
+    SOURCES,
+    JobStatuses,
+)
 
 log = structlog.get_logger("sluice.gateway")
 
@@ -59,6 +71,23 @@ def config_ctx(
             app[METRICS].registry,
         )
         app[CONFIG] = follower
+        follower.start()
+        yield
+        await loop.run_in_executor(None, follower.stop)
+
+    return ctx
+
+
+def job_status_ctx(kafka: KafkaSettings) -> CleanupContext:
+    """A follower of the job status topic into the app's status table (`JOB_STATUS`)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        table = StatusTable()
+        follower = CompactedFollower(
+            kafka, Topics(kafka.topic_prefix).jobs_status, table.apply, name="gateway-jobs"
+        )
+        app[JOB_STATUS] = JobStatuses(table, follower)
         follower.start()
         yield
         await loop.run_in_executor(None, follower.stop)

@@ -1,4 +1,4 @@
-"""The jobs API's submit half: `POST /v1/jobs` and `POST /v1/jobs/batch`.
+"""The jobs API: submitting (`POST /v1/jobs`, `POST /v1/jobs/batch`) and status.
 
 A submit key (a queue's `submit_keys`, sent as `Authorization: Bearer <key>`) names the
 queues it may submit to; event write keys never do. A request is checked whole before
@@ -11,6 +11,13 @@ their id, and the answer (202, with the ids) comes once Kafka confirmed every on
 A job's id is random, or, with an idempotency key, derived from the queue and the key
 (`uuid5`): every gateway gives the same key on the same queue the same id, so whatever
 takes the jobs off the topic sees one job however often it was submitted.
+
+Status comes from the job status topic, which the gateway follows: `GET /v1/jobs/{id}`
+answers a job's latest state with its history (404 for a job no worker has read yet, or
+of a queue the key may not use), `GET /v1/jobs?queue=&state=&limit=` lists a queue's
+jobs, the latest updated first, and `GET /v1/queues/{queue}` counts its jobs by state.
+All of them take the queue's submit key; before the status topic was read to its end
+they answer 503.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from core.config import MAX_PRIORITY
 from core.errors import BrokerUnavailable, SchemaError
+from core.jobs import STATES
 from core.kafka import Record
-from gateway.app_keys import JOB_CODEC, JOB_KEYS, PRODUCER, TOPICS
+from gateway.app_keys import JOB_CODEC, JOB_KEYS, JOB_STATUS, PRODUCER, TOPICS, JobStatuses
 from gateway.auth import bearer_token
 from gateway.ingest import _parse, read_body
 from gateway.responses import error, json_response
@@ -186,7 +194,68 @@ async def handle_submit_batch(request: web.Request) -> web.Response:
     return json_response({"jobs": await _submit(request, jobs)}, status=202)
 
 
+def _statuses(request: web.Request) -> JobStatuses:
+    statuses = request.app[JOB_STATUS]
+    if not statuses.follower.caught_up:
+        raise error(
+            503,
+            "job statuses are not read to their end yet: "
+            + (statuses.follower.problem() or "reading"),
+            **{"Retry-After": "1"},
+        )
+    return statuses
+
+
+def _visible_queue(request: web.Request, allowed: frozenset[str], name: str) -> None:
+    if request.app[JOB_KEYS].queue(name) is None:
+        raise error(404, f"no queue named {name!r}")
+    if name not in allowed:
+        raise error(403, f"this key may not use queue {name!r}")
+
+
+async def handle_status(request: web.Request) -> web.Response:
+    """`GET /v1/jobs/{id}`: the job's latest state and its history."""
+    allowed = _allowed(request)
+    job_id = request.match_info["id"]
+    status = _statuses(request).table.get(job_id)
+    if status is None or status.queue not in allowed:
+        raise error(404, f"no job {job_id!r} (a job shows once a worker has read it)")
+    return json_response(status.public())
+
+
+async def handle_list(request: web.Request) -> web.Response:
+    """`GET /v1/jobs?queue=&state=&limit=`: a queue's jobs, the latest updated first."""
+    allowed = _allowed(request)
+    queue = request.query.get("queue")
+    if not queue:
+        raise error(400, "give the queue: ?queue=<name>")
+    _visible_queue(request, allowed, queue)
+    state = request.query.get("state")
+    if state is not None and state.upper() not in STATES:
+        raise error(400, f"unknown state {state!r}; one of {', '.join(STATES)}")
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise error(400, "limit must be a whole number") from None
+    if not 1 <= limit <= MAX_BATCH:
+        raise error(400, f"limit must be 1 to {MAX_BATCH}")
+    found = _statuses(request).table.select(queue, state.upper() if state else None, limit)
+    return json_response({"jobs": [s.public() for s in found]})
+
+
+async def handle_queue(request: web.Request) -> web.Response:
+    """`GET /v1/queues/{queue}`: how many of the queue's jobs are in each state."""
+    allowed = _allowed(request)
+    queue = request.match_info["queue"]
+    _visible_queue(request, allowed, queue)
+    counts = _statuses(request).table.counts(queue)
+    return json_response({"queue": queue, "counts": counts})
+
+
 def add_routes(app: web.Application) -> None:
     """Register the jobs API's routes."""
     app.router.add_post("/v1/jobs", handle_submit)
     app.router.add_post("/v1/jobs/batch", handle_submit_batch)
+    app.router.add_get("/v1/jobs", handle_list)
+    app.router.add_get("/v1/jobs/{id}", handle_status)
+    app.router.add_get("/v1/queues/{queue}", handle_queue)

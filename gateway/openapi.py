@@ -139,6 +139,44 @@ def _submit(summary: str, body: dict[str, Any], answer: dict[str, Any]) -> dict[
     }
 
 
+_STATUS = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "queue": {"type": "string"},
+        "state": {"type": "string"},
+        "attempt": {"type": "integer"},
+        "history": {"type": "array", "items": {"type": "object"}},
+    },
+    "required": ["id", "queue", "state", "attempt", "history"],
+}
+_READ_ERRORS = {
+    "400": "An invalid query parameter (the reason names it)",
+    "401": "Unknown or missing submit key",
+    "403": "The key may not use this queue",
+    "404": "No such job or queue",
+    "503": "The job statuses are not read to their end yet; retry after Retry-After",
+}
+
+
+def _read(summary: str, answer: dict[str, Any], parameters: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "security": [{"submitKey": []}],
+            "parameters": parameters,
+            "responses": {
+                "200": _json(answer, "OK"),
+                **{code: _json(_ERROR, text) for code, text in _READ_ERRORS.items()},
+            },
+        }
+    }
+
+
+def _param(name: str, where: str, schema: dict[str, Any], required: bool) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required, "schema": schema}
+
+
 def openapi_document() -> dict[str, Any]:
     """The whole OpenAPI document of the gateway."""
     paths: dict[str, Any] = {
@@ -171,6 +209,35 @@ def openapi_document() -> dict[str, Any]:
             "properties": {"jobs": {"type": "array", "items": _SUBMITTED}},
             "required": ["jobs"],
         },
+    )
+    paths["/v1/jobs"].update(
+        _read(
+            "A queue's jobs, the latest updated first",
+            {
+                "type": "object",
+                "properties": {"jobs": {"type": "array", "items": _STATUS}},
+                "required": ["jobs"],
+            },
+            [
+                _param("queue", "query", {"type": "string"}, True),
+                _param("state", "query", {"type": "string"}, False),
+                _param("limit", "query", {"type": "integer", "minimum": 1}, False),
+            ],
+        )
+    )
+    paths["/v1/jobs/{id}"] = _read(
+        "A job's latest state and its history",
+        _STATUS,
+        [_param("id", "path", {"type": "string"}, True)],
+    )
+    paths["/v1/queues/{queue}"] = _read(
+        "How many of a queue's jobs are in each state",
+        {
+            "type": "object",
+            "properties": {"queue": {"type": "string"}, "counts": {"type": "object"}},
+            "required": ["queue", "counts"],
+        },
+        [_param("queue", "path", {"type": "string"}, True)],
     )
     ok = {"200": _json({"type": "object"}, "OK")}
     paths["/health"] = {"get": {"summary": "The process is up", "responses": ok}}

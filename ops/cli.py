@@ -337,7 +337,7 @@ _mount_dlq()
 def _mount_jobs() -> None:
     from ops.cli_jobs import jobs_app  # noqa: PLC0415
 
-    app.add_typer(jobs_app, name="jobs", help="Submit jobs to job queues.")
+    app.add_typer(jobs_app, name="jobs", help="Run the job worker; submit jobs, see their status.")
 
 
 _mount_jobs()

@@ -1,18 +1,29 @@
-"""`sluice jobs submit`: a job to a queue through the gateway's jobs API."""
+"""`sluice jobs`: run the job worker, submit jobs and read their status through the gateway."""
 
 from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 import typer
 from rich.console import Console
 
-from core.settings import GatewaySettings
-from ops.output import fail
+from core.config import load_config
+from core.errors import SluiceError
+from core.settings import (
+    AppSettings,
+    GatewaySettings,
+    JobSettings,
+    KafkaSettings,
+    TransformSettings,
+)
+from ops.output import fail, print_rows
 
 jobs_app = typer.Typer(no_args_is_help=True)
 console = Console()
@@ -21,12 +32,23 @@ console = Console()
 def submit_job(gateway: str, key: str, job: dict[str, Any], timeout: float = 30) -> Any:
     """POST one job to `gateway`/v1/jobs with the submit key; the answer, or a one-line
     reason (ValueError) for a 4xx/5xx or an unreachable gateway."""
+    return call_gateway(gateway, key, "/v1/jobs", job, timeout)
+
+
+def call_gateway(
+    gateway: str, key: str, path: str, body: Any | None = None, timeout: float = 30
+) -> Any:
+    """GET (or, with a body, POST) `path` of the jobs API with the submit key; the JSON
+    answer, or a one-line reason (ValueError) for a 4xx/5xx or an unreachable gateway."""
     if not gateway.startswith(("http://", "https://")):
         raise ValueError(f"the gateway URL must start with http:// or https://: {gateway}")
+    headers = {"Authorization": f"Bearer {key}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
     req = urllib.request.Request(  # noqa: S310 - the scheme is checked above
-        f"{gateway.rstrip('/')}/v1/jobs",
-        data=orjson.dumps(job),
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        f"{gateway.rstrip('/')}{path}",
+        data=None if body is None else orjson.dumps(body),
+        headers=headers,
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - checked
@@ -93,3 +115,106 @@ def submit(
     except ValueError as exc:
         fail(str(exc))
     console.print(f"{answer['id']} {answer['state']} on queue {answer['queue']}")
+
+
+KeyOption = Annotated[
+    str, typer.Option(envvar="SLUICE_SUBMIT_KEY", help="A submit key of the queue.")
+]
+GatewayOption = Annotated[
+    str | None, typer.Option(help="The gateway's URL (default: this machine's gateway).")
+]
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _gateway(gateway: str | None) -> str:
+    if gateway is not None:
+        return gateway
+    gw = GatewaySettings()
+    return f"http://{gw.host}:{gw.port}"
+
+
+def _ask(gateway: str | None, key: str, path: str) -> Any:
+    if not key:
+        fail("no submit key: pass --key or set SLUICE_SUBMIT_KEY")
+    try:
+        return call_gateway(_gateway(gateway), key, path)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@jobs_app.command("status")
+def status(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    key: KeyOption = "",
+    gateway: GatewayOption = None,
+) -> None:
+    """A job's state, attempt, result or error, and its history."""
+    answer = _ask(gateway, key, f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}")
+    if json_out:
+        console.print_json(orjson.dumps(answer).decode())
+        return
+    console.print(
+        f"{answer['id']} {answer['state']} on queue {answer['queue']}, attempt"
+        f" {answer['attempt']} of {answer['max_attempts']}"
+    )
+    if answer.get("error"):
+        console.print(f"error: {answer['error']}")
+    if answer.get("result") is not None:
+        console.print(f"result: {orjson.dumps(answer['result']).decode()}")
+    for entry in answer.get("history", []):
+        extra = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("state", "at_ms"))
+        console.print(f"  {_when(entry['at_ms'])} {entry['state']} {extra}")
+
+
+@jobs_app.command("list")
+def list_jobs(
+    queue: Annotated[str, typer.Argument(help="The queue.")],
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (1 to 1000).")] = 50,
+    key: KeyOption = "",
+    gateway: GatewayOption = None,
+) -> None:
+    """A queue's jobs, the latest updated first."""
+    query = {"queue": queue, "limit": str(limit)} | ({"state": state} if state else {})
+    answer = _ask(gateway, key, f"/v1/jobs?{urllib.parse.urlencode(query)}")
+    rows = [
+        [j["id"], j["state"], str(j["attempt"]), _when(j["updated_at_ms"]), j.get("error") or ""]
+        for j in answer["jobs"]
+    ]
+    print_rows(["id", "state", "attempt", "updated", "error"], rows)
+
+
+@jobs_app.command("stats")
+def stats(
+    queue: Annotated[str, typer.Argument(help="The queue.")],
+    key: KeyOption = "",
+    gateway: GatewayOption = None,
+) -> None:
+    """How many of a queue's jobs are in each state."""
+    answer = _ask(gateway, key, f"/v1/queues/{urllib.parse.quote(queue, safe='')}")
+    print_rows(["state", "jobs"], [[s, str(n)] for s, n in answer["counts"].items()])
+
+
+@jobs_app.command("work")
+def work(
+    config: Annotated[
+        Path | None, typer.Option(help="Pipeline config (default: SLUICE_CONFIG_FILE).")
+    ] = None,
+) -> None:
+    """Run the job worker in the foreground: every queue with an executor; run several to scale."""
+    from connectors.jobs.process import run  # noqa: PLC0415
+    from ops.logs import configure_logging  # noqa: PLC0415
+
+    try:
+        cfg = load_config(config or AppSettings().config_file, TransformSettings())
+    except SluiceError as exc:
+        fail(str(exc))
+    configure_logging(AppSettings().log_level)
+    try:
+        run(JobSettings(), KafkaSettings(), cfg, TransformSettings())
+    except SluiceError as exc:
+        fail(str(exc))

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import orjson
 from rich.console import Console
 
 from core.config import Queue, load_config
@@ -18,6 +19,7 @@ from core.settings import (
     BrokerSettings,
     DeliverySettings,
     GatewaySettings,
+    JobSettings,
     KafkaSettings,
     WarehouseSettings,
 )
@@ -27,7 +29,9 @@ from ops.processes import BackgroundProcess
 from ops.warehouse_query import query_warehouse
 
 RUN_DIR = Path(".sluice") / "run"
-SERVICES = ("sink", "deliver", "worker", "gateway")
+SERVICES = ("sink", "deliver", "jobs", "worker", "gateway")
+# The command line of a service, where it is not its name.
+ARGS = {"jobs": ["jobs", "work"]}
 
 
 def _wait_http(url: str, service: BackgroundProcess, timeout: float) -> None:
@@ -69,10 +73,12 @@ def run_demo(out: Console, count: int) -> None:
     out.print(f"topics ready ({len(created)} created or updated)")
     services = {name: BackgroundProcess(name, RUN_DIR) for name in SERVICES}
     for name, service in services.items():
-        pid = service.start([name])
+        pid = service.start(ARGS.get(name, [name]))
         out.print(f"{name:8} running, pid {pid}, log {service.log_file}")
     _wait_http(f"http://{wh.query_host}:{wh.query_port}/health", services["sink"], 60)
     _wait_http(f"http://{dl.host}:{dl.port}/health", services["deliver"], 60)
+    jobs = JobSettings()
+    _wait_http(f"http://{jobs.host}:{jobs.port}/health", services["jobs"], 60)
     _wait_http(f"http://{gw.host}:{gw.port}/ready", services["gateway"], 60)
 
     key = cfg.sources[0].write_keys[0]
@@ -117,35 +123,74 @@ def run_demo(out: Console, count: int) -> None:
     if cfg.queues:
         _submit_jobs(out, cfg.queues[0], kafka, f"http://{gw.host}:{gw.port}")
     out.print(
-        "\nThe broker, gateway, worker, sink and delivery keep running. Try:\n"
+        "\nThe broker, gateway, worker, sink, delivery and job worker keep running. Try:\n"
         '  .venv/bin/sluice sql "SELECT * FROM identifies ORDER BY timestamp DESC LIMIT 5"\n'
         "  .venv/bin/sluice send --count 1000\n"
         "  .venv/bin/sluice dlq list legacy-crm\n"
+        "  .venv/bin/sluice jobs list demo-jobs --key demo-submit-key\n"
         "Stop everything with: make stop"
     )
 
 
 def _submit_jobs(out: Console, queue: Queue, kafka: KafkaSettings, gateway: str) -> None:
-    """Submit a few jobs to the demo's queue and show where they wait."""
+    """Submit a few jobs to the demo's queue, wait for the job worker to run them, and show
+    how each ended."""
     from core.topics import Topics  # noqa: PLC0415
-    from ops.cli_jobs import submit_job  # noqa: PLC0415
+    from ops.cli_jobs import call_gateway, submit_job  # noqa: PLC0415
 
     top = queue.priorities - 1
+    key = queue.submit_keys[0]
     jobs: list[dict[str, Any]] = [
         {"payload": {"mail": "welcome", "to": "user-0001"}, "priority": top},
-        {"payload": {"mail": "digest"}, "priority": 0, "delay_ms": 60_000},
-        {"payload": {"report": "daily"}, "priority": 1, "idempotency_key": "report-today"},
-        {"payload": {"report": "daily"}, "priority": 1, "idempotency_key": "report-today"},
+        {"payload": {"mail": "digest"}, "priority": 0, "delay_ms": 3000},
+        {"payload": {"report": "daily", "fail_attempts": 1}, "priority": 1},
+        {"payload": {"export": "daily"}, "priority": 1, "idempotency_key": "export-today"},
+        {"payload": {"export": "daily"}, "priority": 1, "idempotency_key": "export-today"},
     ]
     rows = []
+    ids: list[str] = []
     for job in jobs:
-        answer = submit_job(gateway, queue.submit_keys[0], {"queue": queue.name, **job})
+        answer = submit_job(gateway, key, {"queue": queue.name, **job})
         topic = Topics(kafka.topic_prefix).queue(queue.name).priority(job["priority"])
         rows.append([answer["id"], answer["state"], str(job["priority"]), topic])
+        if answer["id"] not in ids:
+            ids.append(answer["id"])
     print_rows(
         ["job id", "state", "priority", "topic"],
         rows,
         title=f"Jobs: submitted to queue `{queue.name}` (the same idempotency key, the same id)",
+    )
+    if queue.executor is None:
+        return
+    finished: dict[str, Any] = {}
+    deadline = time.monotonic() + 60
+    with out.status("waiting for the job worker to run them ..."):
+        while len(finished) < len(ids) and time.monotonic() < deadline:
+            for job_id in ids:
+                try:
+                    status = call_gateway(gateway, key, f"/v1/jobs/{job_id}")
+                except ValueError:
+                    continue  # not read by a worker yet
+                if status["state"] in ("COMPLETED", "DEAD", "CANCELLED"):
+                    finished[job_id] = status
+            time.sleep(0.3)
+    if len(finished) < len(ids):
+        raise SluiceError(
+            f"only {len(finished)} of {len(ids)} jobs finished within 60s; see {RUN_DIR}/jobs.log"
+        )
+    print_rows(
+        ["job id", "state", "attempts", "history", "result"],
+        [
+            [
+                job_id,
+                finished[job_id]["state"],
+                str(finished[job_id]["attempt"]),
+                " > ".join(h["state"] for h in finished[job_id]["history"]),
+                orjson.dumps(finished[job_id]["result"]).decode(),
+            ]
+            for job_id in ids
+        ],
+        title="Jobs: run by the job worker (one failed its first attempt and was retried)",
     )
 
 

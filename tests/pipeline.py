@@ -68,6 +68,7 @@ def worker_routed(port: int) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+JOB_WORKERS = ("jobs", "jobs2", "jobs3")
 # Every pipeline made, so that a test's fixtures can stop the services it left running.
 LIVE: list[Pipeline] = []
 
@@ -108,13 +109,18 @@ class Pipeline:
             "SLUICE_WAREHOUSE_BATCH_SECONDS": "0.5",
             "SLUICE_DELIVERY_PORT": str(self.delivery_port),
             "SLUICE_DELIVERY_CONSUMER_GROUP": f"{self.prefix}-delivery",
+            "SLUICE_JOBS_CONSUMER_GROUP": f"{self.prefix}-jobs",
+            "SLUICE_JOBS_MODULES": "tests.job_functions,connectors.jobs.builtin",
+            "SLUICE_JOBS_SESSION_TIMEOUT_MS": "6000",
             # The tests' transforms are the only ones a test's services may import.
             "SLUICE_TRANSFORM_MODULES": "tests.transforms",
             **self.env,
         }
+        # Job workers: `jobs`, `jobs2` and `jobs3`, each with its own probe port.
+        self.job_ports = {name: free_port() for name in JOB_WORKERS}
         self.services = {
             name: BackgroundProcess(name, self.root / "run")
-            for name in ("gateway", "worker", "sink", "deliver")
+            for name in ("gateway", "worker", "sink", "deliver", *JOB_WORKERS)
         }
         # `start()` runs the delivery process only when there is something to deliver.
         cfg = parse_config(self.config.replace(KEY, self.write_key))
@@ -131,7 +137,14 @@ class Pipeline:
         """Start services (by default those the config needs) and wait until they answer."""
         names = names or self.defaults
         for name in names:
-            self.services[name].start([name], self.env)
+            if name in self.job_ports:
+                env = self.env | {"SLUICE_JOBS_PORT": str(self.job_ports[name])}
+                self.services[name].start(["jobs", "work"], env)
+            else:
+                self.services[name].start([name], self.env)
+        for name in names:
+            if name in self.job_ports:
+                self._wait(f"http://127.0.0.1:{self.job_ports[name]}/health", name)
         if "sink" in names:
             self._wait(f"http://127.0.0.1:{self.query_port}/health", "sink")
         if "deliver" in names:

@@ -53,7 +53,7 @@ def gateway(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 
 def _credential(case: schemathesis.Case[Any], gateway: Pipeline) -> str:
     """The valid key of the operation: a submit key for the jobs API, else the write key."""
-    if case.operation.path.startswith("/v1/jobs"):
+    if case.operation.path.startswith(("/v1/jobs", "/v1/queues")):
         return f"Bearer {SUBMIT_KEY}"
     return basic_auth(gateway.write_key)
 

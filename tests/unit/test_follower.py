@@ -85,6 +85,17 @@ class FakeConsumer:
         with self.log.lock:
             return 0, len(self.log.records[partition.partition])
 
+    def offsets_for_times(
+        self, partitions: list[TopicPartition], timeout: float = -1
+    ) -> list[TopicPartition]:
+        if not self.log.exists:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        with self.log.lock:
+            return [
+                TopicPartition(tp.topic, tp.partition, len(self.log.records[tp.partition]))
+                for tp in partitions
+            ]
+
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
         if not self.log.exists:
             error = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)

@@ -1,0 +1,51 @@
+"""The job worker's Prometheus metrics, per queue."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+_RUN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
+
+
+class JobMetrics:
+    """Counters of what happened to jobs, gauges of where they are, and their times."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, ["queue"], registry=registry)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ["queue"], registry=registry)
+
+        self.started = counter("sluice_jobs_started", "Attempts started.")
+        self.completed = counter("sluice_jobs_completed", "Jobs completed.")
+        self.retried = counter("sluice_jobs_retried", "Attempts failed, the job to retry.")
+        self.dead = counter("sluice_jobs_dead", "Jobs dead-lettered (attempts spent, fatal).")
+        self.lease_expiries = counter(
+            "sluice_jobs_lease_expiries",
+            "Attempts found stalled: ACTIVE under an expired lease (their worker was gone).",
+        )
+        self.duplicates = counter(
+            "sluice_jobs_duplicates_skipped",
+            "Job records read for a job already finished or past that attempt.",
+        )
+        self.ready = gauge("sluice_jobs_ready", "Jobs due and waiting for a slot.")
+        self.scheduled = gauge(
+            "sluice_jobs_scheduled", "Job records held until due (delays, backoff, leases)."
+        )
+        self.in_flight = gauge("sluice_jobs_in_flight", "Attempts running in this process.")
+        self.wait_seconds = Histogram(
+            "sluice_jobs_wait_seconds",
+            "From due (or submitted) to started.",
+            ["queue"],
+            buckets=_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.run_seconds = Histogram(
+            "sluice_jobs_run_seconds",
+            "How long attempts ran.",
+            ["queue"],
+            buckets=_RUN_BUCKETS,
+            registry=registry,
+        )

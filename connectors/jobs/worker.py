@@ -1,0 +1,772 @@
+"""One queue's loop in the job worker: jobs off their topics, run, and their outcome kept.
+
+The queue's topics (`sluice.jobs.<q>.p<n>`, one per priority) are read by the consumer
+group `<SLUICE_JOBS_CONSUMER_GROUP>-<q>`: Kafka shares their partitions between the
+worker processes, and every record of a job (its submission, its retry copies, repeated
+idempotent submits) is on one partition, so one process decides about it at a time.
+
+A record read is handled by what the status table says of its job:
+
+- finished (COMPLETED, DEAD, CANCELLED), or for an attempt older than the job's latest:
+  nothing to do;
+- ACTIVE under a lease that has not expired (another process ran it until a rebalance,
+  or this one still does): looked at again when the lease ends;
+- ACTIVE under an expired lease: that attempt failed (its worker is gone), so it counts,
+  and the job goes on like any failed attempt;
+- not due yet (`run_at`, `delay_ms`, a retry's backoff): held until it is, SCHEDULED;
+- otherwise it is ready, and starts when its priority's turn and a free slot come.
+
+Priorities share the starts by weight: while several priorities have jobs ready, each
+priority p gets 2^p parts of the starts (stride scheduling), so priority 2 starts four
+jobs for each of priority 0 and 0 is never starved. Within a priority and partition jobs
+start in the order they were read. Jobs with an ordering key (the record key) run one at
+a time in that order, also across retries: a later job of the key waits until the
+earlier one is finished.
+
+An attempt that fails is retried after the queue's backoff: a copy of the record, with
+the next attempt and its due time in headers, is appended to the same partition, then
+the FAILED status is written. A job whose attempts are spent, or whose function raised
+`Fatal`, goes to the queue's DLQ with the failure headers of event DLQs, then DEAD. A
+record's offset is committed only once everything that follows from it is confirmed by
+Kafka; the records held (not due, waiting for a lease or a key) keep it from being
+committed, and are read again after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+import structlog
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from connectors.jobs.executor import Fatal, JobContext, PythonCall
+from connectors.jobs.metrics import JobMetrics
+from core.config import Queue
+from core.errors import BrokerUnavailable
+from core.follower import CompactedFollower
+from core.headers import (
+    Failure,
+    Origin,
+    failure_headers,
+    header_map,
+    int_header,
+    message_headers,
+    origin_of,
+)
+from core.jobs import (
+    ACTIVE,
+    ATTEMPT,
+    COMPLETED,
+    DEAD,
+    DUE,
+    FAILED,
+    SCHEDULED,
+    JobStatus,
+    StatusTable,
+    cut,
+)
+from core.producer import EventProducer
+from core.settings import JobSettings, KafkaSettings
+from core.topics import Topics
+from core.watchdog import StallWatchdog
+from schemas.codec import AvroCodec
+
+log = structlog.get_logger("sluice.jobs")
+
+TP = tuple[str, int]
+STAGE = "job"
+# How often the loop commits what is finished.
+COMMIT_EVERY_S = 0.5
+# Stride scheduling: priority p advances by STRIDE / 2^p per start.
+STRIDE = 1 << 20
+
+
+@dataclass(eq=False)
+class Held:
+    """A job record read and not finished: its job, attempt and due time."""
+
+    msg: Message
+    job: dict[str, Any]
+    attempt: int
+    due_ms: int
+
+    @property
+    def id(self) -> str:
+        """The job's id."""
+        return str(self.job["job_id"])
+
+    @property
+    def tp(self) -> TP:
+        """(topic, partition) it was read from."""
+        return (self.msg.topic() or "", self.msg.partition() or 0)
+
+    @property
+    def key(self) -> str | None:
+        """The ordering key, if it has one."""
+        value = self.job.get("ordering_key")
+        return None if value is None else str(value)
+
+
+@dataclass
+class Offsets:
+    """One partition's offsets read and not finished: the position to commit."""
+
+    open: set[int] = field(default_factory=set)
+    heap: list[int] = field(default_factory=list)
+    next: int | None = None
+
+    def read(self, offset: int) -> None:
+        """A record was read."""
+        self.open.add(offset)
+        heapq.heappush(self.heap, offset)
+        self.next = max(self.next or 0, offset + 1)
+
+    def finish(self, offset: int) -> None:
+        """Everything that follows from the record is confirmed."""
+        self.open.discard(offset)
+
+    def position(self) -> int | None:
+        """The offset to commit: the first not finished, or after the last read."""
+        while self.heap and self.heap[0] not in self.open:
+            heapq.heappop(self.heap)
+        return self.heap[0] if self.heap else self.next
+
+
+class Strides:
+    """Which priority starts next: each ready priority p by weight 2^p (stride scheduling)."""
+
+    def __init__(self, priorities: int) -> None:
+        self.passes = [0] * priorities
+
+    def pick(self, ready: list[deque[Held]]) -> int | None:
+        """The priority whose job starts next, or None when none is ready."""
+        best: int | None = None
+        for p, jobs in enumerate(ready):
+            if jobs and (best is None or self.passes[p] < self.passes[best]):
+                best = p
+        if best is not None:
+            self.passes[best] += STRIDE >> best
+        return best
+
+    def woke(self, priority: int, ready: list[deque[Held]]) -> None:
+        """`priority` has jobs again: it starts from where the busy ones are, no credit."""
+        active = [self.passes[p] for p, jobs in enumerate(ready) if jobs and p != priority]
+        if active:
+            self.passes[priority] = max(self.passes[priority], min(active))
+
+
+class QueueWorker:
+    """Runs the jobs of one queue that Kafka gives this process."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        call: PythonCall,
+        kafka: KafkaSettings,
+        settings: JobSettings,
+        metrics: JobMetrics,
+        codec: AvroCodec,
+        worker_id: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.call = call
+        self.kafka = kafka
+        self.settings = settings
+        self.metrics = metrics
+        self.codec = codec
+        self.worker_id = worker_id or f"{uuid.uuid4().hex[:12]}"
+        topics = Topics(kafka.topic_prefix)
+        self.topics = topics.queue(queue.name)
+        self.status_topic = topics.jobs_status
+        self.priority_of = {self.topics.priority(p): p for p in range(queue.priorities)}
+        self.table = StatusTable()
+        self.watchdog = StallWatchdog(f"jobs-{queue.name}", settings.stall_after_s)
+        self._ready: list[deque[Held]] = [deque() for _ in range(queue.priorities)]
+        self._strides = Strides(queue.priorities)
+        self._held: list[tuple[int, int, Held]] = []  # (due ms, sequence, record)
+        self._seq = itertools.count()
+        self._offsets: dict[TP, Offsets] = {}
+        self._claimed: dict[str, Held] = {}  # job id -> the record being run or ready
+        self._behind: dict[str, list[Held]] = {}  # records of a claimed job, read meanwhile
+        self._keys: dict[str, Held] = {}  # ordering key -> the record of the job that has it
+        self._key_waiting: dict[str, deque[Held]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._paused: set[int] = set()  # priorities paused
+        self._assigned: set[TP] = set()
+        self._new_partitions = False
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._consumer: Consumer | None = None
+        self._producer: EventProducer | None = None
+        self._follower: CompactedFollower | None = None
+        self.failure: str | None = None
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read, run and record jobs until stopped."""
+        loop = self._loop = asyncio.get_running_loop()
+        self._producer = EventProducer(self.kafka, timeout_s=30.0)
+        follower = self._follower = CompactedFollower(
+            self.kafka, self.status_topic, self.table.apply, name=f"jobs-{self.queue.name}"
+        )
+        follower.start()
+        if not await loop.run_in_executor(None, follower.wait_caught_up, 120.0):
+            raise RuntimeError(f"{self.status_topic} was not read to its end within 120 s")
+        consumer = self._consumer = Consumer(
+            self.kafka.client_config()
+            | {
+                "group.id": f"{self.settings.consumer_group}-{self.queue.name}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": self.settings.session_timeout_ms,
+                "heartbeat.interval.ms": max(500, self.settings.session_timeout_ms // 5),
+                "max.poll.interval.ms": 300_000,
+                # Submit-to-start latency on an idle queue: a fetch waits at most this long.
+                "fetch.wait.max.ms": 50,
+            }
+        )
+        consumer.subscribe(
+            list(self.priority_of), on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+        last_commit = 0.0
+        try:
+            while not self._stopping.is_set():
+                msgs = await loop.run_in_executor(None, consumer.consume, 500, self._poll_wait())
+                if self._new_partitions:
+                    # Statuses other processes wrote for the jobs of these partitions.
+                    self._new_partitions = False
+                    await loop.run_in_executor(None, follower.sync, 30.0)
+                for msg in msgs:
+                    self._read(msg)
+                self._release_due()
+                self._dispatch()
+                self._flow()
+                self._gauges()
+                if time.monotonic() - last_commit >= COMMIT_EVERY_S:
+                    self.watchdog.lag(self._due_count())
+                    await loop.run_in_executor(None, self._commit, None)
+                    last_commit = time.monotonic()
+            await self._drain()
+            await loop.run_in_executor(None, self._commit, None)
+        finally:
+            self.watchdog.lag(0)
+            await loop.run_in_executor(None, consumer.close)
+            await loop.run_in_executor(None, follower.stop)
+            await loop.run_in_executor(None, self._producer.close)
+
+    def stop(self) -> None:
+        """Start no more jobs; the running ones finish, their offsets are committed."""
+        self._stopping.set()
+
+    def problem(self) -> str | None:
+        """Why this queue's loop is not ready (stalled, its status topic unread), or None."""
+        if self.failure is not None:
+            return self.failure
+        if self._follower is not None and (problem := self._follower.problem()) is not None:
+            return str(problem)
+        return self.watchdog.problem()
+
+    def _poll_wait(self) -> float:
+        if any(self._ready) and len(self._running) < self.queue.concurrency:
+            return 0.0
+        if self._held:
+            return max(0.0, min(0.1, self._held[0][0] / 1000 - time.time()))
+        return 0.1
+
+    async def _drain(self) -> None:
+        """Wait for the running jobs (their outcome is written) before the last commit."""
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    # -- records read ----------------------------------------------------------------------
+
+    def _read(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            log.warning("consume error", queue=self.queue.name, error=err.str())
+            return
+        tp = (msg.topic() or "", msg.partition() or 0)
+        if tp not in self._assigned:
+            return
+        self._offsets.setdefault(tp, Offsets()).read(msg.offset() or 0)
+        try:
+            job = self.codec.decode(msg.value() or b"")
+            if not isinstance(job, dict) or not job.get("job_id"):
+                raise ValueError("the record holds no job id")
+        except Exception as exc:
+            self._spawn_write(self._dead_letter_raw(msg, exc))
+            return
+        headers = header_map(message_headers(msg))
+        attempt = int_header(headers, ATTEMPT) or 1
+        due = int_header(headers, DUE)
+        if due is None:
+            due = int(job.get("run_at") or 0)
+        self._consider(Held(msg, job, attempt, due))
+
+    def _consider(self, held: Held) -> None:  # noqa: PLR0911 -- one return per outcome
+        """Decide about a record from its job's status: done, held, given up on, or ready."""
+        now_ms = int(time.time() * 1000)
+        status = self.table.get(held.id)
+        if status is not None and (status.finished or held.attempt < status.attempt):
+            self._finish(held)
+            self.metrics.duplicates.labels(self.queue.name).inc()
+            return
+        if held.id in self._claimed:
+            self._behind.setdefault(held.id, []).append(held)
+            return
+        if status is not None and status.state == ACTIVE:
+            lease_until = status.lease_until_ms or 0
+            if lease_until > now_ms:
+                self._hold(held, lease_until + 50)
+                return
+            # Its worker is gone: the attempt failed and counts.
+            self.metrics.lease_expiries.labels(self.queue.name).inc()
+            self._take_key(held)
+            self._claim(held)
+            self._spawn_run(self._failed(held, status, TimeoutError("the lease expired"), True))
+            return
+        if status is not None and status.state == FAILED and held.attempt <= status.attempt:
+            # The retry copy is further on in the partition; an ordering key waits for it.
+            self._finish(held)
+            if (key := held.key) is not None and key not in self._keys:
+                self._keys[key] = held
+            return
+        if held.attempt > self._max_attempts(held):
+            self._take_key(held)
+            self._claim(held)
+            error = RuntimeError(f"no attempts left ({held.attempt - 1} made)")
+            self._spawn_run(self._dead(held, status, error))
+            return
+        if held.due_ms > now_ms:
+            if status is None:
+                # A job submitted to run later (a retry's wait shows as FAILED, with its due).
+                self._write_soon(self._status(held, status, SCHEDULED, due_ms=held.due_ms))
+            self._hold(held, held.due_ms)
+            return
+        key = held.key
+        if key is not None:
+            owner = self._keys.get(key)
+            if owner is not None and owner.id != held.id:
+                self._key_waiting.setdefault(key, deque()).append(held)
+                return
+            self._keys[key] = held
+        self._claim(held)
+        priority = self.priority_of.get(held.tp[0], 0)
+        if not self._ready[priority]:
+            self._strides.woke(priority, self._ready)
+        self._ready[priority].append(held)
+
+    def _claim(self, held: Held) -> None:
+        self._claimed[held.id] = held
+
+    def _take_key(self, held: Held) -> None:
+        if (key := held.key) is not None:
+            self._keys[key] = held
+
+    def _hold(self, held: Held, due_ms: int) -> None:
+        heapq.heappush(self._held, (due_ms, next(self._seq), held))
+
+    def _release_due(self) -> None:
+        now_ms = int(time.time() * 1000)
+        while self._held and self._held[0][0] <= now_ms:
+            _, _, held = heapq.heappop(self._held)
+            if held.tp in self._assigned:
+                self._consider(held)
+
+    def _finish(self, held: Held) -> None:
+        offsets = self._offsets.get(held.tp)
+        if offsets is not None:
+            offsets.finish(held.msg.offset() or 0)
+        self.watchdog.progress()
+
+    def _settled(self, held: Held, key_done: bool) -> None:
+        """The record's outcome is written: free its id (and its ordering key when done)."""
+        self._finish(held)
+        if self._claimed.get(held.id) is held:
+            del self._claimed[held.id]
+        for later in self._behind.pop(held.id, []):
+            self._consider(later)
+        key = held.key
+        owner = self._keys.get(key) if key is not None else None
+        if key is not None and key_done and owner is not None and owner.id == held.id:
+            del self._keys[key]
+            waiting = self._key_waiting.get(key)
+            while waiting and key not in self._keys:
+                self._consider(waiting.popleft())
+            if waiting is not None and not waiting:
+                del self._key_waiting[key]
+        self._dispatch()
+
+    # -- starting and running ----------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self._stopping.is_set():
+            return
+        while len(self._running) < self.queue.concurrency:
+            priority = self._strides.pick(self._ready)
+            if priority is None:
+                return
+            held = self._ready[priority].popleft()
+            status = self.table.get(held.id)
+            if status is not None and status.finished:
+                # Cancelled (or finished by someone else) while it waited its turn.
+                self._settled(held, key_done=True)
+                continue
+            self._spawn_run(self._run(held, status))
+
+    def _spawn_run(self, work: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._running.add(task)
+        task.add_done_callback(self._ran)
+
+    def _ran(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.failure = f"queue {self.queue.name}: a job's bookkeeping failed: {error!r}"
+            log.error("job bookkeeping failed", queue=self.queue.name, error=repr(error))
+        self._wake.set()
+
+    def _max_attempts(self, held: Held) -> int:
+        return int(held.job.get("max_attempts") or self.queue.max_attempts)
+
+    def _timeout_s(self, held: Held) -> float:
+        timeout_ms = held.job.get("timeout_ms")
+        return float(timeout_ms) / 1000 if timeout_ms else self.queue.timeout_s
+
+    async def _run(self, held: Held, status: JobStatus | None) -> None:
+        queue = self.queue.name
+        now = time.time()
+        now_ms = int(now * 1000)
+        lease_ms = int(self.queue.lease_s * 1000)
+        active = self._status(
+            held,
+            status,
+            ACTIVE,
+            worker=self.worker_id,
+            lease_until_ms=now_ms + lease_ms,
+            started_at_ms=now_ms,
+            error=None,
+        )
+        self._write_soon(active)
+        self.metrics.started.labels(queue).inc()
+        waited_from = max(held.due_ms, int(held.job.get("submitted_at") or now_ms))
+        self.metrics.wait_seconds.labels(queue).observe(max(0.0, now - waited_from / 1000))
+        context = JobContext(
+            held.id,
+            queue,
+            held.attempt,
+            self._max_attempts(held),
+            self.priority_of.get(held.tp[0], 0),
+            tuple(held.job.get("tags") or ()),
+        )
+        beating = asyncio.ensure_future(self._heartbeat(active))
+        try:
+            payload = orjson.loads(held.job.get("payload") or "null")
+            result = await self.call(payload, context, self._timeout_s(held))
+            encoded = orjson.dumps(result)
+        except Exception as exc:
+            beating.cancel()
+            self.metrics.run_seconds.labels(queue).observe(time.time() - now)
+            if isinstance(exc, Fatal):
+                await self._dead(held, self.table.get(held.id), exc)
+            else:
+                await self._failed(held, self.table.get(held.id), exc, False)
+            return
+        finally:
+            beating.cancel()
+        self.metrics.run_seconds.labels(queue).observe(time.time() - now)
+        current = self.table.get(held.id) or active
+        done = self._status(
+            held,
+            current,
+            COMPLETED,
+            result=orjson.loads(encoded) if len(encoded) <= 4000 else cut(encoded.decode()),
+            lease_until_ms=None,
+        )
+        await self._write(done)
+        self.metrics.completed.labels(queue).inc()
+        self._settled(held, key_done=True)
+
+    async def _heartbeat(self, active: JobStatus) -> None:
+        """Extend the lease while the attempt runs, every third of the lease."""
+        every = max(0.2, self.queue.lease_s / 3)
+        while True:
+            await asyncio.sleep(every)
+            current = self.table.get(active.id)
+            if current is None or current.state != ACTIVE or current.attempt != active.attempt:
+                return
+            lease = int((time.time() + self.queue.lease_s) * 1000)
+            self._write_soon(replace(current, lease_until_ms=lease))
+
+    async def _failed(
+        self, held: Held, status: JobStatus | None, error: BaseException, stalled: bool
+    ) -> None:
+        """Attempt `held.attempt` (or, stalled, the status's) failed: retry or dead-letter."""
+        attempt = status.attempt if stalled and status is not None else held.attempt
+        if attempt >= self._max_attempts(held):
+            await self._dead(held, status, error, attempt)
+            return
+        now_ms = int(time.time() * 1000)
+        delay = self.queue.backoff.delay_ms(attempt, random.uniform(-1, 1))  # noqa: S311
+        due = now_ms + delay
+        first = _first_failure(status, now_ms)
+        headers = failure_headers(
+            message_headers(held.msg),
+            self._origin(held),
+            Failure(None, STAGE, error, attempt, first, now_ms),
+        )
+        headers = [(n, v) for n, v in headers if n not in (ATTEMPT, DUE)]
+        headers += [(ATTEMPT, str(attempt + 1).encode()), (DUE, str(due).encode())]
+        await self._send(held.tp[0], [(held.msg.key(), held.msg.value(), headers)], held.tp[1])
+        failed = self._status(
+            held,
+            status,
+            FAILED,
+            now_ms,
+            attempt=attempt,
+            error=cut(f"{type(error).__name__}: {error}"),
+            due_ms=due,
+            lease_until_ms=None,
+            note="lease expired" if stalled else None,
+        )
+        await self._write(failed)
+        self.metrics.retried.labels(self.queue.name).inc()
+        # The ordering key stays with the job until its retry is finished.
+        self._settled(held, key_done=False)
+
+    async def _dead(
+        self,
+        held: Held,
+        status: JobStatus | None,
+        error: BaseException,
+        attempt: int | None = None,
+    ) -> None:
+        """No more attempts: the record to the DLQ with the failure headers, then DEAD."""
+        attempt = attempt or held.attempt
+        now_ms = int(time.time() * 1000)
+        headers = failure_headers(
+            message_headers(held.msg),
+            self._origin(held),
+            Failure(None, STAGE, error, attempt, _first_failure(status, now_ms), now_ms),
+        )
+        await self._send(self.topics.dlq, [(held.msg.key(), held.msg.value(), headers)])
+        dead = self._status(
+            held,
+            status,
+            DEAD,
+            attempt=attempt,
+            error=cut(f"{type(error).__name__}: {error}"),
+            lease_until_ms=None,
+            due_ms=None,
+        )
+        await self._write(dead)
+        self.metrics.dead.labels(self.queue.name).inc()
+        self._settled(held, key_done=True)
+
+    async def _dead_letter_raw(self, msg: Message, error: BaseException) -> None:
+        """A record that holds no job this worker can read: to the DLQ as it is."""
+        now_ms = int(time.time() * 1000)
+        tp = (msg.topic() or "", msg.partition() or 0)
+        own = Origin(tp[0], tp[1], msg.offset() or 0, msg.timestamp()[1])
+        headers = failure_headers(
+            message_headers(msg), own, Failure(None, STAGE, error, 1, now_ms, now_ms)
+        )
+        await self._send(self.topics.dlq, [(msg.key(), msg.value(), headers)])
+        self.metrics.dead.labels(self.queue.name).inc()
+        offsets = self._offsets.get(tp)
+        if offsets is not None:
+            offsets.finish(msg.offset() or 0)
+
+    def _origin(self, held: Held) -> Origin:
+        msg = held.msg
+        own = Origin(held.tp[0], held.tp[1], msg.offset() or 0, msg.timestamp()[1])
+        return origin_of(header_map(message_headers(msg)), own)
+
+    # -- statuses and records written ----------------------------------------------------
+
+    def _status(
+        self,
+        held: Held,
+        status: JobStatus | None,
+        state: str,
+        at_ms: int | None = None,
+        **changes: Any,
+    ) -> JobStatus:
+        now_ms = at_ms if at_ms is not None else int(time.time() * 1000)
+        if status is None:
+            job = held.job
+            status = JobStatus(
+                id=held.id,
+                queue=self.queue.name,
+                state=state,
+                attempt=held.attempt,
+                max_attempts=self._max_attempts(held),
+                priority=self.priority_of.get(held.tp[0], 0),
+                topic=held.tp[0],
+                partition=held.tp[1],
+                submitted_at_ms=int(job.get("submitted_at") or now_ms),
+                updated_at_ms=now_ms,
+                ordering_key=held.key,
+                tags=tuple(job.get("tags") or ()),
+            )
+        changes.setdefault("attempt", held.attempt)
+        changes.setdefault("worker", self.worker_id)
+        return status.moved(state, now_ms, **changes)
+
+    def _write_soon(self, status: JobStatus) -> None:
+        """Record `status` now and write it without waiting (a later write waits for it)."""
+        self._spawn_write(self._write(status))
+
+    def _spawn_write(self, work: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("job status not written", queue=self.queue.name, error=repr(error))
+
+    async def _write(self, status: JobStatus) -> None:
+        self.table.put(status)
+        await self._send(self.status_topic, [(status.id.encode(), status.to_bytes(), None)])
+
+    async def _send(
+        self,
+        topic: str,
+        records: list[tuple[bytes | None, bytes | None, Any]],
+        partition: int | None = None,
+    ) -> None:
+        """Produce and wait for Kafka's confirmation, again and again while it is away."""
+        assert self._producer is not None
+        delay = 0.5
+        while True:
+            try:
+                await self._producer.send_batch(topic, records, partition)
+                return
+            except BrokerUnavailable as exc:
+                log.warning("job record not confirmed; again", topic=topic, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    # -- flow, commits and rebalances ------------------------------------------------------
+
+    def _flow(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        high = self.settings.max_ready
+        for priority, jobs in enumerate(self._ready):
+            paused = priority in self._paused
+            if not paused and len(jobs) >= high:
+                self._set_paused(consumer, priority, True)
+            elif paused and len(jobs) <= high // 2:
+                self._set_paused(consumer, priority, False)
+
+    def _set_paused(self, consumer: Consumer, priority: int, pause: bool) -> None:
+        topic = self.topics.priority(priority)
+        parts = [TopicPartition(t, p) for t, p in self._assigned if t == topic]
+        if pause:
+            self._paused.add(priority)
+            if parts:
+                consumer.pause(parts)
+        else:
+            self._paused.discard(priority)
+            if parts:
+                consumer.resume(parts)
+
+    def _positions(self, tps: Iterable[TP] | None) -> list[TopicPartition]:
+        chosen = (
+            self._offsets
+            if tps is None
+            else {tp: self._offsets[tp] for tp in tps if tp in self._offsets}
+        )
+        out = []
+        for (topic, partition), offsets in chosen.items():
+            position = offsets.position()
+            if position is not None:
+                out.append(TopicPartition(topic, partition, position))
+        return out
+
+    def _commit(self, tps: Iterable[TP] | None) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        positions = self._positions(tps)
+        if positions:
+            with contextlib.suppress(Exception):
+                consumer.commit(offsets=positions, asynchronous=False)
+
+    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        log.info("partitions assigned", queue=self.queue.name, partitions=len(parts))
+        consumer.assign(parts)
+        self._assigned |= {(tp.topic, tp.partition) for tp in parts}
+        paused = [tp for tp in parts if self.priority_of.get(tp.topic, -1) in self._paused]
+        if paused:
+            consumer.pause(paused)
+        self._new_partitions = True
+
+    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        revoked = {(tp.topic, tp.partition) for tp in parts}
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._forget(revoked), loop).result(30)
+        self._commit(revoked)
+        for tp in revoked:
+            self._offsets.pop(tp, None)
+        self._assigned -= revoked
+
+    async def _forget(self, revoked: set[TP]) -> None:
+        """Drop what was read of revoked partitions and not started: their next owner reads it."""
+        for priority, jobs in enumerate(self._ready):
+            kept = deque(h for h in jobs if h.tp not in revoked)
+            for held in jobs:
+                if held.tp in revoked and self._claimed.get(held.id) is held:
+                    del self._claimed[held.id]
+            self._ready[priority] = kept
+        self._held = [entry for entry in self._held if entry[2].tp not in revoked]
+        heapq.heapify(self._held)
+        for key, waiting in list(self._key_waiting.items()):
+            kept_keys = deque(h for h in waiting if h.tp not in revoked)
+            if kept_keys:
+                self._key_waiting[key] = kept_keys
+            else:
+                del self._key_waiting[key]
+        for job_id, later in list(self._behind.items()):
+            self._behind[job_id] = [h for h in later if h.tp not in revoked]
+        for key in [k for k, owner in self._keys.items() if owner.tp in revoked]:
+            del self._keys[key]
+
+    # -- what the loop shows -------------------------------------------------------------
+
+    def _due_count(self) -> int:
+        return sum(len(jobs) for jobs in self._ready)
+
+    def _gauges(self) -> None:
+        name = self.queue.name
+        self.metrics.ready.labels(name).set(self._due_count())
+        self.metrics.scheduled.labels(name).set(len(self._held))
+        self.metrics.in_flight.labels(name).set(len(self._running))
+
+
+def _first_failure(status: JobStatus | None, now_ms: int) -> int:
+    if status is not None:
+        for entry in status.history:
+            if entry.get("state") == FAILED:
+                return int(entry.get("at_ms") or now_ms)
+    return now_ms

@@ -1,0 +1,203 @@
+"""Jobs: their states, the status record on `sluice.jobs.status`, and the table of them.
+
+A job's latest state is one record on the compacted status topic, keyed by its id, with
+every transition so far in its `history`. The job worker writes it (the worker that owns
+the partition the job is on), the gateway and the CLI read it. States:
+
+- PENDING: on its queue's topic, due now, not started yet (`GET` shows it once a worker
+  read it);
+- SCHEDULED: waiting for its `run_at` (or `delay_ms`);
+- ACTIVE: an attempt runs, under a lease until `lease_until_ms`;
+- FAILED: this attempt failed and another is due at `due_ms`;
+- COMPLETED, DEAD (attempts spent or a fatal error; the job is in its queue's DLQ) and
+  CANCELLED end a job: nothing runs it again.
+
+Records that carry a job (the submission, and the copies a worker appends for retries)
+say which attempt they are for and when it is due in headers (`ATTEMPT`, `DUE`), so a
+worker that reads a record twice (after a crash, a rebalance, a repeated idempotent
+submit) can tell from the status whether it still has to run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Final
+
+import orjson
+
+from core.follower import Entry
+
+PENDING: Final = "PENDING"
+SCHEDULED: Final = "SCHEDULED"
+ACTIVE: Final = "ACTIVE"
+FAILED: Final = "FAILED"
+COMPLETED: Final = "COMPLETED"
+DEAD: Final = "DEAD"
+CANCELLED: Final = "CANCELLED"
+STATES: Final = (PENDING, SCHEDULED, ACTIVE, FAILED, COMPLETED, DEAD, CANCELLED)
+# Nothing runs a job in one of these states again.
+TERMINAL: Final = frozenset({COMPLETED, DEAD, CANCELLED})
+
+# Headers of a job record: the attempt it is for (1 when absent) and when it is due
+# (milliseconds since the epoch; absent: the job's `run_at`, or now).
+ATTEMPT: Final = "sluice.job.attempt"
+DUE: Final = "sluice.job.due"
+
+# The history a status record keeps: the first transitions and the latest ones.
+MAX_HISTORY = 100
+# Results and errors are cut to this many characters in the status record.
+MAX_TEXT = 4000
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """The latest state of one job, as the status topic holds it."""
+
+    id: str
+    queue: str
+    state: str
+    attempt: int
+    max_attempts: int
+    priority: int
+    topic: str
+    partition: int
+    submitted_at_ms: int
+    updated_at_ms: int
+    due_ms: int | None = None
+    lease_until_ms: int | None = None
+    worker: str | None = None
+    result: Any = None
+    error: str | None = None
+    ordering_key: str | None = None
+    tags: tuple[str, ...] = ()
+    started_at_ms: int | None = None
+    history: tuple[dict[str, Any], ...] = field(default=())
+
+    @property
+    def finished(self) -> bool:
+        """Whether nothing runs the job again."""
+        return self.state in TERMINAL
+
+    def moved(self, state: str, now_ms: int, **changes: Any) -> JobStatus:
+        """This job in `state` from `now_ms`, the transition added to its history.
+
+        `note` (a keyword) goes into the history entry only, for a transition that
+        needs a word (an attempt given up on because its lease expired, say).
+        """
+        note = changes.pop("note", None)
+        moved = replace(self, state=state, updated_at_ms=now_ms, **changes)
+        entry: dict[str, Any] = {"state": state, "at_ms": now_ms, "attempt": moved.attempt}
+        for name in ("worker", "error", "due_ms", "lease_until_ms"):
+            value = getattr(moved, name)
+            if value is not None and name in changes:
+                entry[name] = value
+        if note is not None:
+            entry["note"] = note
+        history = (*self.history, entry)
+        if len(history) > MAX_HISTORY:
+            history = history[:10] + history[-(MAX_HISTORY - 10) :]
+        return replace(moved, history=history)
+
+    def to_bytes(self) -> bytes:
+        """The record value on the status topic."""
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, value: bytes) -> JobStatus:
+        """A status record read back (ValueError or TypeError for one it cannot read)."""
+        data = orjson.loads(value)
+        if not isinstance(data, dict):
+            raise ValueError("a job status is a JSON object")
+        data["tags"] = tuple(data.get("tags") or ())
+        data["history"] = tuple(data.get("history") or ())
+        return cls(**data)
+
+    def public(self) -> dict[str, Any]:
+        """What `GET /v1/jobs/{id}` answers."""
+        return asdict(self)
+
+
+def cut(text: str) -> str:
+    """`text`, no longer than a status record keeps."""
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+class StatusTable:
+    """The latest status of every job, applied from the status topic (thread-safe).
+
+    The follower thread applies records, the worker's loop and the gateway's handlers
+    read; `put` records a status this process just wrote, so that it does not wait for
+    its own record to come back.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobStatus] = {}
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+
+    def apply(self, entry: Entry) -> None:
+        """One record of the status topic (a tombstone forgets the job)."""
+        if entry.key is None:
+            raise ValueError("a job status without a key")
+        job_id = entry.key.decode()
+        if entry.value is None:
+            self.forget(job_id)
+            return
+        status = JobStatus.from_bytes(entry.value)
+        if status.id != job_id:
+            raise ValueError(f"a status of job {status.id} under the key {job_id}")
+        self.put(status, only_newer=True)
+
+    def put(self, status: JobStatus, only_newer: bool = False) -> None:
+        """Record `status`; with `only_newer`, not over a later one this process put."""
+        with self._lock:
+            old = self._jobs.get(status.id)
+            if only_newer and old is not None and _later(old, status):
+                return
+            if old is not None:
+                self._counts[(old.queue, old.state)] -= 1
+            self._jobs[status.id] = status
+            self._counts[(status.queue, status.state)] += 1
+
+    def forget(self, job_id: str) -> None:
+        """Drop a job (its status was deleted)."""
+        with self._lock:
+            old = self._jobs.pop(job_id, None)
+            if old is not None:
+                self._counts[(old.queue, old.state)] -= 1
+
+    def get(self, job_id: str) -> JobStatus | None:
+        """The latest status of `job_id`, if any."""
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def counts(self, queue: str) -> dict[str, int]:
+        """How many jobs of `queue` are in each state."""
+        with self._lock:
+            return {state: self._counts[(queue, state)] for state in STATES}
+
+    def select(self, queue: str | None, state: str | None, limit: int) -> list[JobStatus]:
+        """Up to `limit` jobs of `queue` in `state` (None: any), the latest updated first."""
+        with self._lock:
+            found = [
+                s
+                for s in self._jobs.values()
+                if (queue is None or s.queue == queue) and (state is None or s.state == state)
+            ]
+        found.sort(key=lambda s: s.updated_at_ms, reverse=True)
+        return found[:limit]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+
+def _later(old: JobStatus, new: JobStatus) -> bool:
+    """Whether `old` is a later state of the job than `new` (a status read back late)."""
+    if old.attempt != new.attempt:
+        return old.attempt > new.attempt
+    if old.finished != new.finished:
+        return old.finished
+    return len(old.history) > len(new.history)
