@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from croniter import croniter
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     HttpUrl,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -292,6 +294,26 @@ class PythonExecutor(_Model):
     function: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
 
 
+class Schedule(_Model):
+    """A job the queue gets on every tick of `cron` (5 fields, or 6 with seconds last)."""
+
+    name: Annotated[str, Field(pattern=ID_PATTERN)]
+    cron: str
+    payload: Any = None
+    priority: int = Field(default=0, ge=0, le=MAX_PRIORITY)
+    # After the queue was not worked for a while: fire the ticks missed (at most
+    # `max_catch_up` of them, the latest), or skip them and go on from now.
+    catch_up: bool = False
+    max_catch_up: int = Field(default=100, ge=1, le=10_000)
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        if not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a cron expression")
+        return value
+
+
 class Queue(_Model):
     """A job queue: who may submit to it, how its jobs are ordered, limited and retried.
 
@@ -320,6 +342,18 @@ class Queue(_Model):
     idempotency_s: float = Field(default=86400.0, gt=0)
     max_payload_bytes: int = Field(default=256 * 1024, ge=1, le=8 * 1024 * 1024)
     executor: PythonExecutor | None = None
+    schedules: tuple[Schedule, ...] = ()
+
+    @model_validator(mode="after")
+    def _schedules_fit(self) -> Queue:
+        _unique(f"schedule of queue {self.name!r}", [s.name for s in self.schedules])
+        for schedule in self.schedules:
+            if schedule.priority >= self.priorities:
+                raise ValueError(
+                    f"schedule {schedule.name!r}: priority {schedule.priority} is out of range"
+                    f" (0 to {self.priorities - 1})"
+                )
+        return self
 
 
 class PipelineConfig(_Model):

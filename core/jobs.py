@@ -10,7 +10,7 @@ the partition the job is on), the gateway and the CLI read it. States:
 - ACTIVE: an attempt runs, under a lease until `lease_until_ms`;
 - FAILED: this attempt failed and another is due at `due_ms`;
 - COMPLETED, DEAD (attempts spent or a fatal error; the job is in its queue's DLQ) and
-  CANCELLED end a job: nothing runs it again.
+  CANCELLED (cancelled before an attempt started) end a job: nothing runs it again.
 
 Records that carry a job (the submission, and the copies a worker appends for retries)
 say which attempt they are for and when it is due in headers (`ATTEMPT`, `DUE`), so a
@@ -21,11 +21,13 @@ submit) can tell from the status whether it still has to run.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
 import orjson
+from croniter import croniter
 
 from core.follower import Entry
 
@@ -44,6 +46,15 @@ TERMINAL: Final = frozenset({COMPLETED, DEAD, CANCELLED})
 # (milliseconds since the epoch; absent: the job's `run_at`, or now).
 ATTEMPT: Final = "sluice.job.attempt"
 DUE: Final = "sluice.job.due"
+# A record with this header (the job id) and no value asks to cancel that job.
+CANCEL: Final = "sluice.job.cancel"
+
+# The namespace of job ids derived from a key: idempotency keys, schedule ticks.
+DERIVED_IDS: Final = uuid.UUID("6f3c3b0e-2f55-4d4e-9a57-5c1ab4a1d0f1")
+# How far back the owner of a queue's schedules fires ticks when it takes them over
+# (without catch-up): a tick its previous owner may not have fired yet. Fired twice, a
+# tick is still one job (its id is the tick's).
+SCHEDULE_GRACE_MS: Final = 5000
 
 # The history a status record keeps: the first transitions and the latest ones.
 MAX_HISTORY = 100
@@ -201,3 +212,33 @@ def _later(old: JobStatus, new: JobStatus) -> bool:
     if old.finished != new.finished:
         return old.finished
     return len(old.history) > len(new.history)
+
+
+def idempotent_id(queue: str, key: str) -> str:
+    """The one job id of idempotency key `key` on `queue`, the same from every gateway."""
+    return str(uuid.uuid5(DERIVED_IDS, f"{queue}\x00{key}"))
+
+
+def tick_id(queue: str, schedule: str, tick_ms: int) -> str:
+    """The one job id of one tick of a schedule, the same from every worker."""
+    return str(uuid.uuid5(DERIVED_IDS, f"{queue}\x00schedule\x00{schedule}\x00{tick_ms}"))
+
+
+def ticks(cron: str, after_ms: int, until_ms: int, limit: int) -> list[int]:
+    """The ticks of `cron` in (after_ms, until_ms], in ms; the latest `limit` of them."""
+    it = croniter(cron, after_ms / 1000)
+    found: list[int] = []
+    while True:
+        seconds: float = it.get_next(float)
+        tick = round(seconds * 1000)
+        if tick > until_ms:
+            return found[-limit:]
+        found.append(tick)
+        if len(found) > 2 * limit:
+            del found[:limit]
+
+
+def next_tick(cron: str, after_ms: int) -> int:
+    """The first tick of `cron` after `after_ms`, in ms."""
+    seconds: float = croniter(cron, after_ms / 1000).get_next(float)
+    return round(seconds * 1000)

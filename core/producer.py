@@ -16,7 +16,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from core.errors import BrokerUnavailable
+from core.errors import BrokerUnavailable, TopicError
 from core.kafka import Record, producer_config
 from core.settings import KafkaSettings
 
@@ -355,6 +355,16 @@ class EventProducer:
         except KafkaException:
             return False
         return True
+
+    def partitions(self, topic: str, timeout: float = 5.0) -> list[int]:
+        """The partitions of `topic` (blocking; run in an executor); raises TopicError."""
+        try:
+            meta = self._producer.list_topics(topic, timeout=timeout).topics.get(topic)
+        except KafkaException as exc:
+            raise BrokerUnavailable(f"no metadata for {topic}: {exc}") from exc
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise TopicError(f"{topic} has no partitions")
+        return sorted(meta.partitions)
 
     def close(self, timeout: float = 10.0) -> int:
         """Deliver what is queued (up to `timeout`), stop polling; returns records left unsent.

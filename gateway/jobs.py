@@ -15,13 +15,15 @@ takes the jobs off the topic sees one job however often it was submitted.
 Status comes from the job status topic, which the gateway follows: `GET /v1/jobs/{id}`
 answers a job's latest state with its history (404 for a job no worker has read yet, or
 of a queue the key may not use), `GET /v1/jobs?queue=&state=&limit=` lists a queue's
-jobs, the latest updated first, and `GET /v1/queues/{queue}` counts its jobs by state.
+jobs, the latest updated first, `GET /v1/queues/{queue}` counts its jobs by state, and
+`DELETE /v1/jobs/{id}` cancels a job that is not running or finished.
 All of them take the queue's submit key; before the status topic was read to its end
 they answer 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import datetime
@@ -32,16 +34,14 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.config import MAX_PRIORITY
-from core.errors import BrokerUnavailable, SchemaError
-from core.jobs import STATES
+from core.errors import BrokerUnavailable, SchemaError, TopicError
+from core.jobs import ACTIVE, CANCEL, CANCELLED, STATES, idempotent_id
 from core.kafka import Record
 from gateway.app_keys import JOB_CODEC, JOB_KEYS, JOB_STATUS, PRODUCER, TOPICS, JobStatuses
 from gateway.auth import bearer_token
 from gateway.ingest import _parse, read_body
 from gateway.responses import error, json_response
 
-# The namespace of job ids derived from idempotency keys.
-IDEMPOTENT_IDS = uuid.UUID("6f3c3b0e-2f55-4d4e-9a57-5c1ab4a1d0f1")
 MAX_BATCH = 1000
 # A delay or run_at further out than this is refused: almost surely a unit mistake.
 MAX_DELAY_MS = 366 * 86400 * 1000
@@ -77,7 +77,7 @@ def job_id(queue: str, idempotency_key: str | None) -> str:
     """A new random id, or the one id of `idempotency_key` on `queue`."""
     if idempotency_key is None:
         return str(uuid.uuid4())
-    return str(uuid.uuid5(IDEMPOTENT_IDS, f"{queue}\x00{idempotency_key}"))
+    return idempotent_id(queue, idempotency_key)
 
 
 def _allowed(request: web.Request) -> frozenset[str]:
@@ -252,10 +252,67 @@ async def handle_queue(request: web.Request) -> web.Response:
     return json_response({"queue": queue, "counts": counts})
 
 
+# How long `DELETE /v1/jobs/{id}` waits for the job's worker to answer the cancel.
+CANCEL_WAIT_S = 10.0
+
+
+async def handle_cancel(request: web.Request) -> web.Response:
+    """`DELETE /v1/jobs/{id}[?queue=]`: cancel a job no attempt of which runs now.
+
+    The request goes to every partition of the queue's topics; the worker that has the
+    job writes CANCELLED (200 with the status), or the job was running or finished (409);
+    202 when no worker answered within CANCEL_WAIT_S (it cancels the job when it reads it).
+    The queue comes from the job's status, or `?queue=` for a job no worker read yet.
+    """
+    allowed = _allowed(request)
+    job_id = request.match_info["id"]
+    table = _statuses(request).table
+    status = table.get(job_id)
+    if status is not None and status.queue not in allowed:
+        status = None
+    name = status.queue if status is not None else request.query.get("queue")
+    if name is None:
+        raise error(404, f"no job {job_id!r} (for a job no worker has read yet, add ?queue=)")
+    _visible_queue(request, allowed, name)
+    if status is not None and (status.finished or status.state == ACTIVE):
+        raise error(409, _not_cancellable(status.state))
+    queue = request.app[JOB_KEYS].queue(name)
+    assert queue is not None
+    topics = request.app[TOPICS].queue(name)
+    producer = request.app[PRODUCER]
+    loop = asyncio.get_running_loop()
+    marker: Record = (job_id.encode(), None, [(CANCEL, job_id.encode())])
+    try:
+        for level in range(queue.priorities):
+            topic = topics.priority(level)
+            for partition in await loop.run_in_executor(None, producer.partitions, topic):
+                await producer.send_batch(topic, [marker], partition)
+    except (BrokerUnavailable, TopicError) as exc:
+        raise error(503, f"cancel not sent: {exc}", **{"Retry-After": "1"}) from None
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while time.monotonic() < deadline:
+        now = table.get(job_id)
+        if now is not None and now.state == CANCELLED:
+            return json_response(now.public())
+        if now is not None and (now.finished or now.state == ACTIVE):
+            raise error(409, _not_cancellable(now.state))
+        await asyncio.sleep(0.05)
+    # No worker answered (none runs, or it has not read that far): the request waits on the
+    # queue's topics, behind the job, for the worker that reads it.
+    return json_response({"id": job_id, "queue": name, "state": "CANCELLING"}, status=202)
+
+
+def _not_cancellable(state: str) -> str:
+    if state == ACTIVE:
+        return "the job is ACTIVE: an attempt runs, and a running job cannot be cancelled"
+    return f"the job is {state} already"
+
+
 def add_routes(app: web.Application) -> None:
     """Register the jobs API's routes."""
     app.router.add_post("/v1/jobs", handle_submit)
     app.router.add_post("/v1/jobs/batch", handle_submit_batch)
     app.router.add_get("/v1/jobs", handle_list)
     app.router.add_get("/v1/jobs/{id}", handle_status)
+    app.router.add_delete("/v1/jobs/{id}", handle_cancel)
     app.router.add_get("/v1/queues/{queue}", handle_queue)

@@ -230,6 +230,25 @@ def openapi_document() -> dict[str, Any]:
         _STATUS,
         [_param("id", "path", {"type": "string"}, True)],
     )
+    paths["/v1/jobs/{id}"]["delete"] = {
+        "summary": "Cancel a job that is not running or finished",
+        "security": [{"submitKey": []}],
+        "parameters": [
+            _param("id", "path", {"type": "string"}, True),
+            _param("queue", "query", {"type": "string"}, False),
+        ],
+        "responses": {
+            "200": _json(_STATUS, "Cancelled: it never runs"),
+            "202": _json({"type": "object"}, "Sent; the job's worker has not answered yet"),
+            **{
+                code: _json(_ERROR, text)
+                for code, text in {
+                    **_READ_ERRORS,
+                    "409": "The job runs now, or is finished",
+                }.items()
+            },
+        },
+    }
     paths["/v1/queues/{queue}"] = _read(
         "How many of a queue's jobs are in each state",
         {

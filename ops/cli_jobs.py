@@ -36,7 +36,12 @@ def submit_job(gateway: str, key: str, job: dict[str, Any], timeout: float = 30)
 
 
 def call_gateway(
-    gateway: str, key: str, path: str, body: Any | None = None, timeout: float = 30
+    gateway: str,
+    key: str,
+    path: str,
+    body: Any | None = None,
+    timeout: float = 30,
+    method: str | None = None,
 ) -> Any:
     """GET (or, with a body, POST) `path` of the jobs API with the submit key; the JSON
     answer, or a one-line reason (ValueError) for a 4xx/5xx or an unreachable gateway."""
@@ -49,6 +54,7 @@ def call_gateway(
         f"{gateway.rstrip('/')}{path}",
         data=None if body is None else orjson.dumps(body),
         headers=headers,
+        method=method,
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - checked
@@ -197,6 +203,28 @@ def stats(
     """How many of a queue's jobs are in each state."""
     answer = _ask(gateway, key, f"/v1/queues/{urllib.parse.quote(queue, safe='')}")
     print_rows(["state", "jobs"], [[s, str(n)] for s, n in answer["counts"].items()])
+
+
+@jobs_app.command("cancel")
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    queue: Annotated[
+        str | None, typer.Option(help="Its queue (needed for a job no worker has read yet).")
+    ] = None,
+    key: KeyOption = "",
+    gateway: GatewayOption = None,
+) -> None:
+    """Cancel a pending or scheduled job; fails for a running or finished one."""
+    path = f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}"
+    if queue:
+        path += f"?{urllib.parse.urlencode({'queue': queue})}"
+    if not key:
+        fail("no submit key: pass --key or set SLUICE_SUBMIT_KEY")
+    try:
+        answer = call_gateway(_gateway(gateway), key, path, method="DELETE")
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(f"{answer['id']} {answer['state']} on queue {answer['queue']}")
 
 
 @jobs_app.command("work")

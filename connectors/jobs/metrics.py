@@ -22,6 +22,8 @@ class JobMetrics:
         self.completed = counter("sluice_jobs_completed", "Jobs completed.")
         self.retried = counter("sluice_jobs_retried", "Attempts failed, the job to retry.")
         self.dead = counter("sluice_jobs_dead", "Jobs dead-lettered (attempts spent, fatal).")
+        self.fired = counter("sluice_jobs_schedule_fires", "Jobs submitted by schedule ticks.")
+        self.cancelled = counter("sluice_jobs_cancelled", "Jobs cancelled before they ran.")
         self.lease_expiries = counter(
             "sluice_jobs_lease_expiries",
             "Attempts found stalled: ACTIVE under an expired lease (their worker was gone).",

@@ -52,7 +52,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from connectors.jobs.executor import Fatal, JobContext, PythonCall
 from connectors.jobs.metrics import JobMetrics
-from core.config import Queue
+from core.config import Queue, Schedule
 from core.errors import BrokerUnavailable
 from core.follower import CompactedFollower
 from core.headers import (
@@ -67,14 +67,20 @@ from core.headers import (
 from core.jobs import (
     ACTIVE,
     ATTEMPT,
+    CANCEL,
+    CANCELLED,
     COMPLETED,
     DEAD,
     DUE,
     FAILED,
+    SCHEDULE_GRACE_MS,
     SCHEDULED,
     JobStatus,
     StatusTable,
     cut,
+    next_tick,
+    tick_id,
+    ticks,
 )
 from core.producer import EventProducer
 from core.settings import JobSettings, KafkaSettings
@@ -202,10 +208,13 @@ class QueueWorker:
         self._keys: dict[str, Held] = {}  # ordering key -> the record of the job that has it
         self._key_waiting: dict[str, deque[Held]] = {}
         self._running: set[asyncio.Task[None]] = set()
+        self._started: set[str] = set()  # ids of the jobs whose attempt runs here now
         self._writes: set[asyncio.Task[None]] = set()
         self._paused: set[int] = set()  # priorities paused
         self._assigned: set[TP] = set()
         self._new_partitions = False
+        # The next tick of each schedule, while this process owns them (None: it does not).
+        self._next_ticks: dict[str, int] | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -252,6 +261,7 @@ class QueueWorker:
                     await loop.run_in_executor(None, follower.sync, 30.0)
                 for msg in msgs:
                     self._read(msg)
+                self._fire_schedules()
                 self._release_due()
                 self._dispatch()
                 self._flow()
@@ -294,6 +304,73 @@ class QueueWorker:
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
 
+    # -- schedules -----------------------------------------------------------------------
+
+    def _fire_schedules(self) -> None:
+        """Submit the jobs of the schedules' ticks that came, if this process fires them.
+
+        The owner of partition 0 of the queue's priority-0 topic fires them (Kafka gives it
+        to one process of the group). A tick's job id is derived from the tick, so a tick
+        fired twice (by an old and a new owner around a rebalance) is one job: both records
+        are on one partition, and the second is skipped as a copy.
+        """
+        schedules = self.queue.schedules
+        if not schedules:
+            return
+        if (self.topics.priority(0), 0) not in self._assigned:
+            self._next_ticks = None
+            return
+        now_ms = int(time.time() * 1000)
+        if self._next_ticks is None:
+            self._next_ticks = {s.name: self._first_tick(s, now_ms) for s in schedules}
+        for schedule in schedules:
+            tick = self._next_ticks[schedule.name]
+            while tick <= now_ms:
+                self._fire(schedule, tick)
+                tick = next_tick(schedule.cron, tick)
+            self._next_ticks[schedule.name] = tick
+
+    def _first_tick(self, schedule: Schedule, now_ms: int) -> int:
+        """Where a new owner of the schedules starts: after the last tick fired (catch-up),
+        or a few seconds back (a tick the previous owner may have missed)."""
+        if schedule.catch_up and (last := self._last_fired(schedule)) is not None:
+            missed = ticks(schedule.cron, last, now_ms, schedule.max_catch_up)
+            if missed:
+                return missed[0]
+        recent = ticks(schedule.cron, now_ms - SCHEDULE_GRACE_MS, now_ms, 1000)
+        return recent[0] if recent else next_tick(schedule.cron, now_ms)
+
+    def _last_fired(self, schedule: Schedule) -> int | None:
+        tag = f"schedule:{schedule.name}"
+        last: int | None = None
+        for status in self.table.select(self.queue.name, None, 1 << 62):
+            if tag in status.tags:
+                for other in status.tags:
+                    if other.startswith("tick:") and other[5:].isdigit():
+                        last = max(last or 0, int(other[5:]))
+        return last
+
+    def _fire(self, schedule: Schedule, tick_ms: int) -> None:
+        job_id = tick_id(self.queue.name, schedule.name, tick_ms)
+        value = self.codec.encode(
+            {
+                "job_id": job_id,
+                "queue": self.queue.name,
+                "priority": schedule.priority,
+                "payload": orjson.dumps(schedule.payload).decode(),
+                "submitted_at": tick_ms,
+                "run_at": None,
+                "max_attempts": None,
+                "timeout_ms": None,
+                "idempotency_key": None,
+                "ordering_key": None,
+                "tags": [f"schedule:{schedule.name}", f"tick:{tick_ms}"],
+            }
+        )
+        topic = self.topics.priority(schedule.priority)
+        self._spawn_write(self._send(topic, [(job_id.encode(), value, None)]))
+        self.metrics.fired.labels(self.queue.name).inc()
+
     # -- records read ----------------------------------------------------------------------
 
     def _read(self, msg: Message) -> None:
@@ -305,6 +382,10 @@ class QueueWorker:
         if tp not in self._assigned:
             return
         self._offsets.setdefault(tp, Offsets()).read(msg.offset() or 0)
+        headers = header_map(message_headers(msg))
+        if (cancelled := headers.get(CANCEL)) is not None:
+            self._cancel(msg, tp, cancelled)
+            return
         try:
             job = self.codec.decode(msg.value() or b"")
             if not isinstance(job, dict) or not job.get("job_id"):
@@ -312,7 +393,6 @@ class QueueWorker:
         except Exception as exc:
             self._spawn_write(self._dead_letter_raw(msg, exc))
             return
-        headers = header_map(message_headers(msg))
         attempt = int_header(headers, ATTEMPT) or 1
         due = int_header(headers, DUE)
         if due is None:
@@ -372,6 +452,66 @@ class QueueWorker:
             self._strides.woke(priority, self._ready)
         self._ready[priority].append(held)
 
+    def _cancel(self, marker: Message, tp: TP, job_id: str) -> None:
+        """A cancel request (sent to every partition of the queue): the partition that has
+        the job cancels it unless an attempt runs; nothing runs it afterwards."""
+        status = self.table.get(job_id)
+        mine = self._local(job_id, tp)
+        ours = status is not None and (status.topic, status.partition) == tp
+        offset = marker.offset() or 0
+        if (
+            (mine is None and not ours)
+            or (status is not None and status.finished)
+            or job_id in self._started
+        ):
+            self._offsets[tp].finish(offset)
+            return
+        if mine is not None and self._claimed.get(job_id) is mine:
+            # Read and due, not started: it leaves the ready jobs.
+            for jobs in self._ready:
+                if mine in jobs:
+                    jobs.remove(mine)
+            del self._claimed[job_id]
+            self._finish(mine)
+        now_ms = int(time.time() * 1000)
+        if status is not None:
+            cancelled = status.moved(CANCELLED, now_ms, worker=self.worker_id, due_ms=None)
+        else:
+            assert mine is not None
+            cancelled = self._status(mine, None, CANCELLED, due_ms=None)
+        # In the table at once: a held record of the job that comes due now is skipped.
+        self.table.put(cancelled)
+        self._spawn_write(self._cancelled(cancelled, tp, offset))
+
+    def _local(self, job_id: str, tp: TP) -> Held | None:
+        """A record of the job this loop holds (ready, not due, behind a key), if any."""
+        claimed = self._claimed.get(job_id)
+        if claimed is not None and claimed.tp == tp:
+            return claimed
+        for _, _, held in self._held:
+            if held.id == job_id and held.tp == tp:
+                return held
+        for waiting in self._key_waiting.values():
+            for held in waiting:
+                if held.id == job_id and held.tp == tp:
+                    return held
+        return None
+
+    async def _cancelled(self, cancelled: JobStatus, tp: TP, offset: int) -> None:
+        await self._write(cancelled)
+        self.metrics.cancelled.labels(self.queue.name).inc()
+        offsets = self._offsets.get(tp)
+        if offsets is not None:
+            offsets.finish(offset)
+        # An ordering key it held (a retry it waited for) goes to the next job of the key.
+        for key, owner in list(self._keys.items()):
+            if owner.id == cancelled.id:
+                del self._keys[key]
+                waiting = self._key_waiting.pop(key, deque())
+                while waiting:
+                    self._consider(waiting.popleft())
+        self._dispatch()
+
     def _claim(self, held: Held) -> None:
         self._claimed[held.id] = held
 
@@ -398,6 +538,7 @@ class QueueWorker:
     def _settled(self, held: Held, key_done: bool) -> None:
         """The record's outcome is written: free its id (and its ordering key when done)."""
         self._finish(held)
+        self._started.discard(held.id)
         if self._claimed.get(held.id) is held:
             del self._claimed[held.id]
         for later in self._behind.pop(held.id, []):
@@ -428,6 +569,7 @@ class QueueWorker:
                 # Cancelled (or finished by someone else) while it waited its turn.
                 self._settled(held, key_done=True)
                 continue
+            self._started.add(held.id)
             self._spawn_run(self._run(held, status))
 
     def _spawn_run(self, work: Any) -> None:

@@ -1,13 +1,10 @@
 """Job worker processes on the real broker: jobs submitted over HTTP run, retry with
 backoff, end DEAD in the DLQ with failure headers, wait for their delay, share the
-starts by priority, keep the order of their ordering key, and come back from a killed
-worker after its lease."""
+starts by priority and keep the order of their ordering key."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -287,60 +284,5 @@ async def test_an_ordering_key_runs_its_jobs_one_at_a_time_in_submit_order_acros
             assert completed == wanted, key
         # Some jobs did fail and retry on the way.
         assert sum(1 for line in lines if line["what"] == "start") > len(ids)
-    finally:
-        pipe.stop()
-
-
-async def test_a_killed_worker_gives_its_jobs_back_after_the_lease_and_none_is_lost(
-    configs: Configs, broker: str, prefix: str, tmp_path: Path
-) -> None:
-    pipe = _pipeline(configs, broker, prefix, tmp_path, concurrency=20, max_attempts=5)
-    ledger = str(tmp_path / "ledger.jsonl")
-    await asyncio.to_thread(pipe.start, "gateway", "jobs", "jobs2")
-    try:
-        async with aiohttp.ClientSession() as session:
-            ids = await _submit(
-                session,
-                pipe,
-                [
-                    {"payload": {"ledger": ledger, "sleep": 0.2}, "priority": i % 3}
-                    for i in range(1500)
-                ],
-            )
-
-        def done() -> int:
-            return len({line["id"] for line in read_ledger(ledger) if line["what"] == "done"})
-
-        await until(lambda: done() > 150, 60, "jobs running")
-        os.kill(pipe.pid("jobs"), signal.SIGKILL)
-        await until(lambda: done() > 600, 90, "jobs running after the first kill")
-        await asyncio.to_thread(pipe.start, "jobs")
-        await until(lambda: done() > 900, 90, "jobs running after the restart")
-        os.kill(pipe.pid("jobs2"), signal.SIGKILL)
-        await until(lambda: done() == len(ids), 120, "every job completed")
-        await until(lambda: _all_in(pipe, ids, {"COMPLETED"}), 60, "every status COMPLETED")
-        lines = read_ledger(ledger)
-        completions = Counter(line["id"] for line in lines if line["what"] == "done")
-        assert set(completions) == set(ids)
-        # A job runs again only when its worker was killed while it ran (it completed,
-        # its status did not): at most the slots of the two killed workers.
-        twice = [job_id for job_id, n in completions.items() if n > 1]
-        assert len(twice) <= 2 * 20, len(twice)
-        # Jobs that were running when a worker died: their history shows the expired
-        # lease, and another attempt completed them.
-        stalled = []
-        for job_id in ids:
-            status = _status(pipe, job_id)
-            assert status is not None
-            assert [h["state"] for h in status["history"]].count("COMPLETED") == 1
-            if any(h.get("note") == "lease expired" for h in status["history"]):
-                stalled.append(status)
-        assert stalled, "no job was caught running by a kill"
-        for status in stalled:
-            assert status["attempt"] >= 2
-        metrics = await asyncio.to_thread(
-            http_json, f"http://127.0.0.1:{pipe.job_ports['jobs']}/health"
-        )
-        assert metrics["status"] == "ok"
     finally:
         pipe.stop()

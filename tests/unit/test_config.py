@@ -228,3 +228,21 @@ def test_job_backoff_grows_to_its_cap_within_its_jitter() -> None:
     backoff = JobBackoff()  # 100 ms, x2, 60 s, +/- 10 %
     assert [backoff.delay_ms(n) for n in (1, 2, 3, 11, 30)] == [100, 200, 400, 60_000, 60_000]
     assert (backoff.delay_ms(3, -1), backoff.delay_ms(3, 1)) == (360, 440)
+
+
+def test_a_queue_schedule_needs_a_valid_cron_a_unique_name_and_a_priority_in_range() -> None:
+    configs = Configs()
+
+    def cfg(*schedules: dict[str, object]) -> str:
+        return configs.text(queues=[configs.queue("work", priorities=3, schedules=list(schedules))])
+
+    parsed = parse_config(cfg({"name": "nightly", "cron": "0 3 * * *", "payload": {"a": 1}}))
+    (schedule,) = parsed.queues[0].schedules
+    assert (schedule.cron, schedule.payload, schedule.catch_up) == ("0 3 * * *", {"a": 1}, False)
+    for bad, reason in (
+        (({"name": "x", "cron": "every day"},), "not a cron expression"),
+        (({"name": "x", "cron": "* * * * *"}, {"name": "x", "cron": "0 * * * *"}), "duplicate"),
+        (({"name": "x", "cron": "* * * * *", "priority": 3},), "out of range"),
+    ):
+        with pytest.raises(ConfigError, match=reason):
+            parse_config(cfg(*bad))
