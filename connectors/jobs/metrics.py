@@ -23,6 +23,10 @@ class JobMetrics:
         self.retried = counter("sluice_jobs_retried", "Attempts failed, the job to retry.")
         self.dead = counter("sluice_jobs_dead", "Jobs dead-lettered (attempts spent, fatal).")
         self.fired = counter("sluice_jobs_schedule_fires", "Jobs submitted by schedule ticks.")
+        self.rate_limited = counter(
+            "sluice_jobs_rate_limit_waits",
+            "Times a due job waited for the queue's rate limit (this process's share).",
+        )
         self.cancelled = counter("sluice_jobs_cancelled", "Jobs cancelled before they ran.")
         self.lease_expiries = counter(
             "sluice_jobs_lease_expiries",

@@ -51,6 +51,7 @@ import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from connectors.jobs.executor import Fatal, JobContext, PythonCall
+from connectors.jobs.limits import Limits
 from connectors.jobs.metrics import JobMetrics
 from core.config import Queue, Schedule
 from core.errors import BrokerUnavailable
@@ -213,6 +214,9 @@ class QueueWorker:
         self._paused: set[int] = set()  # priorities paused
         self._assigned: set[TP] = set()
         self._new_partitions = False
+        self.limits = Limits(queue)
+        # Between a revoke and the next assignment nothing starts (the cap holds then).
+        self._rebalancing = False
         # The next tick of each schedule, while this process owns them (None: it does not).
         self._next_ticks: dict[str, int] | None = None
         self._stopping = asyncio.Event()
@@ -291,8 +295,11 @@ class QueueWorker:
         return self.watchdog.problem()
 
     def _poll_wait(self) -> float:
-        if any(self._ready) and len(self._running) < self.queue.concurrency:
-            return 0.0
+        if any(self._ready) and len(self._running) < self.limits.cap:
+            wait = self.limits.wait()
+            if wait <= 0:
+                return 0.0
+            return min(0.1, wait)
         if self._held:
             return max(0.0, min(0.1, self._held[0][0] / 1000 - time.time()))
         return 0.1
@@ -557,9 +564,14 @@ class QueueWorker:
     # -- starting and running ----------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self._rebalancing:
             return
-        while len(self._running) < self.queue.concurrency:
+        while len(self._running) < self.limits.cap:
+            if not any(self._ready):
+                return
+            if not self.limits.take():
+                self.metrics.rate_limited.labels(self.queue.name).inc()
+                return
             priority = self._strides.pick(self._ready)
             if priority is None:
                 return
@@ -858,6 +870,14 @@ class QueueWorker:
         log.info("partitions assigned", queue=self.queue.name, partitions=len(parts))
         consumer.assign(parts)
         self._assigned |= {(tp.topic, tp.partition) for tp in parts}
+        topic = self.topics.priority(0)
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            partitions = len(meta.partitions)
+        except Exception:  # the share is an estimate until the next assignment
+            partitions = self.queue.partitions or self.kafka.partitions
+        self.limits.share({p for _, p in self._assigned}, partitions)
+        self._rebalancing = False
         paused = [tp for tp in parts if self.priority_of.get(tp.topic, -1) in self._paused]
         if paused:
             consumer.pause(paused)
@@ -867,14 +887,23 @@ class QueueWorker:
         revoked = {(tp.topic, tp.partition) for tp in parts}
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            asyncio.run_coroutine_threadsafe(self._forget(revoked), loop).result(30)
+            wait = self.queue.timeout_s + 30
+            asyncio.run_coroutine_threadsafe(self._forget(revoked), loop).result(wait)
         self._commit(revoked)
         for tp in revoked:
             self._offsets.pop(tp, None)
         self._assigned -= revoked
 
     async def _forget(self, revoked: set[TP]) -> None:
-        """Drop what was read of revoked partitions and not started: their next owner reads it."""
+        """Drop what was read of revoked partitions and not started: their next owner reads it.
+
+        With a queue-wide concurrency cap, nothing starts until the next assignment and
+        the attempts running here end first: the slots they hold move with the partitions.
+        """
+        if self.queue.max_concurrency is not None:
+            self._rebalancing = True
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
         for priority, jobs in enumerate(self._ready):
             kept = deque(h for h in jobs if h.tp not in revoked)
             for held in jobs:
