@@ -19,73 +19,21 @@ import pytest
 
 from tests.configs import SUBMIT_KEY, Configs
 from tests.job_functions import read_ledger
-from tests.pipeline import Pipeline, http_json, pipeline_with_topics, until
+from tests.jobs_api import BEARER, all_in, queue_pipeline, status_of, submit
+from tests.pipeline import Pipeline, http_json, until
 
 pytestmark = pytest.mark.integration
-
-BEARER = {"Authorization": f"Bearer {SUBMIT_KEY}"}
-LEDGER_FN = {"type": "python", "function": "tests.job_functions:ledger"}
-
-
-def _pipeline(configs: Configs, broker: str, prefix: str, root: Path, **queue: Any) -> Pipeline:
-    fields: dict[str, Any] = {
-        "priorities": 3,
-        "partitions": 2,
-        "executor": LEDGER_FN,
-        "backoff": {"base_ms": 100, "max_ms": 400},
-        "lease_s": 3,
-        **queue,
-    }
-    config = configs.text(configs.warehouse(), queues=[configs.queue("work", **fields)])
-    return pipeline_with_topics(root, broker, prefix, config)
-
-
-async def _submit(
-    session: aiohttp.ClientSession, pipe: Pipeline, jobs: list[dict[str, Any]]
-) -> list[str]:
-    ids: list[str] = []
-    for start in range(0, len(jobs), 500):
-        chunk = [{"queue": "work", **job} for job in jobs[start : start + 500]]
-        async with session.post(
-            f"{pipe.gateway_url}/v1/jobs/batch", json={"jobs": chunk}, headers=BEARER
-        ) as resp:
-            body = await resp.json()
-            assert resp.status == 202, body
-            ids += [j["id"] for j in body["jobs"]]
-    return ids
-
-
-def _status(pipe: Pipeline, job_id: str) -> dict[str, Any] | None:
-    try:
-        status: dict[str, Any] = http_json(f"{pipe.gateway_url}/v1/jobs/{job_id}", headers=BEARER)
-    except Exception:
-        return None
-    return status
-
-
-def _states(pipe: Pipeline, ids: list[str]) -> dict[str, str]:
-    found = {}
-    for job_id in ids:
-        status = _status(pipe, job_id)
-        if status is not None:
-            found[job_id] = status["state"]
-    return found
-
-
-def _all_in(pipe: Pipeline, ids: list[str], states: set[str]) -> bool:
-    found = _states(pipe, ids)
-    return len(found) == len(ids) and set(found.values()) <= states
 
 
 async def test_a_killed_worker_gives_its_jobs_back_after_the_lease_and_none_is_lost(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
-    pipe = _pipeline(configs, broker, prefix, tmp_path, concurrency=20, max_attempts=5)
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, concurrency=20, max_attempts=5)
     ledger = str(tmp_path / "ledger.jsonl")
     await asyncio.to_thread(pipe.start, "gateway", "jobs", "jobs2")
     try:
         async with aiohttp.ClientSession() as session:
-            ids = await _submit(
+            ids = await submit(
                 session,
                 pipe,
                 [
@@ -104,7 +52,7 @@ async def test_a_killed_worker_gives_its_jobs_back_after_the_lease_and_none_is_l
         await until(lambda: done() > 900, 90, "jobs running after the restart")
         os.kill(pipe.pid("jobs2"), signal.SIGKILL)
         await until(lambda: done() == len(ids), 120, "every job completed")
-        await until(lambda: _all_in(pipe, ids, {"COMPLETED"}), 60, "every status COMPLETED")
+        await until(lambda: all_in(pipe, ids, {"COMPLETED"}), 60, "every status COMPLETED")
         lines = read_ledger(ledger)
         completions = Counter(line["id"] for line in lines if line["what"] == "done")
         assert set(completions) == set(ids)
@@ -116,7 +64,7 @@ async def test_a_killed_worker_gives_its_jobs_back_after_the_lease_and_none_is_l
         # lease, and another attempt completed them.
         stalled = []
         for job_id in ids:
-            status = _status(pipe, job_id)
+            status = status_of(pipe, job_id)
             assert status is not None
             assert [h["state"] for h in status["history"]].count("COMPLETED") == 1
             if any(h.get("note") == "lease expired" for h in status["history"]):
@@ -145,24 +93,24 @@ async def test_cancelled_pending_and_scheduled_jobs_never_run_and_end_cancelled(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
     # One slot, taken by a slow job: the jobs behind it are read and waiting.
-    pipe = _pipeline(configs, broker, prefix, tmp_path, concurrency=1, partitions=1)
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, concurrency=1, partitions=1)
     ledger = str(tmp_path / "ledger.jsonl")
     await asyncio.to_thread(pipe.start, "gateway")
     try:
         async with aiohttp.ClientSession() as session:
             # Submitted while no worker runs: the cancel waits on the topic behind it.
-            (early,) = await _submit(session, pipe, [{"payload": {"ledger": ledger}}])
+            (early,) = await submit(session, pipe, [{"payload": {"ledger": ledger}}])
             status, body = await _delete(session, pipe, early, "?queue=work")
             assert (status, body["state"]) == (202, "CANCELLING"), body
             await asyncio.to_thread(pipe.start, "jobs")
-            (blocker,) = await _submit(session, pipe, [{"payload": {"ledger": ledger, "sleep": 4}}])
-            waiting = await _submit(session, pipe, [{"payload": {"ledger": ledger}}] * 6)
-            scheduled = await _submit(
+            (blocker,) = await submit(session, pipe, [{"payload": {"ledger": ledger, "sleep": 4}}])
+            waiting = await submit(session, pipe, [{"payload": {"ledger": ledger}}] * 6)
+            scheduled = await submit(
                 session, pipe, [{"payload": {"ledger": ledger}, "delay_ms": 6000}] * 4
             )
-            await until(lambda: (_status(pipe, blocker) or {}).get("state") == "ACTIVE", 20)
+            await until(lambda: (status_of(pipe, blocker) or {}).get("state") == "ACTIVE", 20)
             await until(
-                lambda: (_status(pipe, scheduled[-1]) or {}).get("state") == "SCHEDULED", 20
+                lambda: (status_of(pipe, scheduled[-1]) or {}).get("state") == "SCHEDULED", 20
             )
             cancel = [waiting[1], waiting[4], scheduled[0], scheduled[2]]
             for job_id in cancel[:-1]:
@@ -183,7 +131,7 @@ async def test_cancelled_pending_and_scheduled_jobs_never_run_and_end_cancelled(
             status, body = await _delete(session, pipe, blocker)
             assert status == 409
             assert "ACTIVE" in body["error"]
-            await until(lambda: (_status(pipe, waiting[0]) or {}).get("state") == "COMPLETED", 30)
+            await until(lambda: (status_of(pipe, waiting[0]) or {}).get("state") == "COMPLETED", 30)
             status, body = await _delete(session, pipe, waiting[0])
             assert status == 409
             assert "COMPLETED" in body["error"]
@@ -192,12 +140,12 @@ async def test_cancelled_pending_and_scheduled_jobs_never_run_and_end_cancelled(
             assert (await _delete(session, pipe, "no-such-job", "?queue=nope"))[0] == 404
         rest = [blocker, *(w for w in waiting if w not in cancel)]
         rest += [s for s in scheduled if s not in cancel]
-        await until(lambda: _all_in(pipe, rest, {"COMPLETED"}), 60, "the others completed")
+        await until(lambda: all_in(pipe, rest, {"COMPLETED"}), 60, "the others completed")
         await asyncio.sleep(1)
         ran = {line["id"] for line in read_ledger(ledger)}
         assert ran == set(rest)
         for job_id in [early, *cancel]:
-            final = _status(pipe, job_id)
+            final = status_of(pipe, job_id)
             assert final is not None
             assert final["state"] == "CANCELLED", final
             assert "ACTIVE" not in [h["state"] for h in final["history"]]
@@ -212,7 +160,7 @@ async def test_a_schedule_every_second_fires_once_per_tick_with_three_workers(
 ) -> None:
     ledger = str(tmp_path / "ledger.jsonl")
     schedule = {"name": "tick", "cron": "* * * * * *", "payload": {"ledger": ledger}}
-    pipe = _pipeline(configs, broker, prefix, tmp_path, schedules=[schedule])
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, schedules=[schedule])
     await asyncio.to_thread(pipe.start, "gateway", "jobs", "jobs2", "jobs3")
     try:
         began = time.time()
@@ -234,7 +182,7 @@ async def test_a_schedule_every_second_fires_once_per_tick_with_three_workers(
         # One job per tick: every second from a little after the start to the end.
         fired = {}
         for job_id in done:
-            status = _status(pipe, job_id)
+            status = status_of(pipe, job_id)
             assert status is not None
             (tick,) = (int(t[5:]) for t in status["tags"] if t.startswith("tick:"))
             assert tick not in fired, tick

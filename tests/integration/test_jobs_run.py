@@ -14,91 +14,37 @@ import aiohttp
 import pytest
 
 from core.settings import KafkaSettings
-from tests.configs import SUBMIT_KEY, Configs
+from tests.configs import Configs
 from tests.job_functions import read_ledger
-from tests.pipeline import Pipeline, http_json, pipeline_with_topics, read_records, until
+from tests.jobs_api import BEARER, all_in, queue_pipeline, states_of, status_of, submit
+from tests.pipeline import http_json, read_records, until
 
 pytestmark = pytest.mark.integration
-
-BEARER = {"Authorization": f"Bearer {SUBMIT_KEY}"}
-LEDGER_FN = {"type": "python", "function": "tests.job_functions:ledger"}
-
-
-def _pipeline(configs: Configs, broker: str, prefix: str, root: Path, **queue: Any) -> Pipeline:
-    fields: dict[str, Any] = {
-        "priorities": 3,
-        "partitions": 2,
-        "executor": LEDGER_FN,
-        "backoff": {"base_ms": 100, "max_ms": 400},
-        "lease_s": 3,
-        **queue,
-    }
-    config = configs.text(configs.warehouse(), queues=[configs.queue("work", **fields)])
-    return pipeline_with_topics(root, broker, prefix, config)
-
-
-async def _submit(
-    session: aiohttp.ClientSession, pipe: Pipeline, jobs: list[dict[str, Any]]
-) -> list[str]:
-    ids: list[str] = []
-    for start in range(0, len(jobs), 500):
-        chunk = [{"queue": "work", **job} for job in jobs[start : start + 500]]
-        async with session.post(
-            f"{pipe.gateway_url}/v1/jobs/batch", json={"jobs": chunk}, headers=BEARER
-        ) as resp:
-            body = await resp.json()
-            assert resp.status == 202, body
-            ids += [j["id"] for j in body["jobs"]]
-    return ids
-
-
-def _status(pipe: Pipeline, job_id: str) -> dict[str, Any] | None:
-    try:
-        status: dict[str, Any] = http_json(f"{pipe.gateway_url}/v1/jobs/{job_id}", headers=BEARER)
-    except Exception:
-        return None
-    return status
-
-
-def _states(pipe: Pipeline, ids: list[str]) -> dict[str, str]:
-    found = {}
-    for job_id in ids:
-        status = _status(pipe, job_id)
-        if status is not None:
-            found[job_id] = status["state"]
-    return found
-
-
-def _all_in(pipe: Pipeline, ids: list[str], states: set[str]) -> bool:
-    found = _states(pipe, ids)
-    return len(found) == len(ids) and set(found.values()) <= states
 
 
 async def test_jobs_complete_retry_with_backoff_and_die_into_the_dlq_with_reasons(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
-    pipe = _pipeline(configs, broker, prefix, tmp_path, max_attempts=3)
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, max_attempts=3)
     ledger = str(tmp_path / "ledger.jsonl")
     await asyncio.to_thread(pipe.start, "gateway", "jobs")
     try:
         async with aiohttp.ClientSession() as session:
-            fine = await _submit(
+            fine = await submit(
                 session, pipe, [{"payload": {"ledger": ledger, "n": i}} for i in range(20)]
             )
-            (flaky,) = await _submit(
+            (flaky,) = await submit(
                 session, pipe, [{"payload": {"ledger": ledger, "fail_attempts": 2}}]
             )
-            (hopeless,) = await _submit(
+            (hopeless,) = await submit(
                 session, pipe, [{"payload": {"ledger": ledger, "fail_always": True}}]
             )
-            (fatal,) = await _submit(
+            (fatal,) = await submit(
                 session, pipe, [{"payload": {"ledger": ledger, "fatal": True}, "priority": 2}]
             )
         everyone = [*fine, flaky, hopeless, fatal]
-        await until(
-            lambda: _all_in(pipe, everyone, {"COMPLETED", "DEAD"}), 60, "every job finished"
-        )
-        states = _states(pipe, everyone)
+        await until(lambda: all_in(pipe, everyone, {"COMPLETED", "DEAD"}), 60, "every job finished")
+        states = states_of(pipe, everyone)
         assert {states[i] for i in fine} == {"COMPLETED"}
         assert states[flaky] == "COMPLETED"
         assert states[hopeless] == "DEAD"
@@ -106,7 +52,7 @@ async def test_jobs_complete_retry_with_backoff_and_die_into_the_dlq_with_reason
 
         # The flaky job: two failed attempts in its history, each followed by a wait of
         # the backoff, then completed on the third.
-        flaky_status = _status(pipe, flaky)
+        flaky_status = status_of(pipe, flaky)
         assert flaky_status is not None
         assert flaky_status["attempt"] == 3
         assert flaky_status["result"] == {"n": None, "attempt": 3}
@@ -125,11 +71,11 @@ async def test_jobs_complete_retry_with_backoff_and_die_into_the_dlq_with_reason
             # Backoff 100 ms then 200 ms, +/- 10 %: the next attempt waited for it.
             assert again["at_ms"] >= failed["due_ms"] - 5
             assert failed["due_ms"] - failed["at_ms"] >= 90
-        hopeless_status = _status(pipe, hopeless)
+        hopeless_status = status_of(pipe, hopeless)
         assert hopeless_status is not None
         assert hopeless_status["attempt"] == 3
         assert "fails on purpose" in hopeless_status["error"]
-        fatal_status = _status(pipe, fatal)
+        fatal_status = status_of(pipe, fatal)
         assert fatal_status is not None
         assert fatal_status["attempt"] == 1
         assert fatal_status["error"].startswith("Fatal: ")
@@ -169,28 +115,28 @@ async def test_jobs_complete_retry_with_backoff_and_die_into_the_dlq_with_reason
 async def test_delayed_jobs_never_start_early_and_start_within_a_second(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
-    pipe = _pipeline(configs, broker, prefix, tmp_path, concurrency=50)
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, concurrency=50)
     ledger = str(tmp_path / "ledger.jsonl")
     await asyncio.to_thread(pipe.start, "gateway", "jobs")
     try:
         delays = [(i * 37) % 4000 for i in range(200)]
         async with aiohttp.ClientSession() as session:
             submitted = time.time()
-            ids = await _submit(
+            ids = await submit(
                 session,
                 pipe,
                 [{"payload": {"ledger": ledger}, "delay_ms": d} for d in delays],
             )
             # Scheduled ones say so, with their due time.
             late = ids[delays.index(max(delays))]
-            await until(lambda: (_status(pipe, late) or {}).get("state") == "SCHEDULED", 10)
+            await until(lambda: (status_of(pipe, late) or {}).get("state") == "SCHEDULED", 10)
         await until(lambda: len(read_ledger(ledger)) >= 2 * len(ids), 60, "every job run")
         started = {
             line["id"]: line["at"] for line in read_ledger(ledger) if line["what"] == "start"
         }
         lateness = []
         for job_id, delay in zip(ids, delays, strict=True):
-            due = _status(pipe, job_id)
+            due = status_of(pipe, job_id)
             assert due is not None
             # The gateway took the job at `submitted_at`; it may not start before + delay.
             earliest = due["submitted_at_ms"] / 1000 + delay / 1000
@@ -208,15 +154,13 @@ async def test_priorities_share_the_starts_by_weight_and_none_starves(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
     # One slot: the starts are the scheduler's choices, one at a time.
-    pipe = _pipeline(configs, broker, prefix, tmp_path, concurrency=1, partitions=1)
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, concurrency=1, partitions=1)
     ledger = str(tmp_path / "ledger.jsonl")
     await asyncio.to_thread(pipe.start, "gateway")
     try:
         async with aiohttp.ClientSession() as session:
-            low = await _submit(
-                session, pipe, [{"payload": {"ledger": ledger}, "priority": 0}] * 60
-            )
-            high = await _submit(
+            low = await submit(session, pipe, [{"payload": {"ledger": ledger}, "priority": 0}] * 60)
+            high = await submit(
                 session, pipe, [{"payload": {"ledger": ledger}, "priority": 2}] * 60
             )
         # Every job is waiting when the worker starts: both priorities are saturated.
@@ -242,7 +186,7 @@ async def test_priorities_share_the_starts_by_weight_and_none_starves(
 async def test_an_ordering_key_runs_its_jobs_one_at_a_time_in_submit_order_across_retries(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
-    pipe = _pipeline(configs, broker, prefix, tmp_path, concurrency=20, max_attempts=4)
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, concurrency=20, max_attempts=4)
     ledger = str(tmp_path / "ledger.jsonl")
     await asyncio.to_thread(pipe.start, "gateway", "jobs")
     try:
@@ -256,7 +200,7 @@ async def test_an_ordering_key_runs_its_jobs_one_at_a_time_in_submit_order_acros
             for k, key in enumerate(keys)
         ]
         async with aiohttp.ClientSession() as session:
-            ids = await _submit(session, pipe, jobs)
+            ids = await submit(session, pipe, jobs)
         key_of = {job_id: str(job["ordering_key"]) for job_id, job in zip(ids, jobs, strict=True)}
         await until(
             lambda: sum(1 for line in read_ledger(ledger) if line["what"] == "done") >= len(ids),
