@@ -24,6 +24,7 @@ from gateway.app_keys import (
     FAST,
     JOB_CODEC,
     JOB_KEYS,
+    JOB_STATUS,
     METRICS,
     PRODUCER,
     SETTINGS,
@@ -50,7 +51,8 @@ async def handle_openapi(_request: web.Request) -> web.Response:
 
 def _probes(app: web.Application) -> Probes:
     """`/health`: the process is up and follows the config topic; `/ready`: the broker
-    answers and the config topic has been read to its end (new write keys are known)."""
+    answers, the config topic has been read to its end (new write keys are known) and so
+    has the job status topic (the jobs API answers from it)."""
 
     def following() -> Probe:
         return app[CONFIG].failure()
@@ -58,7 +60,9 @@ def _probes(app: web.Application) -> Probes:
     async def ready() -> Probe:
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(None, app[PRODUCER].reachable)
-        return joined(None if ok else "broker unreachable", app[CONFIG].problem())
+        statuses = app.get(JOB_STATUS)
+        jobs = statuses.follower.problem() if statuses is not None else None
+        return joined(None if ok else "broker unreachable", app[CONFIG].problem(), jobs)
 
     return Probes(app[METRICS].registry, health=following, ready=ready)
 

@@ -150,7 +150,8 @@ class Pipeline:
         if "deliver" in names:
             self._wait(f"http://127.0.0.1:{self.delivery_port}/health", "deliver")
         if "gateway" in names:
-            self._wait(f"{self.gateway_url}/health", "gateway")
+            # Ready: the config and the job statuses read (the jobs API answers 503 before).
+            self._wait(f"{self.gateway_url}/ready", "gateway")
 
     def stop(self, *names: str) -> None:
         """SIGTERM services (all by default) and wait for them to exit."""

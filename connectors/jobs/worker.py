@@ -209,6 +209,10 @@ class QueueWorker:
         self._keys: dict[str, Held] = {}  # ordering key -> the record of the job that has it
         self._key_waiting: dict[str, deque[Held]] = {}
         self._running: set[asyncio.Task[None]] = set()
+        # Attempts whose function runs now: what the concurrency limits count. An attempt's
+        # slot is free when its function returned, while its outcome is still being written.
+        self._busy = 0
+        self._token_timer: asyncio.TimerHandle | None = None
         self._started: set[str] = set()  # ids of the jobs whose attempt runs here now
         self._writes: set[asyncio.Task[None]] = set()
         self._paused: set[int] = set()  # priorities paused
@@ -295,7 +299,7 @@ class QueueWorker:
         return self.watchdog.problem()
 
     def _poll_wait(self) -> float:
-        if any(self._ready) and len(self._running) < self.limits.cap:
+        if any(self._ready) and self._busy < self.limits.cap:
             wait = self.limits.wait()
             if wait <= 0:
                 return 0.0
@@ -566,11 +570,12 @@ class QueueWorker:
     def _dispatch(self) -> None:
         if self._stopping.is_set() or self._rebalancing:
             return
-        while len(self._running) < self.limits.cap:
+        while self._busy < self.limits.cap:
             if not any(self._ready):
                 return
             if not self.limits.take():
                 self.metrics.rate_limited.labels(self.queue.name).inc()
+                self._dispatch_later(self.limits.wait())
                 return
             priority = self._strides.pick(self._ready)
             if priority is None:
@@ -582,7 +587,20 @@ class QueueWorker:
                 self._settled(held, key_done=True)
                 continue
             self._started.add(held.id)
+            self._busy += 1
             self._spawn_run(self._run(held, status))
+
+    def _dispatch_later(self, seconds: float) -> None:
+        """Dispatch again when the next token comes, not when the next poll returns."""
+        loop = self._loop
+        if loop is None or (self._token_timer is not None and not self._token_timer.cancelled()):
+            return
+
+        def again() -> None:
+            self._token_timer = None
+            self._dispatch()
+
+        self._token_timer = loop.call_later(max(0.001, seconds), again)
 
     def _spawn_run(self, work: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
@@ -630,21 +648,26 @@ class QueueWorker:
             tuple(held.job.get("tags") or ()),
         )
         beating = asyncio.ensure_future(self._heartbeat(active))
+        failure: Exception | None = None
+        encoded = b"null"
         try:
             payload = orjson.loads(held.job.get("payload") or "null")
             result = await self.call(payload, context, self._timeout_s(held))
             encoded = orjson.dumps(result)
         except Exception as exc:
-            beating.cancel()
-            self.metrics.run_seconds.labels(queue).observe(time.time() - now)
-            if isinstance(exc, Fatal):
-                await self._dead(held, self.table.get(held.id), exc)
-            else:
-                await self._failed(held, self.table.get(held.id), exc, False)
-            return
+            failure = exc
         finally:
             beating.cancel()
-        self.metrics.run_seconds.labels(queue).observe(time.time() - now)
+            self.metrics.run_seconds.labels(queue).observe(time.time() - now)
+            # The slot is free now; the outcome is written while the next job runs.
+            self._busy -= 1
+            self._dispatch()
+        if failure is not None:
+            if isinstance(failure, Fatal):
+                await self._dead(held, self.table.get(held.id), failure)
+            else:
+                await self._failed(held, self.table.get(held.id), failure, False)
+            return
         current = self.table.get(held.id) or active
         done = self._status(
             held,
@@ -932,7 +955,7 @@ class QueueWorker:
         name = self.queue.name
         self.metrics.ready.labels(name).set(self._due_count())
         self.metrics.scheduled.labels(name).set(len(self._held))
-        self.metrics.in_flight.labels(name).set(len(self._running))
+        self.metrics.in_flight.labels(name).set(self._busy)
 
 
 def _first_failure(status: JobStatus | None, now_ms: int) -> int:

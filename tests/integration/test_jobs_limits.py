@@ -80,8 +80,9 @@ async def test_rate_and_concurrency_limits_hold_across_three_worker_processes(
             running += step
             peak = max(peak, running)
         assert peak <= CAP, peak
-        # How much of the limit is used is not asserted yet: 27 of 50 jobs/s measured here
-        # (the issue asks for 45 or more), see the README's job limits.
-        assert len(starts) == count
+        # The limit is used: within 10 % of it while every process has jobs of its own
+        # partitions ready (about 200 each, 12 s at its share; the first second has the burst).
+        steady = [t for t in starts if starts[0] + 1 <= t < starts[0] + 9]
+        assert len(steady) / 8 >= RATE * 0.9, f"{len(steady) / 8:.1f} jobs/s of {RATE}"
     finally:
         pipe.stop()
