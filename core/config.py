@@ -294,6 +294,19 @@ class PythonExecutor(_Model):
     function: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
 
 
+class LeaseExecutor(_Model):
+    """Jobs are leased over HTTP by workers in any language (the job worker's lease API:
+    `POST /v1/queues/<q>/lease`, then `/v1/jobs/<id>/ack|nack|extend`)."""
+
+    type: Literal["lease"]
+    # The longest lease (visibility timeout) one request may ask for, or extend to.
+    max_visibility_s: float = Field(default=12 * 3600.0, gt=0)
+
+
+# `type: python` may be left out (a `function` says it); `type: lease` may not.
+Executor = PythonExecutor | LeaseExecutor
+
+
 class Schedule(_Model):
     """A job the queue gets on every tick of `cron` (5 fields, or 6 with seconds last)."""
 
@@ -341,7 +354,7 @@ class Queue(_Model):
     retention_s: float = Field(default=7 * 86400.0, gt=0)
     idempotency_s: float = Field(default=86400.0, gt=0)
     max_payload_bytes: int = Field(default=256 * 1024, ge=1, le=8 * 1024 * 1024)
-    executor: PythonExecutor | None = None
+    executor: Executor | None = None
     schedules: tuple[Schedule, ...] = ()
 
     @model_validator(mode="after")

@@ -85,6 +85,10 @@ class JobStatus:
     tags: tuple[str, ...] = ()
     started_at_ms: int | None = None
     history: tuple[dict[str, Any], ...] = field(default=())
+    # A job leased over HTTP: the id of its lease (an ack or nack must name it), and what
+    # its worker last reported with an extend.
+    lease_id: str | None = None
+    progress: Any = None
 
     @property
     def finished(self) -> bool:
@@ -100,7 +104,7 @@ class JobStatus:
         note = changes.pop("note", None)
         moved = replace(self, state=state, updated_at_ms=now_ms, **changes)
         entry: dict[str, Any] = {"state": state, "at_ms": now_ms, "attempt": moved.attempt}
-        for name in ("worker", "error", "due_ms", "lease_until_ms"):
+        for name in ("worker", "error", "due_ms", "lease_until_ms", "lease_id"):
             value = getattr(moved, name)
             if value is not None and name in changes:
                 entry[name] = value
@@ -112,8 +116,13 @@ class JobStatus:
         return replace(moved, history=history)
 
     def to_bytes(self) -> bytes:
-        """The record value on the status topic."""
-        return orjson.dumps(asdict(self))
+        """The record value on the status topic (`lease_id` and `progress` only once they
+        are set: the status of a job that has none is the record it always was)."""
+        data = asdict(self)
+        for name in ("lease_id", "progress"):
+            if data[name] is None:
+                del data[name]
+        return orjson.dumps(data)
 
     @classmethod
     def from_bytes(cls, value: bytes) -> JobStatus:

@@ -1,14 +1,16 @@
-"""Write-key authentication: HTTP Basic username, or `writeKey` in the body as SDKs send it;
-and the job queues' submit keys, sent as Bearer tokens."""
+"""Write-key authentication: HTTP Basic username, or `writeKey` in the body as SDKs send it.
+
+The job queues' submit keys (Bearer tokens) are `core.keys.SubmitKeys`: the job workers'
+lease API checks them too."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 
-from core.config import PipelineConfig, Queue, Source
+from core.config import PipelineConfig, Source
+from core.keys import SubmitKeys, bearer_token, digest
 from gateway.limits import TokenBucket
 
 
@@ -25,7 +27,7 @@ class SourceTable:
         """Use `cfg` from now on; buckets of sources whose limit did not change keep their state."""
         # Keyed by digest: the dict probe compares hashes, and the final check is
         # constant-time, so response timing says nothing about the key's characters.
-        self._by_digest = {_digest(k): (k, s) for k, s in cfg.write_keys().items()}
+        self._by_digest = {digest(k): (k, s) for k, s in cfg.write_keys().items()}
         self._headers = {}
         buckets: dict[str, TokenBucket] = {}
         for source in cfg.sources:
@@ -47,7 +49,7 @@ class SourceTable:
         """The enabled source that owns `key`, or None."""
         if not key:
             return None
-        found = self._by_digest.get(_digest(key))
+        found = self._by_digest.get(digest(key))
         if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
             return None
         return found[1]
@@ -72,10 +74,6 @@ class SourceTable:
 _REMEMBERED_HEADERS = 1024
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
 def basic_username(header: str | None) -> str | None:
     """The username of an HTTP Basic `Authorization` header (the write key), if any."""
     if not header:
@@ -90,41 +88,4 @@ def basic_username(header: str | None) -> str | None:
     return decoded.partition(":")[0] or None
 
 
-class SubmitKeys:
-    """The queues each submit key may use; `update` swaps in a new config."""
-
-    def __init__(self, cfg: PipelineConfig) -> None:
-        self._by_digest: dict[bytes, tuple[str, frozenset[str]]] = {}
-        self._queues: dict[str, Queue] = {}
-        self.update(cfg)
-
-    def update(self, cfg: PipelineConfig) -> None:
-        """Use `cfg`'s queues and submit keys from now on."""
-        names: dict[str, set[str]] = {}
-        for queue in cfg.queues:
-            if queue.enabled:
-                for key in queue.submit_keys:
-                    names.setdefault(key, set()).add(queue.name)
-        self._by_digest = {_digest(k): (k, frozenset(v)) for k, v in names.items()}
-        self._queues = {q.name: q for q in cfg.queues if q.enabled}
-
-    def queues_for(self, key: str | None) -> frozenset[str] | None:
-        """The queues `key` may submit to; None for no valid key (compared in constant time)."""
-        if not key:
-            return None
-        found = self._by_digest.get(_digest(key))
-        if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
-            return None
-        return found[1]
-
-    def queue(self, name: str) -> Queue | None:
-        """The enabled queue called `name`."""
-        return self._queues.get(name)
-
-
-def bearer_token(header: str | None) -> str | None:
-    """The token of a `Bearer` Authorization header, if any."""
-    scheme, _, value = (header or "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return value.strip() or None
+__all__ = ["SourceTable", "SubmitKeys", "basic_username", "bearer_token"]

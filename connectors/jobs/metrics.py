@@ -28,6 +28,10 @@ class JobMetrics:
             "Times a due job waited for the queue's rate limit (this process's share).",
         )
         self.cancelled = counter("sluice_jobs_cancelled", "Jobs cancelled before they ran.")
+        self.leased = counter("sluice_jobs_leased", "Attempts leased to HTTP workers.")
+        self.acked = counter("sluice_jobs_acked", "Leased attempts acked (completed).")
+        self.nacked = counter("sluice_jobs_nacked", "Leased attempts nacked (failed).")
+        self.extended = counter("sluice_jobs_lease_extensions", "Leases extended.")
         self.lease_expiries = counter(
             "sluice_jobs_lease_expiries",
             "Attempts found stalled: ACTIVE under an expired lease (their worker was gone).",

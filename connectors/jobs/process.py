@@ -27,9 +27,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from connectors.jobs.executor import PythonCall
+from connectors.jobs.lease_api import DESK, LeaseDesk, add_routes
 from connectors.jobs.metrics import JobMetrics
 from connectors.jobs.worker import QueueWorker
-from core.config import PipelineConfig, Queue
+from core.config import PipelineConfig, PythonExecutor, Queue
 from core.config_topic import ConfigFollower
 from core.errors import ConfigError
 from core.settings import JobSettings, KafkaSettings, TransformSettings
@@ -75,9 +76,13 @@ class Workers:
             for name, queue in wanted.items():
                 if name in self.running:
                     continue
-                assert queue.executor is not None
+                executor = queue.executor
                 try:
-                    call = PythonCall(queue.executor.function, self.settings.allows)
+                    call = (
+                        PythonCall(executor.function, self.settings.allows)
+                        if isinstance(executor, PythonExecutor)
+                        else None  # leased over HTTP: the lease API starts its jobs
+                    )
                 except ConfigError as exc:
                     self.refused[name] = str(exc)
                     log.error("queue not run", queue=name, reason=str(exc))
@@ -164,6 +169,7 @@ def create_app(
     app = web.Application()
     app[REGISTRY] = CollectorRegistry()
     app[WORKERS] = Workers(kafka, settings, JobMetrics(app[REGISTRY]))
+    app[DESK] = LeaseDesk(cfg, app[WORKERS].running)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -172,6 +178,7 @@ def create_app(
         changes: set[asyncio.Task[None]] = set()
 
         def follow(new: PipelineConfig) -> None:
+            app[DESK].update(new)
             change = loop.create_task(workers.apply(new))
             changes.add(change)
             change.add_done_callback(changes.discard)
@@ -195,6 +202,7 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     _probes(app).add_routes(app)
+    add_routes(app)
     return app
 
 

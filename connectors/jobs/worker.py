@@ -51,6 +51,7 @@ import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from connectors.jobs.executor import Fatal, JobContext, PythonCall
+from connectors.jobs.leases import Lease, LeaseExpired
 from connectors.jobs.limits import Limits
 from connectors.jobs.metrics import JobMetrics
 from core.config import Queue, Schedule
@@ -179,7 +180,7 @@ class QueueWorker:
     def __init__(
         self,
         queue: Queue,
-        call: PythonCall,
+        call: PythonCall | None,
         kafka: KafkaSettings,
         settings: JobSettings,
         metrics: JobMetrics,
@@ -213,6 +214,7 @@ class QueueWorker:
         # slot is free when its function returned, while its outcome is still being written.
         self._busy = 0
         self._token_timer: asyncio.TimerHandle | None = None
+        self._leases: dict[str, Lease] = {}  # job id -> its attempt leased over HTTP
         self._started: set[str] = set()  # ids of the jobs whose attempt runs here now
         self._writes: set[asyncio.Task[None]] = set()
         self._paused: set[int] = set()  # priorities paused
@@ -275,7 +277,8 @@ class QueueWorker:
                 self._flow()
                 self._gauges()
                 if time.monotonic() - last_commit >= COMMIT_EVERY_S:
-                    self.watchdog.lag(self._due_count())
+                    # A lease queue's ready jobs wait for HTTP workers: not a stall.
+                    self.watchdog.lag(self._due_count() if self.call is not None else 0)
                     await loop.run_in_executor(None, self._commit, None)
                     last_commit = time.monotonic()
             await self._drain()
@@ -568,18 +571,24 @@ class QueueWorker:
     # -- starting and running ----------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        if self.call is None:
+            return  # a lease queue: its jobs start when HTTP workers ask for them
+        while (ready := self._next_ready()) is not None:
+            self._spawn_run(self._run(*ready))
+        if any(self._ready) and self._busy < self.limits.cap and not self._rebalancing:
+            self._dispatch_later(self.limits.wait())  # waiting for the rate limit's token
+
+    def _next_ready(self) -> tuple[Held, JobStatus | None] | None:
+        """The next job to start (its slot and token taken), by priority; None for none now."""
         if self._stopping.is_set() or self._rebalancing:
-            return
-        while self._busy < self.limits.cap:
-            if not any(self._ready):
-                return
+            return None
+        while self._busy < self.limits.cap and any(self._ready):
             if not self.limits.take():
                 self.metrics.rate_limited.labels(self.queue.name).inc()
-                self._dispatch_later(self.limits.wait())
-                return
+                return None
             priority = self._strides.pick(self._ready)
             if priority is None:
-                return
+                return None
             held = self._ready[priority].popleft()
             status = self.table.get(held.id)
             if status is not None and status.finished:
@@ -588,7 +597,60 @@ class QueueWorker:
                 continue
             self._started.add(held.id)
             self._busy += 1
-            self._spawn_run(self._run(held, status))
+            return held, status
+        return None
+
+    # -- leases over HTTP (queues with `executor: {type: lease}`) --------------------------
+
+    async def lease(
+        self, max_jobs: int, visibility_ms: int, wait_s: float
+    ) -> list[tuple[JobStatus, Any]]:
+        """Start up to `max_jobs` jobs under leases of `visibility_ms`, waiting up to
+        `wait_s` for the first; their ACTIVE statuses (with the lease ids) and payloads."""
+        deadline = time.monotonic() + wait_s
+        leased: list[tuple[JobStatus, Any]] = []
+        while True:
+            while len(leased) < max_jobs and (ready := self._next_ready()) is not None:
+                held, status = ready
+                lease = Lease(held.id, int(time.time() * 1000) + visibility_ms)
+                self._leases[held.id] = lease
+                active = self._start(held, status, lease)
+                self._spawn_run(self._run(held, status, lease, active))
+                leased.append((active, _payload(held)))
+            if leased or time.monotonic() >= deadline or self._stopping.is_set():
+                if leased:
+                    self.metrics.leased.labels(self.queue.name).inc(len(leased))
+                return leased
+            await asyncio.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+
+    def running_lease(self, job_id: str, lease_id: str) -> Lease | None:
+        """The lease `lease_id` of `job_id` when this process holds it and it holds still."""
+        lease = self._leases.get(job_id)
+        return lease if lease is not None and lease.current(lease_id) else None
+
+    def extend(self, lease: Lease, visibility_ms: int, progress: Any) -> JobStatus:
+        """The lease ends `visibility_ms` from now instead; its status says so."""
+        lease.until_ms = int(time.time() * 1000) + visibility_ms
+        current = self.table.get(lease.job_id)
+        assert current is not None
+        changes: dict[str, Any] = {"lease_until_ms": lease.until_ms}
+        if progress is not None:
+            changes["progress"] = progress
+        extended = replace(current, **changes)
+        self._write_soon(extended)
+        self.metrics.extended.labels(self.queue.name).inc()
+        return extended
+
+    async def finish(self, lease: Lease, outcome: Any | BaseException) -> JobStatus:
+        """Ack (a result) or nack (an exception) the leased attempt; the status written."""
+        if isinstance(outcome, BaseException):
+            lease.outcome.set_exception(outcome)
+            self.metrics.nacked.labels(self.queue.name).inc()
+        else:
+            lease.outcome.set_result(outcome)
+            self.metrics.acked.labels(self.queue.name).inc()
+        written: JobStatus = await asyncio.shield(lease.written)
+        return written
 
     def _dispatch_later(self, seconds: float) -> None:
         """Dispatch again when the next token comes, not when the next poll returns."""
@@ -621,24 +683,49 @@ class QueueWorker:
         timeout_ms = held.job.get("timeout_ms")
         return float(timeout_ms) / 1000 if timeout_ms else self.queue.timeout_s
 
-    async def _run(self, held: Held, status: JobStatus | None) -> None:
-        queue = self.queue.name
+    def _start(self, held: Held, status: JobStatus | None, lease: Lease | None) -> JobStatus:
+        """The attempt's ACTIVE status, written (without waiting)."""
         now = time.time()
         now_ms = int(now * 1000)
-        lease_ms = int(self.queue.lease_s * 1000)
         active = self._status(
             held,
             status,
             ACTIVE,
             worker=self.worker_id,
-            lease_until_ms=now_ms + lease_ms,
+            lease_until_ms=lease.until_ms if lease else now_ms + int(self.queue.lease_s * 1000),
+            lease_id=lease.id if lease else None,
             started_at_ms=now_ms,
             error=None,
+            progress=None,
         )
         self._write_soon(active)
+        queue = self.queue.name
         self.metrics.started.labels(queue).inc()
         waited_from = max(held.due_ms, int(held.job.get("submitted_at") or now_ms))
         self.metrics.wait_seconds.labels(queue).observe(max(0.0, now - waited_from / 1000))
+        return active
+
+    async def _run(
+        self,
+        held: Held,
+        status: JobStatus | None,
+        lease: Lease | None = None,
+        active: JobStatus | None = None,
+    ) -> None:
+        if active is None:
+            active = self._start(held, status, lease)
+        try:
+            await self._attempt(held, active, lease)
+        finally:
+            if lease is not None:
+                if self._leases.get(held.id) is lease:
+                    del self._leases[held.id]
+                if not lease.written.done():
+                    lease.written.set_result(self.table.get(held.id))
+
+    async def _attempt(self, held: Held, active: JobStatus, lease: Lease | None) -> None:
+        queue = self.queue.name
+        now = time.time()
         context = JobContext(
             held.id,
             queue,
@@ -647,12 +734,17 @@ class QueueWorker:
             self.priority_of.get(held.tp[0], 0),
             tuple(held.job.get("tags") or ()),
         )
-        beating = asyncio.ensure_future(self._heartbeat(active))
+        # An HTTP worker extends its lease itself; in-process, a heartbeat does.
+        beating = asyncio.ensure_future(self._heartbeat(active) if lease is None else _idle())
         failure: Exception | None = None
         encoded = b"null"
         try:
-            payload = orjson.loads(held.job.get("payload") or "null")
-            result = await self.call(payload, context, self._timeout_s(held))
+            if lease is not None:
+                result = await lease.result()
+            else:
+                assert self.call is not None
+                payload = orjson.loads(held.job.get("payload") or "null")
+                result = await self.call(payload, context, self._timeout_s(held))
             encoded = orjson.dumps(result)
         except Exception as exc:
             failure = exc
@@ -665,6 +757,9 @@ class QueueWorker:
         if failure is not None:
             if isinstance(failure, Fatal):
                 await self._dead(held, self.table.get(held.id), failure)
+            elif isinstance(failure, LeaseExpired):
+                self.metrics.lease_expiries.labels(queue).inc()
+                await self._failed(held, self.table.get(held.id), failure, False, "lease expired")
             else:
                 await self._failed(held, self.table.get(held.id), failure, False)
             return
@@ -692,7 +787,12 @@ class QueueWorker:
             self._write_soon(replace(current, lease_until_ms=lease))
 
     async def _failed(
-        self, held: Held, status: JobStatus | None, error: BaseException, stalled: bool
+        self,
+        held: Held,
+        status: JobStatus | None,
+        error: BaseException,
+        stalled: bool,
+        note: str | None = None,
     ) -> None:
         """Attempt `held.attempt` (or, stalled, the status's) failed: retry or dead-letter."""
         attempt = status.attempt if stalled and status is not None else held.attempt
@@ -720,7 +820,7 @@ class QueueWorker:
             error=cut(f"{type(error).__name__}: {error}"),
             due_ms=due,
             lease_until_ms=None,
-            note="lease expired" if stalled else None,
+            note="lease expired" if stalled else note,
         )
         await self._write(failed)
         self.metrics.retried.labels(self.queue.name).inc()
@@ -956,6 +1056,20 @@ class QueueWorker:
         self.metrics.ready.labels(name).set(self._due_count())
         self.metrics.scheduled.labels(name).set(len(self._held))
         self.metrics.in_flight.labels(name).set(self._busy)
+
+
+def _payload(held: Held) -> Any:
+    """The job's payload as JSON; as the text it is when that is not JSON (a record from
+    another producer: the HTTP worker decides)."""
+    text = held.job.get("payload") or "null"
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+async def _idle() -> None:
+    """Nothing to do (an attempt leased over HTTP has no heartbeat)."""
 
 
 def _first_failure(status: JobStatus | None, now_ms: int) -> int:

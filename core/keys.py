@@ -1,0 +1,56 @@
+"""Keys sent as Bearer tokens: the job queues' submit keys, compared in constant time.
+
+The gateway checks them on the jobs API, the job workers on their lease API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from core.config import PipelineConfig, Queue
+
+
+def digest(key: str) -> bytes:
+    """The SHA-256 of a key: tables of keys are looked up by it (see `SubmitKeys`)."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+class SubmitKeys:
+    """The queues each submit key may use; `update` swaps in a new config."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self._by_digest: dict[bytes, tuple[str, frozenset[str]]] = {}
+        self._queues: dict[str, Queue] = {}
+        self.update(cfg)
+
+    def update(self, cfg: PipelineConfig) -> None:
+        """Use `cfg`'s queues and submit keys from now on."""
+        names: dict[str, set[str]] = {}
+        for queue in cfg.queues:
+            if queue.enabled:
+                for key in queue.submit_keys:
+                    names.setdefault(key, set()).add(queue.name)
+        self._by_digest = {digest(k): (k, frozenset(v)) for k, v in names.items()}
+        self._queues = {q.name: q for q in cfg.queues if q.enabled}
+
+    def queues_for(self, key: str | None) -> frozenset[str] | None:
+        """The queues `key` may submit to; None for no valid key (compared in constant time)."""
+        if not key:
+            return None
+        found = self._by_digest.get(digest(key))
+        if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
+            return None
+        return found[1]
+
+    def queue(self, name: str) -> Queue | None:
+        """The enabled queue called `name`."""
+        return self._queues.get(name)
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of a `Bearer` Authorization header, if any."""
+    scheme, _, value = (header or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
