@@ -1,12 +1,14 @@
 """`sluice bench`: throughput of Sluice's stages, each next to a baseline measured in the same run.
 
 `harness` (topics, input, timing, the report), `baselines` (the same work without Sluice),
-`load` (the HTTP load generator) and one module per stage: `gateway`, `processor`, `sink`.
+`load` (the HTTP load generator) and one module per stage: `gateway`, `processor`, `sink`,
+`jobs` (with its baselines `bullmq_queue` and `pg_queue`).
 """
 
 import typer
 
 from ops.benchmarks.gateway import bench_gateway
+from ops.benchmarks.jobs import bench_jobs
 from ops.benchmarks.processor import bench_processor
 from ops.benchmarks.sink import bench_sink
 
@@ -16,3 +18,4 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against same-run 
 bench_app.command("gateway")(bench_gateway)
 bench_app.command("sink")(bench_sink)
 bench_app.command("processor")(bench_processor)
+bench_app.command("jobs")(bench_jobs)

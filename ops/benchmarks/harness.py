@@ -132,3 +132,10 @@ def report(
         console.print(f"{label}: {value:.2f}")
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank `q` quantile (0 < q <= 1) of an ascending, non-empty list."""
+    import math  # noqa: PLC0415
+
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
