@@ -48,6 +48,10 @@ ATTEMPT: Final = "sluice.job.attempt"
 DUE: Final = "sluice.job.due"
 # A record with this header (the job id) and no value asks to cancel that job.
 CANCEL: Final = "sluice.job.cancel"
+# A job record redriven from its queue's DLQ names the DLQ record (`partition:offset`).
+# The status keeps the markers it has seen (`redrives`): a DEAD job starts over once per
+# marker, and a record of an earlier run (another marker, or none) is a leftover.
+REDRIVE: Final = "sluice.job.redrive"
 
 # The namespace of job ids derived from a key: idempotency keys, schedule ticks.
 DERIVED_IDS: Final = uuid.UUID("6f3c3b0e-2f55-4d4e-9a57-5c1ab4a1d0f1")
@@ -85,6 +89,8 @@ class JobStatus:
     tags: tuple[str, ...] = ()
     started_at_ms: int | None = None
     history: tuple[dict[str, Any], ...] = field(default=())
+    # The redrive markers (`REDRIVE`) this job started over from, oldest first.
+    redrives: tuple[str, ...] = ()
     # A job leased over HTTP: the id of its lease (an ack or nack must name it), and what
     # its worker last reported with an extend.
     lease_id: str | None = None
@@ -116,9 +122,11 @@ class JobStatus:
         return replace(moved, history=history)
 
     def to_bytes(self) -> bytes:
-        """The record value on the status topic (`lease_id` and `progress` only once they
-        are set: the status of a job that has none is the record it always was)."""
+        """The record value on the status topic (`redrives`, `lease_id` and `progress` only
+        once they are set: the status of a job that has none is the record it always was)."""
         data = asdict(self)
+        if not self.redrives:
+            del data["redrives"]
         for name in ("lease_id", "progress"):
             if data[name] is None:
                 del data[name]
@@ -132,6 +140,7 @@ class JobStatus:
             raise ValueError("a job status is a JSON object")
         data["tags"] = tuple(data.get("tags") or ())
         data["history"] = tuple(data.get("history") or ())
+        data["redrives"] = tuple(data.get("redrives") or ())
         return cls(**data)
 
     def public(self) -> dict[str, Any]:
@@ -216,11 +225,47 @@ class StatusTable:
 
 def _later(old: JobStatus, new: JobStatus) -> bool:
     """Whether `old` is a later state of the job than `new` (a status read back late)."""
+    if len(old.redrives) != len(new.redrives):
+        # A redrive starts the attempts over: the run after more redrives is the later one.
+        return len(old.redrives) > len(new.redrives)
     if old.attempt != new.attempt:
         return old.attempt > new.attempt
     if old.finished != new.finished:
         return old.finished
     return len(old.history) > len(new.history)
+
+
+def redrive_step(
+    status: JobStatus | None, marker: str | None, worker: str, now_ms: int
+) -> tuple[JobStatus | None, bool]:
+    """What a job record carrying redrive marker `marker` (None: none) means for the job
+    in `status`: the status to go on from, and whether the record is a leftover.
+
+    A marker the DEAD job has not seen starts it over: PENDING, attempt 1, the marker
+    added to `redrives`, the attempts before kept in the history (noted `redriven`). A
+    record is a leftover when its marker is not the one of the job's latest run: a
+    record of a run before a redrive, or a redrive of a job that is not DEAD.
+    """
+    if status is None:
+        return None, False
+    if marker is not None and status.state == DEAD and marker not in status.redrives:
+        status = status.moved(
+            PENDING,
+            now_ms,
+            attempt=1,
+            worker=worker,
+            error=None,
+            result=None,
+            due_ms=None,
+            lease_until_ms=None,
+            started_at_ms=None,
+            lease_id=None,
+            progress=None,
+            redrives=(*status.redrives, marker),
+            note=f"redriven from the DLQ record {marker}",
+        )
+    latest = status.redrives[-1] if status.redrives else None
+    return status, marker != latest
 
 
 def idempotent_id(queue: str, key: str) -> str:

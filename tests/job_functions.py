@@ -24,9 +24,14 @@ def _note(path: str, line: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
 async def ledger(payload: dict[str, Any], job: JobContext) -> dict[str, Any]:
     """Note the start; sleep `sleep` s; fail attempts up to `fail_attempts` (or every one
-    with `fail_always`, at once with `fatal`); note the completion."""
+    with `fail_always`, at once with `fatal`, or while the file `fail_while` names
+    exists); note the completion."""
     path = payload["ledger"]
     _note(path, {"id": job.id, "attempt": job.attempt, "at": time.time(), "what": "start"})
     await asyncio.sleep(float(payload.get("sleep", 0)))
@@ -34,6 +39,8 @@ async def ledger(payload: dict[str, Any], job: JobContext) -> dict[str, Any]:
         raise Fatal("this job can never work")
     if payload.get("fail_always") or job.attempt <= int(payload.get("fail_attempts", 0)):
         raise RuntimeError(f"attempt {job.attempt} fails on purpose")
+    if payload.get("fail_while") and _exists(payload["fail_while"]):
+        raise RuntimeError(f"broken while {os.path.basename(payload['fail_while'])} exists")
     _note(path, {"id": job.id, "attempt": job.attempt, "at": time.time(), "what": "done"})
     return {"n": payload.get("n"), "attempt": job.attempt}
 

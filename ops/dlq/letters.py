@@ -1,7 +1,9 @@
-"""Dead letters: the records of a destination's DLQ, read to its end now and filtered.
+"""Dead letters: the records of a DLQ, read to its end now and filtered.
 
 A DLQ record keeps the original key and value and says in its headers where it came
-from and why it failed.
+from and why it failed. A DLQ is named by its destination (`crm`: `sluice.dest.crm.dlq`)
+or, for a job queue, `jobs.<queue>` (`sluice.jobs.<queue>.dlq`); destination ids and
+queue names have no dots, so the two never meet.
 """
 
 from __future__ import annotations
@@ -127,11 +129,71 @@ def end_offsets(kafka: KafkaSettings, topic: str, timeout: float = 10.0) -> dict
         consumer.close()
 
 
+# How a command names the DLQ of a job queue: `jobs.<queue>`.
+JOBS_PREFIX = "jobs."
+
+
+def job_queue(name: str) -> str | None:
+    """The job queue a DLQ name means (`jobs.<queue>`), or None for a destination."""
+    return name.removeprefix(JOBS_PREFIX) if name.startswith(JOBS_PREFIX) else None
+
+
+def dlq_topic(kafka: KafkaSettings, name: str) -> str:
+    """The DLQ topic of destination `name`, or of job queue `jobs.<queue>`."""
+    topics = Topics(kafka.topic_prefix)
+    queue = job_queue(name)
+    return topics.destination(name).dlq if queue is None else topics.queue(queue).dlq
+
+
+@dataclass(frozen=True)
+class DlqSummary:
+    """One DLQ topic on the broker and how many records it holds."""
+
+    name: str  # how commands name it: the destination, or `jobs.<queue>`
+    kind: str  # "destination" or "jobs"
+    topic: str
+    records: int
+
+
+def dlq_overview(kafka: KafkaSettings, timeout: float = 10.0) -> list[DlqSummary]:
+    """Every destination and job-queue DLQ on the broker, with its record count."""
+    topics = Topics(kafka.topic_prefix)
+    dest_head, jobs_head = f"{topics.prefix}.dest.", f"{topics.prefix}.jobs."
+    consumer = Consumer(kafka.client_config() | {"group.id": f"sluice-reader-{uuid.uuid4().hex}"})
+    try:
+        try:
+            meta = consumer.list_topics(timeout=timeout)
+        except Exception as exc:
+            raise DlqError(f"cannot list the broker's topics: {exc}") from exc
+        found = []
+        for topic, info in sorted(meta.topics.items()):
+            if not topic.endswith(".dlq") or info.error is not None:
+                continue
+            middle = topic.removesuffix(".dlq")
+            if middle.startswith(dest_head) and "." not in middle[len(dest_head) :]:
+                name, kind = middle[len(dest_head) :], "destination"
+            elif middle.startswith(jobs_head) and "." not in middle[len(jobs_head) :]:
+                name, kind = JOBS_PREFIX + middle[len(jobs_head) :], "jobs"
+            else:
+                continue
+            count = 0
+            for p in info.partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=timeout
+                )
+                count += max(0, high - low)
+            found.append(DlqSummary(name, kind, topic, count))
+        return sorted(found, key=lambda s: (s.kind != "destination", s.name))
+    finally:
+        consumer.close()
+
+
 def dead_letters(
     kafka: KafkaSettings, destination: str, flt: DlqFilter | None = None
 ) -> list[DeadLetter]:
-    """The records of a destination's DLQ that match `flt`, oldest first per partition."""
-    topic = Topics(kafka.topic_prefix).destination(destination).dlq
+    """The records of a DLQ (a destination's, or `jobs.<queue>`) that match `flt`, oldest
+    first per partition."""
+    topic = dlq_topic(kafka, destination)
     out = []
     for msg in read_topic(kafka, topic):
         headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (msg.headers() or [])}

@@ -1,7 +1,8 @@
 """Redrive: dead letters sent back to the destination's topic, with an audit trail.
 
 A redrive produces matching records back onto the destination's topic (history headers
-added) and audits itself on `sluice.dlq.audit`:
+added) or, for a job queue (`jobs.<queue>`), each DEAD job back onto its priority topic
+to run again (see `ops.dlq.jobs`), and audits itself on `sluice.dlq.audit`:
 
 1. a `start` record (its id, the filter, the counts and the target topic's end offsets)
    before it produces anything; nothing is sent if it cannot be written;
@@ -36,7 +37,16 @@ from core.kafka import Headers, idempotent_producer
 from core.settings import KafkaSettings
 from core.topics import Topics
 from ops.dlq.history import RefSet, redrive_history
-from ops.dlq.letters import DlqFilter, dead_letters, end_offsets, read_topic
+from ops.dlq.jobs import JobSkips, Outgoing, plan_job_redrive
+from ops.dlq.letters import (
+    DeadLetter,
+    DlqFilter,
+    dead_letters,
+    dlq_topic,
+    end_offsets,
+    job_queue,
+    read_topic,
+)
 from ops.errors import DlqError
 
 
@@ -52,6 +62,8 @@ class RedriveReport:
     audit: dict[str, Any] = field(default_factory=dict)
     # How many audit records this redrive wrote (the `done` record is split to fit).
     audit_records: int = 0
+    # A job queue's redrive: the records it left (jobs not DEAD now, records not jobs).
+    jobs: JobSkips | None = None
 
 
 # Room left in an audit message for Kafka's record and batch framing and the key.
@@ -131,13 +143,34 @@ def _sent_by(kafka: KafkaSettings, start: dict[str, Any], dlq: str) -> RefSet:
     """The DLQ records the redrive of `start` put on its target topic."""
     found = RefSet()
     run = str(start["id"]).encode()
-    offsets = {int(p): int(o) for p, o in dict(start.get("target_offsets", {})).items()}
-    for msg in read_topic(kafka, str(start["target"]), start=offsets):
-        headers = dict(msg.headers() or [])
-        origin = (headers.get(REDRIVE_FROM) or b"").decode("utf-8", "replace")
-        if headers.get(REDRIVE_ID) == run and origin.startswith(f"{dlq}:"):
-            found.add_text(origin.removeprefix(f"{dlq}:"))
+    # A job queue's redrive writes to several priority topics (`targets`), a
+    # destination's to one (`target`, `target_offsets`).
+    targets = start.get("targets") or {start["target"]: start.get("target_offsets", {})}
+    for target, target_offsets in dict(targets).items():
+        offsets = {int(p): int(o) for p, o in dict(target_offsets).items()}
+        for msg in read_topic(kafka, str(target), start=offsets):
+            headers = dict(msg.headers() or [])
+            origin = (headers.get(REDRIVE_FROM) or b"").decode("utf-8", "replace")
+            if headers.get(REDRIVE_ID) == run and origin.startswith(f"{dlq}:"):
+                found.add_text(origin.removeprefix(f"{dlq}:"))
     return found
+
+
+def _event_headers(rec: DeadLetter, dlq: str, run: str) -> Headers:
+    """A dead letter's headers for its redrive: all of them, with the redrive history."""
+    try:
+        count = int(rec.headers.get(REDRIVE_COUNT, "0")) + 1
+    except ValueError:
+        count = 1
+    out: Headers = [
+        (k, v.encode()) for k, v in rec.headers.items() if not k.startswith(REDRIVE_PREFIX)
+    ]
+    out += [
+        (REDRIVE_COUNT, str(count).encode()),
+        (REDRIVE_FROM, f"{dlq}:{rec.ref}".encode()),
+        (REDRIVE_ID, run.encode()),
+    ]
+    return out
 
 
 def _identity() -> dict[str, Any]:
@@ -154,16 +187,18 @@ def redrive(
     dry_run: bool = False,
     rate: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    limit: int | None = None,
 ) -> RedriveReport:
-    """Send matching DLQ records back to the destination's topic, at most `rate` a second.
+    """Send matching DLQ records back to the destination's topic (or, for `jobs.<queue>`,
+    DEAD jobs back to their priority topics), at most `rate` a second and at most `limit`.
 
     Safe to run again after any failure: nothing is sent before the `start` audit record
     is written, and a redrive that did not write its `done` records is finished (from
     the target topic's records) by the next run before that run picks what to send.
     """
     topics = Topics(kafka.topic_prefix)
-    dest = topics.destination(destination)
-    target, dlq = dest.main, dest.dlq
+    queue = job_queue(destination)
+    dlq = dlq_topic(kafka, destination)
     records = dead_letters(kafka, destination, flt)
     history = redrive_history(kafka, destination)
     producer = idempotent_producer(kafka)
@@ -186,6 +221,16 @@ def redrive(
     todo = [r for r in records if r.ref not in history.done]
     report.matched, report.skipped = len(records), len(records) - len(todo)
     run = str(uuid.uuid4())
+    outgoing: list[Outgoing]
+    if queue is None:
+        target = topics.destination(destination).main
+        outgoing = [
+            Outgoing(r, target, None, r.key, r.value, _event_headers(r, dlq, run)) for r in todo
+        ]
+    else:
+        outgoing, report.jobs = plan_job_redrive(kafka, queue, todo, dlq, run)
+    if limit is not None:
+        outgoing = outgoing[: max(0, limit)]
     report.audit = {
         "id": run,
         "destination": destination,
@@ -195,21 +240,31 @@ def redrive(
             "error_class": flt.error_class,
             "since_ms": flt.since_ms,
             "until_ms": flt.until_ms,
+            "refs": sorted(flt.refs),
+            "limit": limit,
         },
         "matched": report.matched,
         "skipped_already_redriven": report.skipped,
     }
-    if todo and not dry_run:
-        audit.write(
-            {
-                **report.audit,
-                "kind": "start",
-                "todo": len(todo),
-                "target": target,
-                "target_offsets": {str(p): o for p, o in end_offsets(kafka, target).items()},
-            },
-            "start of the redrive's audit (nothing was sent)",
-        )
+    if report.jobs is not None:
+        report.audit |= {
+            "queue": queue,
+            "skipped_not_dead": len(report.jobs.not_dead),
+            "skipped_not_jobs": len(report.jobs.not_jobs),
+        }
+    if outgoing and not dry_run:
+        targets = sorted({o.topic for o in outgoing})
+        offsets = {t: {str(p): o for p, o in end_offsets(kafka, t).items()} for t in targets}
+        begin: dict[str, Any] = {
+            **report.audit,
+            "kind": "start",
+            "todo": len(outgoing),
+            "target": targets[0],
+            "target_offsets": offsets[targets[0]],
+        }
+        if queue is not None:
+            begin["targets"] = offsets
+        audit.write(begin, "start of the redrive's audit (nothing was sent)")
     failures: list[str] = []
 
     def delivered(err: KafkaError | None, _msg: Any) -> None:
@@ -218,29 +273,26 @@ def redrive(
 
     sent = RefSet()
     started = time.monotonic()
-    for i, rec in enumerate(todo):
+    for i, out in enumerate(outgoing):
         if rate:
             wait = started + i / rate - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
         if not dry_run:
-            count = int(rec.headers.get(REDRIVE_COUNT, "0")) + 1
-            history_headers: Headers = [
-                (k, v.encode()) for k, v in rec.headers.items() if not k.startswith(REDRIVE_PREFIX)
-            ]
-            history_headers += [
-                (REDRIVE_COUNT, str(count).encode()),
-                (REDRIVE_FROM, f"{dlq}:{rec.ref}".encode()),
-                (REDRIVE_ID, run.encode()),
-            ]
+            extra: dict[str, Any] = {} if out.partition is None else {"partition": out.partition}
             producer.produce(
-                target, rec.value, rec.key, headers=history_headers, on_delivery=delivered
+                out.topic,
+                out.value,
+                out.key,
+                headers=out.headers,
+                on_delivery=delivered,
+                **extra,
             )
             producer.poll(0)
-        sent.add(rec.partition, rec.offset)
+        sent.add(out.rec.partition, out.rec.offset)
         report.redriven += 1
         if on_progress:
-            on_progress(i + 1, len(todo))
+            on_progress(i + 1, len(outgoing))
     if producer.flush(60) or failures:
         raise DlqError(
             f"redrive not confirmed by Kafka: {failures[:1] or 'timeout'}; "
