@@ -75,12 +75,14 @@ from core.jobs import (
     DEAD,
     DUE,
     FAILED,
+    REDRIVE,
     SCHEDULE_GRACE_MS,
     SCHEDULED,
     JobStatus,
     StatusTable,
     cut,
     next_tick,
+    redrive_step,
     tick_id,
     ticks,
 )
@@ -252,7 +254,9 @@ class QueueWorker:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": self.settings.session_timeout_ms,
-                "heartbeat.interval.ms": max(500, self.settings.session_timeout_ms // 5),
+                # A member hears of a rebalance (a process left or came) with its next
+                # heartbeat: often, so that jobs due meanwhile are not held up for long.
+                "heartbeat.interval.ms": min(300, self.settings.session_timeout_ms // 3),
                 "max.poll.interval.ms": 300_000,
                 # Submit-to-start latency on an idle queue: a fetch waits at most this long.
                 "fetch.wait.max.ms": 50,
@@ -413,11 +417,25 @@ class QueueWorker:
             due = int(job.get("run_at") or 0)
         self._consider(Held(msg, job, attempt, due))
 
+    def _redriven(self, held: Held) -> tuple[JobStatus | None, bool]:
+        """The job's status for this record, started over (and written) when the record
+        redrives the DEAD job, and whether the record is a leftover of an earlier run."""
+        marker = header_map(message_headers(held.msg)).get(REDRIVE)
+        status = self.table.get(held.id)
+        now_ms = int(time.time() * 1000)
+        went_on, leftover = redrive_step(status, marker, self.worker_id, now_ms)
+        if went_on is not None and went_on is not status:
+            log.info("job redriven", queue=self.queue.name, job=held.id, marker=marker)
+            # In the table at once: the job may start before the write task runs.
+            self.table.put(went_on)
+            self._write_soon(went_on)
+        return went_on, leftover
+
     def _consider(self, held: Held) -> None:  # noqa: PLR0911 -- one return per outcome
         """Decide about a record from its job's status: done, held, given up on, or ready."""
         now_ms = int(time.time() * 1000)
-        status = self.table.get(held.id)
-        if status is not None and (status.finished or held.attempt < status.attempt):
+        status, leftover = self._redriven(held)
+        if status is not None and (leftover or status.finished or held.attempt < status.attempt):
             self._finish(held)
             self.metrics.duplicates.labels(self.queue.name).inc()
             return

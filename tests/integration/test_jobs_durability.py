@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,57 +26,91 @@ from tests.pipeline import Pipeline, http_json, until
 pytestmark = pytest.mark.integration
 
 
-async def test_a_killed_worker_gives_its_jobs_back_after_the_lease_and_none_is_lost(
+async def test_ten_thousand_jobs_over_three_priorities_survive_two_kills_of_a_worker(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
-    pipe = queue_pipeline(configs, broker, prefix, tmp_path, concurrency=20, max_attempts=5)
+    slots = 20
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, concurrency=slots, max_attempts=5)
     ledger = str(tmp_path / "ledger.jsonl")
     await asyncio.to_thread(pipe.start, "gateway", "jobs", "jobs2")
+    count = 10_000
+    priority: dict[str, int] = {}
+    submitted: dict[str, float] = {}
     try:
-        async with aiohttp.ClientSession() as session:
-            ids = await submit(
-                session,
-                pipe,
-                [
-                    {"payload": {"ledger": ledger, "sleep": 0.2}, "priority": i % 3}
-                    for i in range(1500)
-                ],
-            )
 
         def done() -> int:
             return len({line["id"] for line in read_ledger(ledger) if line["what"] == "done"})
 
-        await until(lambda: done() > 150, 60, "jobs running")
-        os.kill(pipe.pid("jobs"), signal.SIGKILL)
-        await until(lambda: done() > 600, 90, "jobs running after the first kill")
-        await asyncio.to_thread(pipe.start, "jobs")
-        await until(lambda: done() > 900, 90, "jobs running after the restart")
-        os.kill(pipe.pid("jobs2"), signal.SIGKILL)
-        await until(lambda: done() == len(ids), 120, "every job completed")
-        await until(lambda: all_in(pipe, ids, {"COMPLETED"}), 60, "every status COMPLETED")
+        def done_over(n: int) -> Callable[[], bool]:
+            return lambda: done() > n
+
+        async def kills() -> None:
+            # One of the two workers is SIGKILLed twice mid-run, restarted after each.
+            for kill_at, restart_at in ((1500, 3500), (5500, 7000)):
+                await until(done_over(kill_at), 120, f"{kill_at} jobs done")
+                os.kill(pipe.pid("jobs"), signal.SIGKILL)
+                await until(done_over(restart_at), 120, f"{restart_at} jobs done")
+                await asyncio.to_thread(pipe.start, "jobs")
+
+        killer = asyncio.create_task(kills())
+        async with aiohttp.ClientSession() as session:
+            for start in range(0, count, 500):
+                batch: list[dict[str, Any]] = [
+                    {"payload": {"ledger": ledger, "sleep": 0.02}, "priority": i % 3}
+                    for i in range(start, start + 500)
+                ]
+                ids = await submit(session, pipe, batch)
+                now = time.time()
+                for job_id, job in zip(ids, batch, strict=True):
+                    priority[job_id] = int(job["priority"])
+                    submitted[job_id] = now
+        await killer
+        await until(lambda: done() == count, 180, "every job completed")
+        await until(lambda: all_in(pipe, list(priority), {"COMPLETED"}), 120, "all COMPLETED")
         lines = read_ledger(ledger)
         completions = Counter(line["id"] for line in lines if line["what"] == "done")
-        assert set(completions) == set(ids)
-        # A job runs again only when its worker was killed while it ran (it completed,
-        # its status did not): at most the slots of the two killed workers.
-        twice = [job_id for job_id, n in completions.items() if n > 1]
-        assert len(twice) <= 2 * 20, len(twice)
-        # Jobs that were running when a worker died: their history shows the expired
-        # lease, and another attempt completed them.
-        stalled = []
-        for job_id in ids:
+        assert set(completions) == set(priority)
+        # A job's function runs again only when its worker was killed between the
+        # function's return and the COMPLETED status (the README's "at least once"): at
+        # most the slots of the worker at each of its two kills; each such job's history
+        # shows the expired lease.
+        twice = {job_id for job_id, n in completions.items() if n > 1}
+        assert len(twice) <= 2 * slots, len(twice)
+        stalled = set()
+        for job_id in priority:
             status = status_of(pipe, job_id)
             assert status is not None
-            assert [h["state"] for h in status["history"]].count("COMPLETED") == 1
+            states = [h["state"] for h in status["history"]]
+            assert states.count("COMPLETED") == 1, status
             if any(h.get("note") == "lease expired" for h in status["history"]):
-                stalled.append(status)
+                assert status["attempt"] >= 2
+                stalled.add(job_id)
         assert stalled, "no job was caught running by a kill"
-        for status in stalled:
-            assert status["attempt"] >= 2
-        metrics = await asyncio.to_thread(
+        assert twice <= stalled, twice - stalled
+        # Priorities: the first starts of each job, in time order.
+        first = {}
+        for line in lines:
+            if line["what"] == "start" and line["id"] not in first:
+                first[line["id"]] = line["at"]
+        waits = {p: [first[j] - submitted[j] for j in first if priority[j] == p] for p in range(3)}
+        mean = {p: sum(w) / len(w) for p, w in waits.items()}
+        assert mean[2] < mean[1] < mean[0], mean
+        # While all three had jobs waiting (until 80 % of priority 2 had started), priority
+        # 0 got at least its documented share of the starts: 1 part in 1 + 2 + 4.
+        order = sorted(first, key=first.__getitem__)
+        p2_seen, window = 0, []
+        for job_id in order:
+            window.append(priority[job_id])
+            p2_seen += priority[job_id] == 2
+            if p2_seen >= 0.8 * count / 3:
+                break
+        share = window.count(0) / len(window)
+        assert share >= 1 / 7, share
+        assert window.count(2) > 2 * window.count(0), window.count(2)
+        health = await asyncio.to_thread(
             http_json, f"http://127.0.0.1:{pipe.job_ports['jobs']}/health"
         )
-        assert metrics["status"] == "ok"
+        assert health["status"] == "ok"
     finally:
         pipe.stop()
 

@@ -112,14 +112,14 @@ async def test_jobs_complete_retry_with_backoff_and_die_into_the_dlq_with_reason
         pipe.stop()
 
 
-async def test_delayed_jobs_never_start_early_and_start_within_a_second(
+async def test_delayed_jobs_never_start_early_and_start_within_a_second_across_a_restart(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
-    pipe = queue_pipeline(configs, broker, prefix, tmp_path, concurrency=50)
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, concurrency=50, partitions=4)
     ledger = str(tmp_path / "ledger.jsonl")
-    await asyncio.to_thread(pipe.start, "gateway", "jobs")
+    await asyncio.to_thread(pipe.start, "gateway", "jobs", "jobs2")
     try:
-        delays = [(i * 37) % 4000 for i in range(200)]
+        delays = [(i * 37) % 10_000 for i in range(1000)]
         async with aiohttp.ClientSession() as session:
             submitted = time.time()
             ids = await submit(
@@ -130,22 +130,30 @@ async def test_delayed_jobs_never_start_early_and_start_within_a_second(
             # Scheduled ones say so, with their due time.
             late = ids[delays.index(max(delays))]
             await until(lambda: (status_of(pipe, late) or {}).get("state") == "SCHEDULED", 10)
+        # A worker restarts while most jobs wait: the other one takes its partitions, and
+        # the held records are read again from the last commit.
+        await asyncio.sleep(max(0.0, submitted + 4 - time.time()))
+        await asyncio.to_thread(pipe.stop, "jobs")
+        await asyncio.to_thread(pipe.start, "jobs")
         await until(lambda: len(read_ledger(ledger)) >= 2 * len(ids), 60, "every job run")
-        started = {
-            line["id"]: line["at"] for line in read_ledger(ledger) if line["what"] == "start"
-        }
+        started: dict[str, float] = {}
+        for line in read_ledger(ledger):
+            if line["what"] == "start":
+                started.setdefault(line["id"], line["at"])
+        assert set(started) == set(ids)
         lateness = []
         for job_id, delay in zip(ids, delays, strict=True):
             due = status_of(pipe, job_id)
             assert due is not None
+            assert due["state"] == "COMPLETED"
             # The gateway took the job at `submitted_at`; it may not start before + delay.
             earliest = due["submitted_at_ms"] / 1000 + delay / 1000
             assert started[job_id] >= earliest - 0.002, (job_id, delay)
             lateness.append(started[job_id] - earliest)
-        worst = sorted(zip(lateness, delays, strict=True))[-8:]
+        worst = sorted(zip(lateness, delays, strict=True))[-12:]
         lateness.sort()
         assert lateness[int(len(lateness) * 0.99) - 1] <= 1.0, worst
-        assert time.time() - submitted < 30
+        assert time.time() - submitted < 60
     finally:
         pipe.stop()
 
