@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
@@ -164,7 +165,15 @@ class StatusTable:
     def __init__(self) -> None:
         self._jobs: dict[str, JobStatus] = {}
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._watchers: list[Callable[[JobStatus | None, JobStatus | None], None]] = []
         self._lock = threading.Lock()
+
+    def watch(self, changed: Callable[[JobStatus | None, JobStatus | None], None]) -> None:
+        """Call `changed(old, new)` on every status put or forgotten (`new` None), under the
+        table's lock, in the order of the changes: what keeps figures of the table (counts
+        over time, expiry times) without scanning it."""
+        with self._lock:
+            self._watchers.append(changed)
 
     def apply(self, entry: Entry) -> None:
         """One record of the status topic (a tombstone forgets the job)."""
@@ -189,6 +198,8 @@ class StatusTable:
                 self._counts[(old.queue, old.state)] -= 1
             self._jobs[status.id] = status
             self._counts[(status.queue, status.state)] += 1
+            for changed in self._watchers:
+                changed(old, status)
 
     def forget(self, job_id: str) -> None:
         """Drop a job (its status was deleted)."""
@@ -196,6 +207,8 @@ class StatusTable:
             old = self._jobs.pop(job_id, None)
             if old is not None:
                 self._counts[(old.queue, old.state)] -= 1
+                for changed in self._watchers:
+                    changed(old, None)
 
     def get(self, job_id: str) -> JobStatus | None:
         """The latest status of `job_id`, if any."""
@@ -271,6 +284,15 @@ def redrive_step(
 def idempotent_id(queue: str, key: str) -> str:
     """The one job id of idempotency key `key` on `queue`, the same from every gateway."""
     return str(uuid.uuid5(DERIVED_IDS, f"{queue}\x00{key}"))
+
+
+def derived_id(job_id: str) -> bool:
+    """Whether `job_id` was derived from a key (`idempotent_id`, `tick_id`: a uuid5), not
+    drawn at random: the id a later submit of the same key gets again."""
+    try:
+        return uuid.UUID(job_id).version == 5
+    except ValueError:
+        return False
 
 
 def tick_id(queue: str, schedule: str, tick_ms: int) -> str:

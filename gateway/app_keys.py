@@ -9,6 +9,7 @@ from aiohttp import web
 
 from core.config_topic import ConfigFollower
 from core.follower import CompactedFollower
+from core.job_stats import QueueFigures
 from core.jobs import StatusTable
 from core.producer import EventProducer
 from core.settings import GatewaySettings
@@ -32,10 +33,11 @@ JOB_CODEC = web.AppKey("job_codec", AvroCodec)
 
 @dataclass(frozen=True)
 class JobStatuses:
-    """The status of every job, followed from the status topic."""
+    """The status of every job, followed from the status topic, and the queues' figures."""
 
     table: StatusTable
     follower: CompactedFollower
+    figures: QueueFigures
 
 
 JOB_STATUS = web.AppKey("job_status", JobStatuses)

@@ -16,6 +16,7 @@ from aiohttp import web
 from core.config import PipelineConfig
 from core.config_topic import ConfigFollower
 from core.follower import CompactedFollower
+from core.job_stats import QueueFigures
 from core.jobs import StatusTable
 from core.producer import EventProducer
 from core.settings import GatewaySettings, KafkaSettings, TransformSettings
@@ -79,15 +80,19 @@ def config_ctx(
 
 
 def job_status_ctx(kafka: KafkaSettings) -> CleanupContext:
-    """A follower of the job status topic into the app's status table (`JOB_STATUS`)."""
+    """A follower of the job status topic into the app's status table (`JOB_STATUS`), with
+    the queues' figures kept as statuses change and the DEAD gauge in the app's metrics."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         table = StatusTable()
+        figures = QueueFigures()
+        table.watch(figures.changed)
         follower = CompactedFollower(
             kafka, Topics(kafka.topic_prefix).jobs_status, table.apply, name="gateway-jobs"
         )
-        app[JOB_STATUS] = JobStatuses(table, follower)
+        app[JOB_STATUS] = JobStatuses(table, follower, figures)
+        app[METRICS].watch_jobs(table, figures)
         follower.start()
         yield
         await loop.run_in_executor(None, follower.stop)

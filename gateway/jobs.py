@@ -15,8 +15,10 @@ takes the jobs off the topic sees one job however often it was submitted.
 Status comes from the job status topic, which the gateway follows: `GET /v1/jobs/{id}`
 answers a job's latest state with its history (404 for a job no worker has read yet, or
 of a queue the key may not use), `GET /v1/jobs?queue=&state=&limit=` lists a queue's
-jobs, the latest updated first, `GET /v1/queues/{queue}` counts its jobs by state, and
-`DELETE /v1/jobs/{id}` cancels a job that is not running or finished.
+jobs, the latest updated first, `GET /v1/queues/{queue}` gives a queue's figures (its
+jobs by state, the ones in flight, rates over the last minute and wait and run time
+percentiles of recent attempts: `core.job_stats`), `GET /v1/queues` those of every queue
+the key may use, and `DELETE /v1/jobs/{id}` cancels a job that is not running or finished.
 All of them take the queue's submit key; before the status topic was read to its end
 they answer 503.
 """
@@ -37,7 +39,15 @@ from core.config import MAX_PRIORITY
 from core.errors import BrokerUnavailable, SchemaError, TopicError
 from core.jobs import ACTIVE, CANCEL, CANCELLED, STATES, idempotent_id
 from core.kafka import Record
-from gateway.app_keys import JOB_CODEC, JOB_KEYS, JOB_STATUS, PRODUCER, TOPICS, JobStatuses
+from gateway.app_keys import (
+    JOB_CODEC,
+    JOB_KEYS,
+    JOB_STATUS,
+    METRICS,
+    PRODUCER,
+    TOPICS,
+    JobStatuses,
+)
 from gateway.auth import bearer_token
 from gateway.ingest import _parse, read_body
 from gateway.responses import error, json_response
@@ -164,6 +174,9 @@ async def _submit(request: web.Request, jobs: list[JobRequest]) -> list[dict[str
         # Some jobs may have landed: a client sending the request again with idempotency
         # keys gets the same ids.
         raise error(503, f"jobs not stored: {exc}", **{"Retry-After": "1"}) from None
+    enqueued = request.app[METRICS].jobs_enqueued
+    for job in jobs:
+        enqueued.labels(job.queue).inc()
     return [
         {"id": jid, "queue": job.queue, "state": state}
         for job, (jid, _, _, state) in zip(jobs, built, strict=True)
@@ -243,13 +256,29 @@ async def handle_list(request: web.Request) -> web.Response:
     return json_response({"jobs": [s.public() for s in found]})
 
 
+def _figures(statuses: JobStatuses, queue: str) -> dict[str, Any]:
+    """A queue's figures: jobs by state, in flight, rates and latency percentiles."""
+    counts = statuses.table.counts(queue)
+    return {"queue": queue, "counts": counts, "in_flight": counts[ACTIVE]} | (
+        statuses.figures.summary(queue)
+    )
+
+
 async def handle_queue(request: web.Request) -> web.Response:
-    """`GET /v1/queues/{queue}`: how many of the queue's jobs are in each state."""
+    """`GET /v1/queues/{queue}`: the queue's jobs by state, in flight, rates, latencies."""
     allowed = _allowed(request)
     queue = request.match_info["queue"]
     _visible_queue(request, allowed, queue)
-    counts = _statuses(request).table.counts(queue)
-    return json_response({"queue": queue, "counts": counts})
+    return json_response(_figures(_statuses(request), queue))
+
+
+async def handle_queues(request: web.Request) -> web.Response:
+    """`GET /v1/queues`: the figures of every queue the key may use, by name."""
+    allowed = _allowed(request)
+    statuses = _statuses(request)
+    keys = request.app[JOB_KEYS]
+    names = sorted(name for name in allowed if keys.queue(name) is not None)
+    return json_response({"queues": [_figures(statuses, name) for name in names]})
 
 
 # How long `DELETE /v1/jobs/{id}` waits for the job's worker to answer the cancel.
@@ -315,4 +344,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/jobs", handle_list)
     app.router.add_get("/v1/jobs/{id}", handle_status)
     app.router.add_delete("/v1/jobs/{id}", handle_cancel)
+    app.router.add_get("/v1/queues", handle_queues)
     app.router.add_get("/v1/queues/{queue}", handle_queue)

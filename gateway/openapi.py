@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.job_stats import RATES
+from core.jobs import STATES
 from gateway.envelope import EVENT_TYPES
 
 _TS = {"type": "string", "format": "date-time"}
@@ -150,6 +152,49 @@ _STATUS = {
     },
     "required": ["id", "queue", "state", "attempt", "history"],
 }
+_COUNT = {"type": "integer", "minimum": 0}
+_RATE = {"type": "number", "minimum": 0, "description": "Per second over the window"}
+_MS = {"type": "integer", "minimum": 0, "nullable": True}
+_PERCENTILES = {
+    "type": "object",
+    "properties": {"p50": _MS, "p90": _MS, "p99": _MS},
+    "required": ["p50", "p90", "p99"],
+}
+_QUEUE = {
+    "type": "object",
+    "properties": {
+        "queue": {"type": "string"},
+        "counts": {
+            "type": "object",
+            "description": "Jobs by state (their statuses in the gateway's table)",
+            "properties": dict.fromkeys(STATES, _COUNT),
+            "required": list(STATES),
+        },
+        "in_flight": {**_COUNT, "description": "Jobs ACTIVE now"},
+        "rates": {
+            "type": "object",
+            "description": "Transitions per second over the last window_s seconds",
+            "properties": {"window_s": _COUNT} | dict.fromkeys(RATES, _RATE),
+            "required": ["window_s", *RATES],
+        },
+        "latency": {
+            "type": "object",
+            "description": (
+                "Attempts that ended in the last window_s seconds (the latest 1000): wait ="
+                " started - (due or submitted), run = ended - started, in ms; null without"
+                " attempts"
+            ),
+            "properties": {
+                "window_s": _COUNT,
+                "attempts": _COUNT,
+                "wait_ms": _PERCENTILES,
+                "run_ms": _PERCENTILES,
+            },
+            "required": ["window_s", "attempts", "wait_ms", "run_ms"],
+        },
+    },
+    "required": ["queue", "counts", "in_flight", "rates", "latency"],
+}
 _READ_ERRORS = {
     "400": "An invalid query parameter (the reason names it)",
     "401": "Unknown or missing submit key",
@@ -250,13 +295,18 @@ def openapi_document() -> dict[str, Any]:
         },
     }
     paths["/v1/queues/{queue}"] = _read(
-        "How many of a queue's jobs are in each state",
+        "A queue's jobs by state, in flight, rates and wait and run time percentiles",
+        _QUEUE,
+        [_param("queue", "path", {"type": "string"}, True)],
+    )
+    paths["/v1/queues"] = _read(
+        "The figures of every queue the submit key may use",
         {
             "type": "object",
-            "properties": {"queue": {"type": "string"}, "counts": {"type": "object"}},
-            "required": ["queue", "counts"],
+            "properties": {"queues": {"type": "array", "items": _QUEUE}},
+            "required": ["queues"],
         },
-        [_param("queue", "path", {"type": "string"}, True)],
+        [],
     )
     ok = {"200": _json({"type": "object"}, "OK")}
     paths["/health"] = {"get": {"summary": "The process is up", "responses": ok}}

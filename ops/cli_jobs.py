@@ -194,15 +194,52 @@ def list_jobs(
     print_rows(["id", "state", "attempt", "updated", "error"], rows)
 
 
+_P = ("p50", "p90", "p99")
+
+
+def _percentiles(figures: dict[str, Any]) -> str:
+    return " / ".join("-" if figures.get(p) is None else str(figures[p]) for p in _P)
+
+
+def _queue_rows(answer: dict[str, Any]) -> list[list[str]]:
+    """A queue's figures (`GET /v1/queues/{q}`) as rows of a two-column table."""
+    rows = [[state, str(n)] for state, n in answer["counts"].items()]
+    rows.append(["in flight", str(answer.get("in_flight", answer["counts"].get("ACTIVE", 0)))])
+    rates = answer.get("rates") or {}
+    window = rates.get("window_s", 60)
+    for name, value in rates.items():
+        if name != "window_s":
+            rows.append([f"{name}/s (last {window} s)", f"{value:g}"])
+    latency = answer.get("latency")
+    if latency:
+        span = f"{latency['attempts']} attempts, last {latency['window_s']} s"
+        rows.append([f"wait ms p50/p90/p99 ({span})", _percentiles(latency["wait_ms"])])
+        rows.append([f"run ms p50/p90/p99 ({span})", _percentiles(latency["run_ms"])])
+    return rows
+
+
 @jobs_app.command("stats")
 def stats(
-    queue: Annotated[str, typer.Argument(help="The queue.")],
+    queue: Annotated[
+        str | None, typer.Argument(help="The queue (default: every queue the key may use).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     key: KeyOption = "",
     gateway: GatewayOption = None,
 ) -> None:
-    """How many of a queue's jobs are in each state."""
-    answer = _ask(gateway, key, f"/v1/queues/{urllib.parse.quote(queue, safe='')}")
-    print_rows(["state", "jobs"], [[s, str(n)] for s, n in answer["counts"].items()])
+    """A queue's jobs by state, in flight, rates over the last minute and wait and run
+    time percentiles of recent attempts; every queue of the key when none is named."""
+    if queue is None:
+        answers = _ask(gateway, key, "/v1/queues")["queues"]
+    else:
+        answers = [_ask(gateway, key, f"/v1/queues/{urllib.parse.quote(queue, safe='')}")]
+    if json_out:
+        console.print_json(orjson.dumps(answers if queue is None else answers[0]).decode())
+        return
+    if not answers:
+        console.print("no queues for this key")
+    for answer in answers:
+        print_rows(["figure", "value"], _queue_rows(answer), title=f"queue {answer['queue']}")
 
 
 @jobs_app.command("cancel")

@@ -40,6 +40,10 @@ class JobMetrics:
             "sluice_jobs_duplicates_skipped",
             "Job records read for a job already finished or past that attempt.",
         )
+        self.expired = counter(
+            "sluice_jobs_statuses_expired",
+            "Finished jobs' statuses deleted (a tombstone) after their retention.",
+        )
         self.ready = gauge("sluice_jobs_ready", "Jobs due and waiting for a slot.")
         self.scheduled = gauge(
             "sluice_jobs_scheduled", "Job records held until due (delays, backoff, leases)."
