@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,16 @@ from ops.processes import BackgroundProcess
 from ops.traffic import basic_auth
 from schemas.codec import job_codec
 from tests.configs import SUBMIT_KEY, Configs
-from tests.pipeline import Pipeline, free_port, http_json, pipeline_with_topics, read_records
+from tests.job_functions import read_ledger
+from tests.jobs_api import all_in, queue_pipeline
+from tests.pipeline import (
+    Pipeline,
+    free_port,
+    http_json,
+    pipeline_with_topics,
+    read_records,
+    until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -141,10 +151,12 @@ async def test_submitted_jobs_are_on_their_priority_topics_once_acknowledged(
 async def test_one_idempotency_key_is_one_job_id_across_two_gateways(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
-    pipe = _pipeline(configs, broker, prefix, tmp_path)
+    # A job worker runs the queue meanwhile: the one job runs once.
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, priorities=1)
+    ledger = str(tmp_path / "ledger.jsonl")
     second = free_port()
     pipe.services["gateway-2"] = BackgroundProcess("gateway-2", tmp_path / "run")
-    await asyncio.to_thread(pipe.start, "gateway")
+    await asyncio.to_thread(pipe.start, "gateway", "jobs")
     pipe.services["gateway-2"].start(["gateway"], {**pipe.env, "SLUICE_GATEWAY_PORT": str(second)})
     urls = [f"{pipe.gateway_url}/v1/jobs", f"http://127.0.0.1:{second}/v1/jobs"]
     try:
@@ -156,7 +168,11 @@ async def test_one_idempotency_key_is_one_job_id_across_two_gateways(
                 status, body = await _post(
                     session,
                     urls[(n + i) % 2],
-                    {"queue": "work", "payload": {"client": n}, "idempotency_key": "order-42"},
+                    {
+                        "queue": "work",
+                        "payload": {"ledger": ledger, "client": n},
+                        "idempotency_key": "order-42",
+                    },
                 )
                 assert status == 202, body
                 ids.append(body["id"])
@@ -165,8 +181,17 @@ async def test_one_idempotency_key_is_one_job_id_across_two_gateways(
         async with aiohttp.ClientSession() as session:
             answers = await asyncio.gather(*(client(n, session) for n in range(20)))
         other_key = await asyncio.to_thread(
-            http_json, urls[1], {"queue": "work", "idempotency_key": "order-43"}, 10, BEARER
+            http_json,
+            urls[1],
+            {"queue": "work", "payload": {"ledger": ledger}, "idempotency_key": "order-43"},
+            10,
+            BEARER,
         )
+        (the_id,) = {jid for answer in answers for jid in answer}
+        await until(lambda: all_in(pipe, [the_id, other_key["id"]], {"COMPLETED"}), 60, "both ran")
+        await asyncio.sleep(2)  # a second run, were there one, would show by now
+        runs = Counter(line["id"] for line in read_ledger(ledger) if line["what"] == "start")
+        assert runs == {the_id: 1, other_key["id"]: 1}, runs
     finally:
         await asyncio.to_thread(pipe.stop)
     ids = {jid for answer in answers for jid in answer}
