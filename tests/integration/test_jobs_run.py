@@ -5,6 +5,7 @@ starts by priority and keep the order of their ordering key."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -198,14 +199,20 @@ async def test_an_ordering_key_runs_its_jobs_one_at_a_time_in_submit_order_acros
     ledger = str(tmp_path / "ledger.jsonl")
     await asyncio.to_thread(pipe.start, "gateway", "jobs")
     try:
-        keys = [f"key-{k}" for k in range(10)]
+        # 20 keys x 50 jobs, a random third of them failing once or twice before they work.
+        rng = random.Random(11)
+        keys = [f"key-{k}" for k in range(20)]
         jobs = [
             {
-                "payload": {"ledger": ledger, "sleep": 0.01, "fail_attempts": (n * 7 + k) % 3 // 2},
+                "payload": {
+                    "ledger": ledger,
+                    "sleep": 0.01,
+                    "fail_attempts": rng.choice((0, 0, 0, 0, 1, 2)),
+                },
                 "ordering_key": key,
             }
-            for n in range(15)
-            for k, key in enumerate(keys)
+            for _ in range(50)
+            for key in keys
         ]
         async with aiohttp.ClientSession() as session:
             ids = await submit(session, pipe, jobs)
