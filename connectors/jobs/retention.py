@@ -17,10 +17,12 @@ the same idempotency key submits a new run of the job, under the same id.
 partition, fed by the status table's changes (`StatusTable.watch`), so a sweep looks only
 at what is due on the partitions the process owns: at most `MAX_PER_SWEEP` statuses,
 every `SWEEP_EVERY_S` (at once again while a sweep was full). The worker's loop calls
-`sweep` each turn; the tombstones are written by a task of their own. A status whose
-tombstone was not confirmed goes back into the table and is swept again; one whose
-tombstone was confirmed and that comes back (the follower read the old record late) is
-swept again too, which only writes another tombstone.
+`sweep` each turn; the tombstones are written by a task of their own. Entries of
+statuses that went or changed since (deleted by the owner of another partition,
+redriven) are dropped when they are taken, or by `compact` once they outnumber the live
+ones. A status whose tombstone was not confirmed goes back into the table and is swept
+again; one whose tombstone was confirmed and that comes back (the follower read the old
+record late) is swept again too, which only writes another tombstone.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import asyncio
 import heapq
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Collection
 
 import structlog
@@ -43,6 +46,9 @@ log = structlog.get_logger("sluice.jobs")
 TP = tuple[str, int]
 SWEEP_EVERY_S = 1.0
 MAX_PER_SWEEP = 1000
+# A partition's heap is compacted when it holds this many more entries than twice the
+# statuses they are still for.
+COMPACT_AFTER = 1000
 
 
 def expires_at_ms(status: JobStatus, queue: Queue) -> int | None:
@@ -71,8 +77,10 @@ class Retention:
         self.topic = topic
         self.metrics = metrics
         self._clock = clock
-        # Per partition: (expires at ms, job id, the status's updated_at_ms), soonest first.
+        # Per partition: (expires at ms, job id, the status's updated_at_ms), soonest first,
+        # and how many of them are still the job's status (the rest went or changed since).
         self._due: dict[TP, list[tuple[int, str, int]]] = {}
+        self._live: Counter[TP] = Counter()
         self._lock = threading.Lock()
         self._next_sweep = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -80,18 +88,22 @@ class Retention:
 
     def _changed(self, old: JobStatus | None, new: JobStatus | None) -> None:
         # Called under the table's lock: no call back into the table from here.
-        if new is None or new.queue != self.queue.name:
-            return
-        if old is not None and old.finished and old.updated_at_ms == new.updated_at_ms:
+        name = self.queue.name
+        if (
+            old is not None
+            and new is not None
+            and old.finished
+            and old.updated_at_ms == new.updated_at_ms
+        ):
             return  # the same status again (this process's own write read back)
-        at = expires_at_ms(new, self.queue)
-        if at is None:
-            return
+        at = expires_at_ms(new, self.queue) if new is not None and new.queue == name else None
         with self._lock:
-            heapq.heappush(
-                self._due.setdefault((new.topic, new.partition), []),
-                (at, new.id, new.updated_at_ms),
-            )
+            if old is not None and old.finished and old.queue == name:
+                self._live[(old.topic, old.partition)] -= 1
+            if new is not None and at is not None:
+                tp = (new.topic, new.partition)
+                heapq.heappush(self._due.setdefault(tp, []), (at, new.id, new.updated_at_ms))
+                self._live[tp] += 1
 
     def pending(self) -> int:
         """How many finished statuses wait for their time (stale entries included)."""
@@ -108,17 +120,38 @@ class Retention:
                 while heap and heap[0][0] <= now_ms and len(taken) < limit:
                     _, job_id, updated = heapq.heappop(heap)
                     taken.append((tp, job_id, updated))
-        found = []
-        for tp, job_id, updated in taken:
-            status = self.table.get(job_id)
-            if (
-                status is not None
-                and status.finished
-                and status.updated_at_ms == updated
-                and (status.topic, status.partition) == tp
-            ):
-                found.append(status)
-        return found
+        return [s for tp, job_id, updated in taken if (s := self._valid(tp, job_id, updated))]
+
+    def _valid(self, tp: TP, job_id: str, updated: int) -> JobStatus | None:
+        """The job's status if it is still the finished one an entry was made for."""
+        status = self.table.get(job_id)
+        if (
+            status is not None
+            and status.finished
+            and status.updated_at_ms == updated
+            and (status.topic, status.partition) == tp
+        ):
+            return status
+        return None
+
+    def compact(self) -> None:
+        """Drop the entries of statuses gone or changed from a partition's heap once they are
+        most of it: the tombstones of other processes' partitions leave entries here that
+        no sweep of this process takes."""
+        with self._lock:
+            bloated = [
+                tp
+                for tp, heap in self._due.items()
+                if len(heap) > 2 * self._live[tp] + COMPACT_AFTER
+            ]
+            taken = {tp: self._due.pop(tp) for tp in bloated}
+        for tp, heap in taken.items():
+            kept = [entry for entry in heap if self._valid(tp, entry[1], entry[2]) is not None]
+            with self._lock:
+                # Entries made meanwhile are in the new heap: the two together.
+                merged = kept + self._due.get(tp, [])
+                heapq.heapify(merged)
+                self._due[tp] = merged
 
     def sweep(self, assigned: Collection[TP], producer: EventProducer | None) -> None:
         """From the worker's loop: start a sweep when one is due and none is under way."""
@@ -128,6 +161,7 @@ class Retention:
         if now < self._next_sweep:
             return
         self._next_sweep = now + SWEEP_EVERY_S
+        self.compact()
         statuses = self.expired(assigned, int(self._clock() * 1000), MAX_PER_SWEEP)
         if not statuses:
             return

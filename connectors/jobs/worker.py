@@ -54,6 +54,7 @@ from connectors.jobs.executor import Fatal, JobContext, PythonCall
 from connectors.jobs.leases import Lease, LeaseExpired
 from connectors.jobs.limits import Limits
 from connectors.jobs.metrics import JobMetrics
+from connectors.jobs.retention import Retention
 from core.config import Queue, Schedule
 from core.errors import BrokerUnavailable
 from core.follower import CompactedFollower
@@ -201,6 +202,7 @@ class QueueWorker:
         self.status_topic = topics.jobs_status
         self.priority_of = {self.topics.priority(p): p for p in range(queue.priorities)}
         self.table = StatusTable()
+        self.retention = Retention(queue, self.table, self.status_topic, metrics)
         self.watchdog = StallWatchdog(f"jobs-{queue.name}", settings.stall_after_s)
         self._ready: list[deque[Held]] = [deque() for _ in range(queue.priorities)]
         self._strides = Strides(queue.priorities)
@@ -280,6 +282,7 @@ class QueueWorker:
                 self._dispatch()
                 self._flow()
                 self._gauges()
+                self.retention.sweep(self._assigned, self._producer)
                 if time.monotonic() - last_commit >= COMMIT_EVERY_S:
                     # A lease queue's ready jobs wait for HTTP workers: not a stall.
                     self.watchdog.lag(self._due_count() if self.call is not None else 0)

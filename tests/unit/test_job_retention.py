@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from connectors.jobs.metrics import JobMetrics
-from connectors.jobs.retention import MAX_PER_SWEEP, Retention, expires_at_ms
+from connectors.jobs.retention import COMPACT_AFTER, MAX_PER_SWEEP, Retention, expires_at_ms
 from core.config import Queue
 from core.errors import BrokerUnavailable
 from core.jobs import ACTIVE, COMPLETED, DEAD, JobStatus, StatusTable, idempotent_id
@@ -139,3 +139,20 @@ async def test_a_full_sweep_is_followed_by_another_at_once() -> None:
     await asyncio.sleep(0)
     assert [len(records) for _, records in producer.sent] == [MAX_PER_SWEEP, 5]
     assert len(table) == 0
+
+
+def test_entries_of_statuses_deleted_by_another_process_are_compacted_away() -> None:
+    table = StatusTable()
+    retention = Retention(QUEUE, table, "status", clock=lambda: NOW / 1000)
+    # Partition 1 belongs to another process: its tombstones forget the statuses here,
+    # and no sweep of this process takes their entries.
+    for i in range(COMPACT_AFTER + 10):
+        table.put(finished(f"x{i}", NOW - 10_000, NOW, partition=1))
+        table.forget(f"x{i}")
+    table.put(finished("kept", NOW - 10_000, NOW, partition=1))
+    table.put(finished("mine", NOW - 10_000, NOW, partition=0))
+    assert retention.pending() == COMPACT_AFTER + 12
+    retention.compact()
+    assert retention.pending() == 2
+    # What is left is still taken when its partition comes here and its time comes.
+    assert sorted(s.id for s in retention.expired({P0, P1}, NOW + 10_000, 100)) == ["kept", "mine"]
