@@ -174,7 +174,10 @@ class WebhookDelivery:
                         self.watchdog.lag(self._waiting())
                         await loop.run_in_executor(None, self._commit_done)
                         last_commit = time.monotonic()
-                await self._stop_lanes(list(self._lanes))
+                # Releases of held records stop at a record boundary too, before the HTTP
+                # session closes under a request in flight.
+                releases = self._ordering.halt() if self._ordering is not None else []
+                await self._stop_lanes(list(self._lanes), releases)
                 await loop.run_in_executor(None, self._commit_done)
         finally:
             if self._restores is not None:
@@ -189,6 +192,7 @@ class WebhookDelivery:
         """Finish the records in flight, commit what is done, stop."""
         self._stopping.set()
         if self._ordering is not None:
+            self._ordering.halt()  # no release takes another record from now on
             self._ordering.room.set()
         self._lanes.stop_all()
 

@@ -62,6 +62,7 @@ class Ordering:
         self._releasing = asyncio.Semaphore(MAX_RELEASES)
         self._releases: dict[int, set[asyncio.Task[None]]] = {}
         self._halting: set[int] = set()  # revoked: releases stop at a record boundary
+        self._stopped = False  # the delivery stops: every release stops at a record boundary
 
     def parked(self, partition: int, key: bytes | None) -> KeyState | None:
         """The parked state of `key` (None: not parked, later records of it go on)."""
@@ -103,7 +104,13 @@ class Ordering:
         self.start_releases(partition, [key])
 
     def start_releases(self, partition: int, keys: list[bytes]) -> None:
-        """Release the held records of `keys`, each key in a task of its own."""
+        """Release the held records of `keys`, each key in a task of its own.
+
+        Once the delivery stops, none starts: the keys' heads are resolved in the changelog,
+        so whoever restores the partition next releases them.
+        """
+        if self._stopped:
+            return
         tasks = self._releases.setdefault(partition, set())
         for key in keys:
             task = asyncio.create_task(self._release(partition, key))
@@ -120,6 +127,17 @@ class Ordering:
         self._halting |= partitions
         return [t for p in partitions for t in self._releases.pop(p, set())]
 
+    def halt(self) -> list[asyncio.Task[None]]:
+        """The delivery stops: every release stops at a record boundary (the tasks to wait for).
+
+        A release in the middle of a request finishes it and writes its outcome, so the
+        request is not cut off by the HTTP session closing (a retriable error that would
+        send a record the destination may have taken to a tier, to be delivered again).
+        What is still held stays in the changelog, and the next owner goes on from there.
+        """
+        self._stopped = True
+        return [t for tasks in self._releases.values() for t in tasks]
+
     def drop(self, partitions: set[int]) -> None:
         """Forget revoked partitions' state: the next owner restores it from the changelog."""
         for partition in partitions:
@@ -134,6 +152,9 @@ class Ordering:
         if parking.held_count < self.settings.max_held_records:
             self.room.set()
 
+    def _halted(self, partition: int) -> bool:
+        return self._stopped or partition in self._halting
+
     async def _release(self, partition: int, key: bytes) -> None:
         async with self._releasing:
             await self._release_key(partition, key)
@@ -141,7 +162,7 @@ class Ordering:
     async def _release_key(self, partition: int, key: bytes) -> None:
         parking = self.parking
         routing = self.routing
-        while partition not in self._halting and (held := parking.next_held(partition, key)):
+        while not self._halted(partition) and (held := parking.next_held(partition, key)):
             headers = header_map(held.headers)
             own = Origin(
                 self.topics.main, partition, int(held.ref.split(":")[1]), held.timestamp_ms
@@ -169,8 +190,8 @@ class Ordering:
             await durably(partial(parking.released, partition, key, held))
             self.count()
             self.watchdog.progress()
-        if partition in self._halting:
-            return  # revoked: the next owner goes on from the changelog
+        if self._halted(partition):
+            return  # revoked or stopping: the next owner goes on from the changelog
         await durably(partial(parking.freed, partition, key))
         self.count()
 
