@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import time
 from collections import Counter
@@ -90,19 +91,22 @@ async def test_a_worker_killed_mid_transaction_leaves_no_duplicate(
     kafka = KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix)
     ingest, topic = f"{prefix}.events.ingest", f"{prefix}.dest.warehouse"
     count = scaled(6000)
-    events = sample_events(count, users=200, seed=41)
+    # More than the load needs: it goes on until the worker was caught and replaced.
+    events = sample_events(10 * count, users=200, seed=41)
     await asyncio.to_thread(pipe.start, "gateway", "worker")
     sent = 0
+    enough = asyncio.Event()
 
     async def load() -> None:
-        # A steady stream, so the worker has transactions open most of the time.
+        # A steady stream for as long as the worker is watched, so that it is in the
+        # middle of a transaction much of the time, however slow the machine.
         nonlocal sent
-        while sent < count:
+        while sent < len(events) and not (enough.is_set() and sent >= count):
             part = events[sent : sent + 25]
             report = await send_batches(pipe.gateway_url, pipe.write_key, part, 25)
             assert report.accepted == len(part)
             sent += len(part)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
 
     def open_records() -> int:
         """Records on the output topic that a read_committed reader does not see (yet)."""
@@ -113,31 +117,41 @@ async def test_a_worker_killed_mid_transaction_leaves_no_duplicate(
     try:
         loader = asyncio.create_task(load())
         await until(lambda: worker_routed(pipe.worker_metrics_port) > 100, 90, "the worker routing")
-        # Watch the output topic for records past its last stable offset (a transaction
-        # open) and freeze the worker the moment one shows. If its records stay invisible
-        # to read_committed while it is frozen, the transaction is open, not just
-        # committing: kill it there. Otherwise let it go on and watch again.
-        victim, left_open = pipe.pid("worker"), 0
+        # Freeze the worker at any moment and look at the output topic: records past its
+        # last stable offset that stay there while it is frozen (a commit it had sent
+        # completes meanwhile) belong to a transaction it left open: kill it there.
+        # Otherwise let it go on for a moment (a random one, not in step with the load) and
+        # freeze it again, until a time bound. A frozen worker cannot end its transaction,
+        # so the look is never too late; watching for an open transaction first and
+        # freezing the worker once one showed was, on a busy machine: a transaction is open
+        # for milliseconds, and the commit was through before the freeze.
+        victim, left_open, tries = pipe.pid("worker"), 0, 0
+        deadline = time.monotonic() + 120
         with _Watermarks(kafka, topic) as marks:
-            for _ in range(400):
-                if not await asyncio.to_thread(marks.unstable):
-                    await asyncio.sleep(0.005)
-                    continue
+            while time.monotonic() < deadline and not loader.done():
+                tries += 1
                 os.kill(victim, signal.SIGSTOP)
-                await asyncio.sleep(0.5)
-                left_open = await asyncio.to_thread(open_records)
+                try:
+                    if await asyncio.to_thread(marks.unstable):
+                        await asyncio.sleep(0.5)
+                        if await asyncio.to_thread(marks.unstable):
+                            left_open = await asyncio.to_thread(open_records)
+                finally:
+                    os.kill(victim, signal.SIGKILL if left_open else signal.SIGCONT)
                 if left_open:
-                    os.kill(victim, signal.SIGKILL)
                     break
-                os.kill(victim, signal.SIGCONT)
-        assert left_open, "the worker was never caught with a transaction open"
+                await asyncio.sleep(random.uniform(0.01, 0.1))
+        if not left_open and loader.done():
+            await loader  # the load failed: that is the error to see
+        assert left_open, f"the worker was never caught with a transaction open ({tries} tries)"
         # A new worker takes the partitions over (once the dead one's session expires),
         # fencing the killed worker's transactional producers.
         await asyncio.to_thread(pipe.services["worker"].stop)
         await asyncio.to_thread(pipe.start, "worker")
+        enough.set()
         await loader
         source = await asyncio.to_thread(_event_ids, kafka, ingest, "read_committed")
-        assert sum(source.values()) >= count
+        assert sum(source.values()) >= sent
         await until(
             lambda: _event_ids(kafka, topic, "read_committed") == source,
             120,
@@ -147,7 +161,7 @@ async def test_a_worker_killed_mid_transaction_leaves_no_duplicate(
         everything = await asyncio.to_thread(_event_ids, kafka, topic, "read_uncommitted")
     finally:
         await asyncio.to_thread(pipe.stop)
-    assert set(committed) == {e["messageId"] for e in events}
+    assert set(committed) == {e["messageId"] for e in events[:sent]}
     # Each ingested record once on the output (a client retry after a lost answer can
     # put an event on the ingest topic twice; then it is there twice, not more).
     assert committed == source
