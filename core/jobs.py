@@ -49,6 +49,10 @@ ATTEMPT: Final = "sluice.job.attempt"
 DUE: Final = "sluice.job.due"
 # A record with this header (the job id) and no value asks to cancel that job.
 CANCEL: Final = "sluice.job.cancel"
+# A record with this header (JSON: job_id, lease_id, op ack|nack|extend and its fields)
+# and no value carries a lease call that reached a job worker process other than the one
+# holding the lease, to the job's partition: its owner, which holds the lease, applies it.
+LEASE_CALL: Final = "sluice.job.lease"
 # A job record redriven from its queue's DLQ names the DLQ record (`partition:offset`).
 # The status keeps the markers it has seen (`redrives`): a DEAD job starts over once per
 # marker, and a record of an earlier run (another marker, or none) is a leftover.

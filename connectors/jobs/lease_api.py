@@ -17,13 +17,17 @@ Bearer token (the key that may submit to a queue may also work it):
 
 A lease id that is not the job's current lease (it ended, the job was acked or nacked,
 another worker holds the job now) gets `409`; the same ack sent again after it was
-taken gets `200` and the status. A lease is held by the process that gave it: its ack,
-nack and extend go to that process (`worker` in the job says which).
+taken gets `200` and the status. A lease is held by the process that gave it; a call
+that reaches another process of the queue's group is sent on through the job's
+partition (a record with the `LEASE_CALL` header), whose owner holds the lease, and is
+answered when the status shows its effect, so HTTP workers may call any process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -32,7 +36,7 @@ from aiohttp import web
 from connectors.jobs.leases import FatalNack, Nacked
 from connectors.jobs.worker import QueueWorker
 from core.config import LeaseExecutor, PipelineConfig, Queue
-from core.jobs import ACTIVE, COMPLETED, JobStatus, cut
+from core.jobs import ACTIVE, COMPLETED, DEAD, FAILED, JobStatus, cut
 from core.keys import SubmitKeys, bearer_token
 from core.responses import error, json_response
 
@@ -145,12 +149,19 @@ async def handle_lease(request: web.Request) -> web.Response:
     return json_response({"jobs": [_job(status, payload) for status, payload in leased]})
 
 
-def _find(request: web.Request, allowed: frozenset[str]) -> tuple[str, QueueWorker]:
+async def _find(request: web.Request, allowed: frozenset[str]) -> tuple[str, QueueWorker]:
     """The job id and the loop of its queue (or an error)."""
     job_id = request.match_info["id"]
     desk = request.app[DESK]
-    # Every loop follows the whole status topic: any table knows the job.
-    status = next(iter(desk.running.values())).table.get(job_id) if desk.running else None
+    if not desk.running:
+        raise error(404, f"no job {job_id!r}")
+    # Every loop follows the whole status topic: any table knows the job, once it has
+    # read what another process wrote about it just now.
+    first = next(iter(desk.running.values()))
+    status = first.table.get(job_id)
+    if status is None:
+        await first.catch_up()
+        status = first.table.get(job_id)
     if status is None or status.queue not in allowed:
         raise error(404, f"no job {job_id!r}")
     worker = desk.running.get(status.queue)
@@ -166,8 +177,12 @@ def _lease_id(body: dict[str, Any]) -> str:
     return lease_id
 
 
-def _stale(worker: QueueWorker, job_id: str, lease_id: str) -> web.HTTPException:
+async def _held_elsewhere(worker: QueueWorker, job_id: str, lease_id: str) -> JobStatus | None:
+    """The job's status when the lease is current and held by another job worker process."""
     status = worker.table.get(job_id)
+    if status is None or status.lease_id != lease_id:
+        await worker.catch_up()  # a lease given out elsewhere a moment ago
+        status = worker.table.get(job_id)
     if (
         status is not None
         and status.state == ACTIVE
@@ -175,10 +190,11 @@ def _stale(worker: QueueWorker, job_id: str, lease_id: str) -> web.HTTPException
         and status.worker != worker.worker_id
         and (status.lease_until_ms or 0) > time.time() * 1000
     ):
-        return error(
-            409,
-            f"the lease is held by job worker {status.worker}, not this one: send it there",
-        )
+        return status
+    return None
+
+
+def _stale(lease_id: str) -> web.HTTPException:
     return error(
         409,
         f"lease {lease_id} is not the job's current lease (it ended, or the attempt was"
@@ -186,11 +202,56 @@ def _stale(worker: QueueWorker, job_id: str, lease_id: str) -> web.HTTPException
     )
 
 
+# How long a lease call sent on to the process holding the lease waits for its effect.
+FORWARD_WAIT_S = 10.0
+
+
+async def _forwarded(
+    worker: QueueWorker, held: JobStatus, call: dict[str, Any], done: Callable[[JobStatus], bool]
+) -> JobStatus:
+    """Send `call` to the process holding the lease (through the job's partition) and wait
+    until the status shows it took effect (`done`), or fail: 409 when the lease ended
+    meanwhile, 503 when nothing answered."""
+    await worker.forward(held, call)
+    deadline = time.monotonic() + FORWARD_WAIT_S
+    while time.monotonic() < deadline:
+        now = worker.table.get(held.id)
+        if now is not None and done(now):
+            return now
+        if now is not None and (now.attempt != held.attempt or now.state != ACTIVE):
+            raise _stale(str(call["lease_id"]))  # the attempt ended otherwise
+        await asyncio.sleep(0.02)
+    raise error(
+        503,
+        f"the job worker holding the lease ({held.worker}) did not answer within"
+        f" {FORWARD_WAIT_S:g} s",
+        **{"Retry-After": "1"},
+    )
+
+
+def _ended_by(attempt: int, states: frozenset[str]) -> Callable[[JobStatus], bool]:
+    """Whether a status shows attempt `attempt` (held by the lease) ended in one of
+    `states` other than by the lease's end (the next attempt may be on already)."""
+
+    def check(status: JobStatus) -> bool:
+        return any(
+            h.get("state") in states and h.get("attempt") == attempt and h.get("note") is None
+            for h in status.history
+        )
+
+    return check
+
+
 async def _outcome(request: web.Request, what: str) -> web.Response:
     allowed = _allowed(request)
-    job_id, worker = _find(request, allowed)
+    job_id, worker = await _find(request, allowed)
     body = await _body(request)
     lease_id = _lease_id(body)
+    fatal = body.get("fatal", False)
+    if not isinstance(fatal, bool):
+        raise error(400, "fatal must be true or false")
+    message = body.get("error")
+    reason = cut(str(message)) if message is not None else "nacked by its worker"
     lease = worker.running_lease(job_id, lease_id)
     if lease is None:
         status = worker.table.get(job_id)
@@ -201,15 +262,19 @@ async def _outcome(request: web.Request, what: str) -> web.Response:
             and status.lease_id == lease_id
         ):
             return json_response(status.public())  # the same ack again
-        raise _stale(worker, job_id, lease_id)
+        held = await _held_elsewhere(worker, job_id, lease_id)
+        if held is None:
+            raise _stale(lease_id)
+        if what == "ack":
+            call = {"op": "ack", "lease_id": lease_id, "result": body.get("result")}
+            done = _ended_by(held.attempt, frozenset({COMPLETED}))
+        else:
+            call = {"op": "nack", "lease_id": lease_id, "error": reason, "fatal": fatal}
+            done = _ended_by(held.attempt, frozenset({FAILED, DEAD}))
+        return json_response((await _forwarded(worker, held, call, done)).public())
     if what == "ack":
         written = await worker.finish(lease, body.get("result"))
     else:
-        message = body.get("error")
-        reason = cut(str(message)) if message is not None else "nacked by its worker"
-        fatal = body.get("fatal", False)
-        if not isinstance(fatal, bool):
-            raise error(400, "fatal must be true or false")
         written = await worker.finish(lease, FatalNack(reason) if fatal else Nacked(reason))
     return json_response(written.public())
 
@@ -227,13 +292,32 @@ async def handle_nack(request: web.Request) -> web.Response:
 async def handle_extend(request: web.Request) -> web.Response:
     """`POST /v1/jobs/{id}/extend`: more time for the leased attempt."""
     allowed = _allowed(request)
-    job_id, worker = _find(request, allowed)
+    job_id, worker = await _find(request, allowed)
     body = await _body(request)
     lease_id = _lease_id(body)
+    visibility = _visibility_ms(body, worker.queue)
     lease = worker.running_lease(job_id, lease_id)
     if lease is None:
-        raise _stale(worker, job_id, lease_id)
-    extended = worker.extend(lease, _visibility_ms(body, worker.queue), body.get("progress"))
+        held = await _held_elsewhere(worker, job_id, lease_id)
+        if held is None:
+            raise _stale(lease_id)
+        call = {
+            "op": "extend",
+            "lease_id": lease_id,
+            "visibility_ms": visibility,
+            "progress": body.get("progress"),
+        }
+
+        def extended_to(status: JobStatus) -> bool:
+            # The holder moved the lease's end (to its now + visibility_ms).
+            return (
+                status.state == ACTIVE
+                and status.lease_id == lease_id
+                and status.lease_until_ms != held.lease_until_ms
+            )
+
+        return json_response((await _forwarded(worker, held, call, extended_to)).public())
+    extended = worker.extend(lease, visibility, body.get("progress"))
     return json_response(extended.public())
 
 

@@ -51,7 +51,7 @@ import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from connectors.jobs.executor import Fatal, JobContext, PythonCall
-from connectors.jobs.leases import Lease, LeaseExpired
+from connectors.jobs.leases import FatalNack, Lease, LeaseExpired, Nacked
 from connectors.jobs.limits import Limits
 from connectors.jobs.metrics import JobMetrics
 from connectors.jobs.retention import Retention
@@ -76,6 +76,7 @@ from core.jobs import (
     DEAD,
     DUE,
     FAILED,
+    LEASE_CALL,
     REDRIVE,
     SCHEDULE_GRACE_MS,
     SCHEDULED,
@@ -407,6 +408,10 @@ class QueueWorker:
         if (cancelled := headers.get(CANCEL)) is not None:
             self._cancel(msg, tp, cancelled)
             return
+        if (call := headers.get(LEASE_CALL)) is not None:
+            self._offsets[tp].finish(msg.offset() or 0)
+            self._lease_call(call)
+            return
         try:
             job = self.codec.decode(msg.value() or b"")
             if not isinstance(job, dict) or not job.get("job_id"):
@@ -661,6 +666,39 @@ class QueueWorker:
         self._write_soon(extended)
         self.metrics.extended.labels(self.queue.name).inc()
         return extended
+
+    async def catch_up(self, timeout_s: float = 5.0) -> None:
+        """Read the status topic to its current end (what other processes wrote just now)."""
+        follower = self._follower
+        if follower is not None:
+            await asyncio.get_running_loop().run_in_executor(None, follower.sync, timeout_s)
+
+    async def forward(self, status: JobStatus, call: dict[str, Any]) -> None:
+        """Send a lease call for a lease another process holds to the job's partition."""
+        marker = orjson.dumps({"job_id": status.id, **call})
+        await self._send(
+            status.topic, [(status.id.encode(), None, [(LEASE_CALL, marker)])], status.partition
+        )
+
+    def _lease_call(self, raw: str) -> None:
+        """A lease call forwarded by another process: applied if this one holds the lease."""
+        try:
+            call = orjson.loads(raw)
+            job_id, lease_id, op = str(call["job_id"]), str(call["lease_id"]), call["op"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("unreadable lease call", queue=self.queue.name)
+            return
+        lease = self.running_lease(job_id, lease_id)
+        if lease is None:
+            return  # not held here (any more): the caller sees no change and answers 409
+        if op == "extend":
+            self.extend(lease, int(call.get("visibility_ms") or 0), call.get("progress"))
+        elif op == "ack":
+            self._spawn_write(self.finish(lease, call.get("result")))
+        elif op == "nack":
+            reason = str(call.get("error") or "nacked by its worker")
+            error = FatalNack(reason) if call.get("fatal") else Nacked(reason)
+            self._spawn_write(self.finish(lease, error))
 
     async def finish(self, lease: Lease, outcome: Any | BaseException) -> JobStatus:
         """Ack (a result) or nack (an exception) the leased attempt; the status written."""

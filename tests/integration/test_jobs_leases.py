@@ -13,7 +13,7 @@ import pytest
 
 from tests.configs import Configs
 from tests.jobs_api import BEARER, queue_pipeline, status_of, submit
-from tests.pipeline import Pipeline, http_text, until
+from tests.pipeline import Pipeline, http_text, probe, until
 
 pytestmark = pytest.mark.integration
 
@@ -195,5 +195,79 @@ async def test_nacks_retry_or_kill_and_bad_requests_get_4xx(
             # The dead one is in the DLQ and is not leased again.
             assert await _lease(session, pipe, wait_ms=1500) == []
         assert set(ids) == {retried["id"], killed["id"]}
+    finally:
+        await asyncio.to_thread(pipe.stop)
+
+
+async def test_lease_calls_to_another_job_worker_process_reach_the_one_holding_the_lease(
+    configs: Configs, broker: str, prefix: str, tmp_path: Path
+) -> None:
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, executor=LEASED, priorities=1)
+    await asyncio.to_thread(pipe.start, "gateway", "jobs", "jobs2")
+    other = {"jobs": "jobs2", "jobs2": "jobs"}
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def lease_from(name: str) -> dict[str, Any]:
+                async with session.post(
+                    f"http://127.0.0.1:{pipe.job_ports[name]}/v1/queues/work/lease",
+                    json={"visibility_ms": 20_000, "wait_ms": 3000},
+                    headers=BEARER,
+                ) as resp:
+                    assert resp.status == 200
+                    jobs: list[dict[str, Any]] = (await resp.json())["jobs"]
+                    assert len(jobs) <= 1
+                    return jobs[0] if jobs else {}
+
+            async def call(name: str, job_id: str, op: str, body: Any) -> tuple[int, Any]:
+                async with session.post(
+                    f"http://127.0.0.1:{pipe.job_ports[name]}/v1/jobs/{job_id}/{op}",
+                    json=body,
+                    headers=BEARER,
+                ) as resp:
+                    return resp.status, await resp.json()
+
+            # Both in the group before any lease: a lease given before a rebalance stays
+            # with its process while the job's partition moves on (see the README).
+            await until(
+                lambda: all(probe(pipe.job_ports[n])[0] == 200 for n in ("jobs", "jobs2")), 30
+            )
+            await asyncio.sleep(3)
+            # Jobs on both partitions: each process has some to give out.
+            await submit(session, pipe, [{"payload": i} for i in range(8)])
+            held: list[tuple[str, dict[str, Any]]] = []
+            while len(held) < 3:
+                for name in ("jobs", "jobs2"):
+                    job = await lease_from(name)
+                    if job:
+                        held.append((name, job))
+            (name_a, a), (name_b, b), (name_c, c) = held[:3]
+            # Each call goes to the process that did not give the lease.
+            status, body = await call(
+                other[name_a],
+                a["id"],
+                "extend",
+                {"lease_id": a["lease_id"], "visibility_ms": 30_000, "progress": 7},
+            )
+            assert (status, body.get("progress")) == (200, 7), body
+            assert body["lease_until_ms"] > a["lease_until_ms"]
+            status, body = await call(
+                other[name_a], a["id"], "ack", {"lease_id": a["lease_id"], "result": "fine"}
+            )
+            assert (status, body["state"]) == (200, "COMPLETED"), body
+            status, body = await call(
+                other[name_b], b["id"], "nack", {"lease_id": b["lease_id"], "error": "later"}
+            )
+            assert status == 200, body
+            assert any(h["state"] == "FAILED" and h["attempt"] == 1 for h in body["history"])
+            # An old lease, sent to either process, is refused.
+            for name in ("jobs", "jobs2"):
+                status, body = await call(name, b["id"], "ack", {"lease_id": b["lease_id"]})
+                assert status == 409, body
+            status, body = await call(other[name_c], c["id"], "ack", {"lease_id": "not-the-lease"})
+            assert status == 409, body
+        final = status_of(pipe, a["id"])
+        assert final is not None
+        assert (final["state"], final["result"]) == ("COMPLETED", "fine")
     finally:
         await asyncio.to_thread(pipe.stop)
