@@ -222,7 +222,7 @@ def _sluice_throughput(
                         )
                 if time.monotonic() > deadline:
                     raise ProcessError(f"only {done:,} of {jobs:,} jobs completed in time")
-                time.sleep(0.05)
+                time.sleep(0.1)  # each read makes the worker render its metrics
         if submitted is None:
             submitted = out.get(timeout=60)
     finally:
