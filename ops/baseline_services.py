@@ -80,8 +80,10 @@ def _wait(ready: Callable[[], bool], proc: subprocess.Popen[bytes], name: str, l
     deadline = time.monotonic() + 60
     while not ready():
         if proc.poll() is not None:
-            tail = log.read_text("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
-            raise ProcessError(f"{name} exited with {proc.returncode}: {tail[0]}")
+            lines = log.read_text("utf-8", "replace").strip().splitlines() or ["?"]
+            # The reason, where the log names one (PostgreSQL logs its shutdown after it).
+            reasons = [x for x in lines if "FATAL" in x or "ERROR" in x or " # " in x]
+            raise ProcessError(f"{name} exited with {proc.returncode}: {(reasons or lines)[-1]}")
         if time.monotonic() > deadline:
             raise ProcessError(f"{name} did not answer within 60 s; see {log}")
         time.sleep(0.1)
