@@ -220,6 +220,8 @@ def _sluice_throughput(
                         raise ProcessError(
                             f"the gateway refused a batch: {submitted['failures'][0]}"
                         )
+                elif submitted is None and not load.is_alive() and out.empty():
+                    raise ProcessError(f"the submitting process exited ({load.exitcode})")
                 if time.monotonic() > deadline:
                     raise ProcessError(f"only {done:,} of {jobs:,} jobs completed in time")
                 time.sleep(0.1)  # each read makes the worker render its metrics
