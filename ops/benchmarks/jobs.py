@@ -248,6 +248,7 @@ def run_sluice(
     partitions: int,
     concurrency: int,
     priorities: int,
+    max_ready: int | None = None,
 ) -> dict[str, Any]:
     """Gateway and one job worker as processes on topics of their own: latency, then jobs/s."""
     from core.admin import apply_topics  # noqa: PLC0415
@@ -276,6 +277,8 @@ def run_sluice(
         "SLUICE_JOBS_MODULES": "connectors.jobs.builtin",
         "SLUICE_LOG_LEVEL": "WARNING",
     }
+    if max_ready is not None:
+        env["SLUICE_JOBS_MAX_READY"] = str(max_ready)
     gateway = BackgroundProcess("gateway", workdir)
     worker = BackgroundProcess("jobs", workdir)
     metrics_url = f"http://127.0.0.1:{jobs_port}/metrics"
@@ -324,6 +327,14 @@ def bench_jobs(
     priorities: Annotated[
         int, typer.Option(min=1, max=10, help="The queue's priority levels.")
     ] = 1,
+    max_ready: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="The job worker's SLUICE_JOBS_MAX_READY (jobs read and waiting before a"
+            " priority is paused); the worker's default (1,000) when not given.",
+        ),
+    ] = None,
     baselines: Annotated[
         bool,
         typer.Option(
@@ -345,7 +356,12 @@ def bench_jobs(
         "cores": os.cpu_count(),
         "batch_size": batch_size,
         "connections": connections,
-        "queue": {"partitions": partitions, "concurrency": concurrency, "priorities": priorities},
+        "queue": {
+            "partitions": partitions,
+            "concurrency": concurrency,
+            "priorities": priorities,
+            "max_ready": max_ready,
+        },
     }
     try:
         if baselines:
@@ -382,6 +398,7 @@ def bench_jobs(
             partitions,
             concurrency,
             priorities,
+            max_ready,
         )
     except (ProcessError, RuntimeError) as exc:
         fail(str(exc))
@@ -435,7 +452,9 @@ def _report(results: dict[str, Any], json_out: Path | None) -> None:
     report(table, results, json_out)
     notes = [
         f"Sluice: `sluice gateway` + one `sluice jobs work`, a queue of {q['partitions']}"
-        f" partitions, {q['priorities']} priorities, concurrency {q['concurrency']}; submitted"
+        f" partitions, {q['priorities']} priorities, concurrency {q['concurrency']}"
+        + (f", SLUICE_JOBS_MAX_READY={q['max_ready']}" if q["max_ready"] else "")
+        + "; submitted"
         f" with POST /v1/jobs/batch, {results['batch_size']} a request,"
         f" {results['connections']} connections."
     ]
