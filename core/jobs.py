@@ -24,7 +24,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Final
 
 import orjson
@@ -129,7 +129,8 @@ class JobStatus:
     def to_bytes(self) -> bytes:
         """The record value on the status topic (`redrives`, `lease_id` and `progress` only
         once they are set: the status of a job that has none is the record it always was)."""
-        data = asdict(self)
+        # A shallow dict: `asdict` deep-copies the history, twice a job, for nothing.
+        data = {f.name: getattr(self, f.name) for f in _FIELDS}
         if not self.redrives:
             del data["redrives"]
         for name in ("lease_id", "progress"):
@@ -151,6 +152,9 @@ class JobStatus:
     def public(self) -> dict[str, Any]:
         """What `GET /v1/jobs/{id}` answers."""
         return asdict(self)
+
+
+_FIELDS = fields(JobStatus)
 
 
 def cut(text: str) -> str:

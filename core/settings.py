@@ -262,7 +262,7 @@ class JobSettings(BaseSettings):
     session_timeout_ms: int = 10_000
     # Jobs a queue's loop keeps read and due but not started, per priority: at this many
     # the priority's partitions are paused until half of them started.
-    max_ready: int = 1000
+    max_ready: int = 10_000
     # `/ready` fails when a queue has jobs due but started or finished none for this long.
     stall_after_s: float = 120.0
 

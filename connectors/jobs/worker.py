@@ -1060,7 +1060,13 @@ class QueueWorker:
             partitions = self.queue.partitions or self.kafka.partitions
         self.limits.share({p for _, p in self._assigned}, partitions)
         self._rebalancing = False
+        # The consumer's pause state of a partition outlives its revocation: set it here
+        # from what this loop wants (a priority resumed while the partition was away must
+        # not come back paused, or its jobs are never read again).
         paused = [tp for tp in parts if self.priority_of.get(tp.topic, -1) in self._paused]
+        resumed = [tp for tp in parts if self.priority_of.get(tp.topic, -1) not in self._paused]
+        if resumed:
+            consumer.resume(resumed)
         if paused:
             consumer.pause(paused)
         self._new_partitions = True

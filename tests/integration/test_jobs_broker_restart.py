@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -59,3 +61,37 @@ async def test_a_broker_restart_loses_no_submitted_job(
         if pipe is not None:
             await asyncio.to_thread(pipe.stop)
         await asyncio.to_thread(stop_broker, own)
+
+
+async def test_priorities_paused_for_read_ahead_are_read_again_after_kills(
+    configs: Configs, broker: str, prefix: str, tmp_path: Path
+) -> None:
+    # A read-ahead of 50: each priority is paused and resumed on the consumer again and
+    # again while a worker is killed and comes back; no partition may stay paused.
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, concurrency=10)
+    pipe.env["SLUICE_JOBS_MAX_READY"] = "50"
+    ledger = str(tmp_path / "ledger.jsonl")
+    await asyncio.to_thread(pipe.start, "gateway")
+    try:
+        async with aiohttp.ClientSession() as session:
+            ids = await submit(
+                session,
+                pipe,
+                [
+                    {"payload": {"ledger": ledger, "sleep": 0.01}, "priority": i % 3}
+                    for i in range(1500)
+                ],
+            )
+        await asyncio.to_thread(pipe.start, "jobs", "jobs2")
+
+        def done() -> int:
+            return len({line["id"] for line in read_ledger(ledger) if line["what"] == "done"})
+
+        for stop_at in (300, 800):
+            await until(lambda n=stop_at: done() > n, 60, f"{stop_at} jobs done")  # type: ignore[misc]
+            os.kill(pipe.pid("jobs"), signal.SIGKILL)
+            await asyncio.sleep(1)
+            await asyncio.to_thread(pipe.start, "jobs")
+        await until(lambda: done() == len(ids), 90, "every job done")
+    finally:
+        await asyncio.to_thread(pipe.stop)
