@@ -133,8 +133,9 @@ class Pipeline:
         """Base URL of the gateway."""
         return f"http://127.0.0.1:{self.gateway_port}"
 
-    def start(self, *names: str) -> None:
-        """Start services (by default those the config needs) and wait until they answer."""
+    def start(self, *names: str, wait_ready: bool = True) -> None:
+        """Start services (by default those the config needs) and wait until they answer
+        (the gateway: until it is ready, unless `wait_ready` is False)."""
         names = names or self.defaults
         for name in names:
             if name in self.job_ports:
@@ -151,7 +152,7 @@ class Pipeline:
             self._wait(f"http://127.0.0.1:{self.delivery_port}/health", "deliver")
         if "gateway" in names:
             # Ready: the config and the job statuses read (the jobs API answers 503 before).
-            self._wait(f"{self.gateway_url}/ready", "gateway")
+            self._wait(f"{self.gateway_url}/{'ready' if wait_ready else 'health'}", "gateway")
 
     def stop(self, *names: str) -> None:
         """SIGTERM services (all by default) and wait for them to exit."""

@@ -72,7 +72,9 @@ async def test_a_process_is_not_ready_while_its_config_topic_cannot_be_read(
         "deliver": pipe.delivery_port,
     }
     try:
-        await asyncio.to_thread(pipe.start, "gateway", "worker", "sink", "deliver")
+        await asyncio.to_thread(
+            partial(pipe.start, "gateway", "worker", "sink", "deliver", wait_ready=False)
+        )
         for name, port in ports.items():
             await until(
                 partial(_not_ready_for, port, topic), 60, f"the {name}'s /ready 503 naming {topic}"
