@@ -150,7 +150,8 @@ async def test_cancelled_pending_and_scheduled_jobs_never_run_and_end_cancelled(
             status, body = await _delete(session, pipe, early, "?queue=work")
             assert (status, body["state"]) == (202, "CANCELLING"), body
             await asyncio.to_thread(pipe.start, "jobs")
-            (blocker,) = await submit(session, pipe, [{"payload": {"ledger": ledger, "sleep": 4}}])
+            # Long enough to be still running after the cancels and two CLI runs below.
+            (blocker,) = await submit(session, pipe, [{"payload": {"ledger": ledger, "sleep": 12}}])
             waiting = await submit(session, pipe, [{"payload": {"ledger": ledger}}] * 6)
             scheduled = await submit(
                 session, pipe, [{"payload": {"ledger": ledger}, "delay_ms": 6000}] * 4
