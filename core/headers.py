@@ -48,7 +48,7 @@ REDRIVE_PREFIX: Final = "sluice.redrive."
 
 # Headers that describe one failure; a new failure replaces them. Anything else (the
 # producer's own headers, `sluice.redrive.*` history) travels on unchanged.
-_FAILURE_HEADERS: Final = frozenset(
+FAILURE_HEADERS: Final = frozenset(
     {
         DESTINATION,
         STAGE,
@@ -162,7 +162,7 @@ def failure_headers(
     """
     kept: ProducerHeaders = []
     for name, value in headers or ():
-        if name in _FAILURE_HEADERS or name in _ORIGIN_HEADERS:
+        if name in FAILURE_HEADERS or name in _ORIGIN_HEADERS:
             continue
         kept.append((name, value.encode() if isinstance(value, str) else (value or b"")))
     error = failure.error

@@ -7,13 +7,31 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
+from typing import TypeVar
 
 from core.config import PipelineConfig, Queue
 
+T = TypeVar("T")
+
 
 def digest(key: str) -> bytes:
-    """The SHA-256 of a key: tables of keys are looked up by it (see `SubmitKeys`)."""
+    """The SHA-256 of a key: tables of keys are looked up by it (see `keyed`)."""
     return hashlib.sha256(key.encode()).digest()
+
+
+def keyed(table: Mapping[bytes, tuple[str, T]], key: str | None) -> T | None:
+    """What `table` (by `digest` of the key: key, value) holds for `key`, or None.
+
+    The dict probe compares hashes and the final check is constant-time, so the time an
+    answer takes says nothing about the key's characters.
+    """
+    if not key:
+        return None
+    found = table.get(digest(key))
+    if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
+        return None
+    return found[1]
 
 
 class SubmitKeys:
@@ -36,12 +54,7 @@ class SubmitKeys:
 
     def queues_for(self, key: str | None) -> frozenset[str] | None:
         """The queues `key` may submit to; None for no valid key (compared in constant time)."""
-        if not key:
-            return None
-        found = self._by_digest.get(digest(key))
-        if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
-            return None
-        return found[1]
+        return keyed(self._by_digest, key)
 
     def queue(self, name: str) -> Queue | None:
         """The enabled queue called `name`."""

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 
 from core.config import PipelineConfig, Source
-from core.keys import SubmitKeys, bearer_token, digest
+from core.keys import SubmitKeys, bearer_token, digest, keyed
 from gateway.limits import TokenBucket
 
 
@@ -47,12 +46,7 @@ class SourceTable:
 
     def source_for(self, key: str | None) -> Source | None:
         """The enabled source that owns `key`, or None."""
-        if not key:
-            return None
-        found = self._by_digest.get(digest(key))
-        if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
-            return None
-        return found[1]
+        return keyed(self._by_digest, key)
 
     def source_for_header(self, header: str) -> Source | None:
         """The source of a `Basic` Authorization header naming a valid key, or None.

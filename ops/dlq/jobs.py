@@ -21,23 +21,16 @@ import orjson
 from core.follower import Entry
 from core.headers import (
     ATTEMPTS,
-    DESTINATION,
     ERROR_CLASS,
     ERROR_MESSAGE,
-    ERROR_TRACEBACK,
+    FAILURE_HEADERS,
     FIRST_FAILURE,
     LAST_FAILURE,
     ORIGINAL_TOPIC,
-    REASON,
     REDRIVE_COUNT,
     REDRIVE_FROM,
     REDRIVE_ID,
     REDRIVE_PREFIX,
-    RETRY_DUE,
-    RETRY_REF,
-    RETRY_TIER,
-    SOURCE,
-    STAGE,
     int_header,
 )
 from core.jobs import ATTEMPT, DEAD, DUE, REDRIVE, JobStatus, StatusTable
@@ -49,26 +42,7 @@ from schemas.codec import job_codec
 
 # Headers a redriven job leaves behind: the failure it died of, and where its last
 # attempt stood. `sluice.original.*` (where it was first submitted) travels on.
-_DROPPED = frozenset(
-    {
-        STAGE,
-        ERROR_CLASS,
-        ERROR_MESSAGE,
-        ERROR_TRACEBACK,
-        REASON,
-        ATTEMPTS,
-        FIRST_FAILURE,
-        LAST_FAILURE,
-        RETRY_TIER,
-        RETRY_DUE,
-        RETRY_REF,
-        DESTINATION,
-        SOURCE,
-        ATTEMPT,
-        DUE,
-        REDRIVE,
-    }
-)
+_DROPPED = FAILURE_HEADERS | {ATTEMPT, DUE, REDRIVE}
 PREVIEW_CHARS = 60
 
 
