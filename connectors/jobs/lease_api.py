@@ -36,7 +36,7 @@ from aiohttp import web
 from connectors.jobs.leases import FatalNack, Nacked
 from connectors.jobs.worker import QueueWorker
 from core.config import LeaseExecutor, PipelineConfig, Queue
-from core.jobs import ACTIVE, COMPLETED, DEAD, FAILED, JobStatus, cut
+from core.jobs import ACTIVE, COMPLETED, DEAD, FAILED, MAX_TEXT, JobStatus, cut
 from core.keys import SubmitKeys, bearer_token
 from core.responses import error, json_response
 
@@ -44,6 +44,11 @@ MAX_JOBS = 100
 MAX_WAIT_MS = 20_000
 # A lease request or an outcome is small: a result bigger than this is refused.
 MAX_BODY_BYTES = 1024 * 1024
+# A result and a progress report go into the job's status record (and, sent on to another
+# process, into a record header): bounded well below a Kafka record's limit. A status keeps
+# a result cut to MAX_TEXT characters anyway.
+MAX_RESULT_BYTES = 64 * 1024
+MAX_PROGRESS_BYTES = MAX_TEXT
 
 
 class LeaseDesk:
@@ -170,6 +175,14 @@ async def _find(request: web.Request, allowed: frozenset[str]) -> tuple[str, Que
     return job_id, worker
 
 
+def _bounded(body: dict[str, Any], name: str, limit: int) -> Any:
+    """`body[name]`, refused (413) when its JSON is over `limit` bytes."""
+    value = body.get(name)
+    if value is not None and len(orjson.dumps(value)) > limit:
+        raise error(413, f"{name} is over {limit} bytes as JSON")
+    return value
+
+
 def _lease_id(body: dict[str, Any]) -> str:
     lease_id = body.get("lease_id")
     if not isinstance(lease_id, str) or not lease_id:
@@ -252,6 +265,7 @@ async def _outcome(request: web.Request, what: str) -> web.Response:
         raise error(400, "fatal must be true or false")
     message = body.get("error")
     reason = cut(str(message)) if message is not None else "nacked by its worker"
+    result = _bounded(body, "result", MAX_RESULT_BYTES) if what == "ack" else None
     lease = worker.running_lease(job_id, lease_id)
     if lease is None:
         status = worker.table.get(job_id)
@@ -266,14 +280,14 @@ async def _outcome(request: web.Request, what: str) -> web.Response:
         if held is None:
             raise _stale(lease_id)
         if what == "ack":
-            call = {"op": "ack", "lease_id": lease_id, "result": body.get("result")}
+            call = {"op": "ack", "lease_id": lease_id, "result": result}
             done = _ended_by(held.attempt, frozenset({COMPLETED}))
         else:
             call = {"op": "nack", "lease_id": lease_id, "error": reason, "fatal": fatal}
             done = _ended_by(held.attempt, frozenset({FAILED, DEAD}))
         return json_response((await _forwarded(worker, held, call, done)).public())
     if what == "ack":
-        written = await worker.finish(lease, body.get("result"))
+        written = await worker.finish(lease, result)
     else:
         written = await worker.finish(lease, FatalNack(reason) if fatal else Nacked(reason))
     return json_response(written.public())
@@ -296,6 +310,7 @@ async def handle_extend(request: web.Request) -> web.Response:
     body = await _body(request)
     lease_id = _lease_id(body)
     visibility = _visibility_ms(body, worker.queue)
+    progress = _bounded(body, "progress", MAX_PROGRESS_BYTES)
     lease = worker.running_lease(job_id, lease_id)
     if lease is None:
         held = await _held_elsewhere(worker, job_id, lease_id)
@@ -305,7 +320,7 @@ async def handle_extend(request: web.Request) -> web.Response:
             "op": "extend",
             "lease_id": lease_id,
             "visibility_ms": visibility,
-            "progress": body.get("progress"),
+            "progress": progress,
         }
 
         def extended_to(status: JobStatus) -> bool:
@@ -317,7 +332,7 @@ async def handle_extend(request: web.Request) -> web.Response:
             )
 
         return json_response((await _forwarded(worker, held, call, extended_to)).public())
-    extended = worker.extend(lease, visibility, body.get("progress"))
+    extended = worker.extend(lease, visibility, progress)
     return json_response(extended.public())
 
 

@@ -171,6 +171,14 @@ async def test_nacks_retry_or_kill_and_bad_requests_get_4xx(
             retried, killed = by_payload[0], by_payload[1]
             status, body = await _post(session, pipe, f"/v1/jobs/{retried['id']}/ack", {})
             assert status == 400, body  # no lease id
+            # A result or progress report too big for a status record: 413, the lease holds.
+            lease = {"lease_id": retried["lease_id"]}
+            big = {**lease, "result": "x" * 70_000}
+            status, body = await _post(session, pipe, f"/v1/jobs/{retried['id']}/ack", big)
+            assert status == 413, body
+            big = {**lease, "progress": "x" * 5000}
+            status, body = await _post(session, pipe, f"/v1/jobs/{retried['id']}/extend", big)
+            assert status == 413, body
             status, body = await _post(
                 session,
                 pipe,
