@@ -24,7 +24,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final
 
 import orjson
@@ -113,18 +113,31 @@ class JobStatus:
         needs a word (an attempt given up on because its lease expired, say).
         """
         note = changes.pop("note", None)
-        moved = replace(self, state=state, updated_at_ms=now_ms, **changes)
-        entry: dict[str, Any] = {"state": state, "at_ms": now_ms, "attempt": moved.attempt}
-        for name in ("worker", "error", "due_ms", "lease_until_ms", "lease_id"):
-            value = getattr(moved, name)
-            if value is not None and name in changes:
+        entry: dict[str, Any] = {
+            "state": state,
+            "at_ms": now_ms,
+            "attempt": changes.get("attempt", self.attempt),
+        }
+        for name in _HISTORY_FIELDS:
+            value = changes.get(name)
+            if value is not None:
                 entry[name] = value
         if note is not None:
             entry["note"] = note
         history = (*self.history, entry)
         if len(history) > MAX_HISTORY:
             history = history[:10] + history[-(MAX_HISTORY - 10) :]
-        return replace(moved, history=history)
+        return self._with(state=state, updated_at_ms=now_ms, history=history, **changes)
+
+    def _with(self, **changes: Any) -> JobStatus:
+        """`dataclasses.replace` without running `__init__` again (a job moves several
+        times, and `replace` looks up and passes every one of its fields each time)."""
+        if not changes.keys() <= _NAMES:
+            raise TypeError(f"JobStatus has no field {sorted(changes.keys() - _NAMES)}")
+        moved = object.__new__(JobStatus)
+        moved.__dict__.update(self.__dict__)
+        moved.__dict__.update(changes)
+        return moved
 
     def to_bytes(self) -> bytes:
         """The record value on the status topic (`redrives`, `lease_id` and `progress` only
@@ -155,6 +168,9 @@ class JobStatus:
 
 
 _FIELDS = fields(JobStatus)
+_NAMES = frozenset(f.name for f in _FIELDS)
+# The fields a transition names in its history entry when it sets them.
+_HISTORY_FIELDS = ("worker", "error", "due_ms", "lease_until_ms", "lease_id")
 
 
 def cut(text: str) -> str:
@@ -297,6 +313,8 @@ def idempotent_id(queue: str, key: str) -> str:
 def derived_id(job_id: str) -> bool:
     """Whether `job_id` was derived from a key (`idempotent_id`, `tick_id`: a uuid5), not
     drawn at random: the id a later submit of the same key gets again."""
+    if len(job_id) != 36 or job_id[14] != "5":
+        return False  # not a uuid5 in its usual form (a random id, most often)
     try:
         return uuid.UUID(job_id).version == 5
     except ValueError:

@@ -71,9 +71,13 @@ class PythonCall:
     async def __call__(self, payload: Any, context: JobContext, timeout_s: float) -> Any:
         """The job's result; raises what the function raised, or JobTimeout."""
         args = (payload, context) if self._with_context else (payload,)
-        call = self._target(*args) if self._is_async else asyncio.to_thread(self._target, *args)
         try:
-            return await asyncio.wait_for(call, timeout_s)
+            # A timer, not a task around the call: an async function that does not wait
+            # runs to its end in the caller's step.
+            async with asyncio.timeout(timeout_s):
+                if self._is_async:
+                    return await self._target(*args)
+                return await asyncio.to_thread(self._target, *args)
         except TimeoutError:
             # A thread cannot be stopped: it runs on, its result is dropped.
             raise JobTimeout(f"the attempt ran over its timeout of {timeout_s:g} s") from None

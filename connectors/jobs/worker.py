@@ -55,9 +55,10 @@ from connectors.jobs.leases import FatalNack, Lease, LeaseExpired, Nacked
 from connectors.jobs.limits import Limits
 from connectors.jobs.metrics import JobMetrics
 from connectors.jobs.retention import Retention
+from connectors.jobs.statuses import Echoes, StatusWriter
 from core.config import Queue, Schedule
 from core.errors import BrokerUnavailable
-from core.follower import CompactedFollower
+from core.follower import CompactedFollower, Entry
 from core.headers import (
     Failure,
     Origin,
@@ -112,6 +113,7 @@ class Held:
     job: dict[str, Any]
     attempt: int
     due_ms: int
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -222,6 +224,18 @@ class QueueWorker:
         self._leases: dict[str, Lease] = {}  # job id -> its attempt leased over HTTP
         self._started: set[str] = set()  # ids of the jobs whose attempt runs here now
         self._writes: set[asyncio.Task[None]] = set()
+        # Statuses go out a batch a loop turn; the follower skips the ones this process wrote.
+        self._echoes = Echoes()
+        self._statuses = StatusWriter(
+            lambda records: self._send(self.status_topic, records), self._echoes
+        )
+        # Attempts run here by the job's function: job id -> attempt, their leases renewed.
+        self._beating: dict[str, int] = {}
+        name = queue.name
+        self._started_total = metrics.started.labels(name)
+        self._completed_total = metrics.completed.labels(name)
+        self._wait_seconds = metrics.wait_seconds.labels(name)
+        self._run_seconds = metrics.run_seconds.labels(name)
         self._paused: set[int] = set()  # priorities paused
         self._assigned: set[TP] = set()
         self._new_partitions = False
@@ -245,7 +259,7 @@ class QueueWorker:
         loop = self._loop = asyncio.get_running_loop()
         self._producer = EventProducer(self.kafka, timeout_s=30.0)
         follower = self._follower = CompactedFollower(
-            self.kafka, self.status_topic, self.table.apply, name=f"jobs-{self.queue.name}"
+            self.kafka, self.status_topic, self._apply_status, name=f"jobs-{self.queue.name}"
         )
         follower.start()
         if not await loop.run_in_executor(None, follower.wait_caught_up, 120.0):
@@ -269,6 +283,7 @@ class QueueWorker:
             list(self.priority_of), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
         last_commit = 0.0
+        renewing = asyncio.ensure_future(self._renew_leases())
         try:
             while not self._stopping.is_set():
                 msgs = await loop.run_in_executor(None, consumer.consume, 500, self._poll_wait())
@@ -292,6 +307,7 @@ class QueueWorker:
             await self._drain()
             await loop.run_in_executor(None, self._commit, None)
         finally:
+            renewing.cancel()
             self.watchdog.lag(0)
             await loop.run_in_executor(None, consumer.close)
             await loop.run_in_executor(None, follower.stop)
@@ -325,6 +341,13 @@ class QueueWorker:
             await asyncio.gather(*self._running, return_exceptions=True)
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._statuses.drain()
+
+    def _apply_status(self, entry: Entry) -> None:
+        """A record of the status topic, unless it is one this process wrote (and put in
+        its table then)."""
+        if not self._echoes.back(entry):
+            self.table.apply(entry)
 
     # -- schedules -----------------------------------------------------------------------
 
@@ -423,12 +446,12 @@ class QueueWorker:
         due = int_header(headers, DUE)
         if due is None:
             due = int(job.get("run_at") or 0)
-        self._consider(Held(msg, job, attempt, due))
+        self._consider(Held(msg, job, attempt, due, headers))
 
     def _redriven(self, held: Held) -> tuple[JobStatus | None, bool]:
         """The job's status for this record, started over (and written) when the record
         redrives the DEAD job, and whether the record is a leftover of an earlier run."""
-        marker = header_map(message_headers(held.msg)).get(REDRIVE)
+        marker = held.headers.get(REDRIVE)
         status = self.table.get(held.id)
         now_ms = int(time.time() * 1000)
         went_on, leftover = redrive_step(status, marker, self.worker_id, now_ms)
@@ -758,10 +781,9 @@ class QueueWorker:
             progress=None,
         )
         self._write_soon(active)
-        queue = self.queue.name
-        self.metrics.started.labels(queue).inc()
+        self._started_total.inc()
         waited_from = max(held.due_ms, int(held.job.get("submitted_at") or now_ms))
-        self.metrics.wait_seconds.labels(queue).observe(max(0.0, now - waited_from / 1000))
+        self._wait_seconds.observe(max(0.0, now - waited_from / 1000))
         return active
 
     async def _run(
@@ -793,8 +815,9 @@ class QueueWorker:
             self.priority_of.get(held.tp[0], 0),
             tuple(held.job.get("tags") or ()),
         )
-        # An HTTP worker extends its lease itself; in-process, a heartbeat does.
-        beating = asyncio.ensure_future(self._heartbeat(active) if lease is None else _idle())
+        # An HTTP worker extends its lease itself; in-process, the loop's renewals do.
+        if lease is None:
+            self._beating[held.id] = active.attempt
         failure: Exception | None = None
         encoded = b"null"
         try:
@@ -808,8 +831,8 @@ class QueueWorker:
         except Exception as exc:
             failure = exc
         finally:
-            beating.cancel()
-            self.metrics.run_seconds.labels(queue).observe(time.time() - now)
+            self._beating.pop(held.id, None)
+            self._run_seconds.observe(time.time() - now)
             # The slot is free now; the outcome is written while the next job runs.
             self._busy -= 1
             self._dispatch()
@@ -831,19 +854,26 @@ class QueueWorker:
             lease_until_ms=None,
         )
         await self._write(done)
-        self.metrics.completed.labels(queue).inc()
+        self._completed_total.inc()
         self._settled(held, key_done=True)
 
-    async def _heartbeat(self, active: JobStatus) -> None:
-        """Extend the lease while the attempt runs, every third of the lease."""
-        every = max(0.2, self.queue.lease_s / 3)
+    async def _renew_leases(self) -> None:
+        """Extend the lease of each attempt running here once a third of it has passed.
+
+        One loop for all of them, looking every sixth of the lease: a lease is renewed at
+        most half of it after the last renewal, so it never runs out while its function runs.
+        """
+        lease_ms = int(self.queue.lease_s * 1000)
+        every_ms = max(200, lease_ms // 3)
         while True:
-            await asyncio.sleep(every)
-            current = self.table.get(active.id)
-            if current is None or current.state != ACTIVE or current.attempt != active.attempt:
-                return
-            lease = int((time.time() + self.queue.lease_s) * 1000)
-            self._write_soon(replace(current, lease_until_ms=lease))
+            await asyncio.sleep(every_ms / 2000)
+            now_ms = int(time.time() * 1000)
+            for job_id, attempt in list(self._beating.items()):
+                current = self.table.get(job_id)
+                if current is None or current.state != ACTIVE or current.attempt != attempt:
+                    continue
+                if (current.lease_until_ms or 0) - now_ms <= lease_ms - every_ms:
+                    self._write_soon(replace(current, lease_until_ms=now_ms + lease_ms))
 
     async def _failed(
         self,
@@ -966,8 +996,10 @@ class QueueWorker:
         return status.moved(state, now_ms, **changes)
 
     def _write_soon(self, status: JobStatus) -> None:
-        """Record `status` now and write it without waiting (a later write waits for it)."""
-        self._spawn_write(self._write(status))
+        """Record `status` now and write it with the next batch, without waiting (a later
+        write of the job is in the same batch or a later one)."""
+        self.table.put(status)
+        self._statuses.write(status)
 
     def _spawn_write(self, work: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
@@ -980,8 +1012,9 @@ class QueueWorker:
             log.error("job status not written", queue=self.queue.name, error=repr(error))
 
     async def _write(self, status: JobStatus) -> None:
+        """Record `status` now and return once Kafka confirmed it."""
         self.table.put(status)
-        await self._send(self.status_topic, [(status.id.encode(), status.to_bytes(), None)])
+        await self._statuses.write(status)
 
     async def _send(
         self,
@@ -1131,10 +1164,6 @@ def _payload(held: Held) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
         return text
-
-
-async def _idle() -> None:
-    """Nothing to do (an attempt leased over HTTP has no heartbeat)."""
 
 
 def _first_failure(status: JobStatus | None, now_ms: int) -> int:
