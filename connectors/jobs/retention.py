@@ -180,7 +180,7 @@ class Retention:
         except Exception as exc:  # unconfirmed, for whatever reason: kept for the next sweep
             # Back into the table (and the index): the next sweep tries again.
             for status in statuses:
-                if self.table.get(status.id) is None:
+                if status.id not in self.table:
                     self.table.put(status)
             log.warning(
                 "job statuses not deleted; again later",

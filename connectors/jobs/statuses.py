@@ -75,15 +75,15 @@ class StatusWriter:
         self._send = send
         self._echoes = echoes
         self._linger_s = linger_s
-        self._pending: dict[str, JobStatus] = {}
+        self._pending: dict[str, tuple[JobStatus, bytes | None]] = {}
         self._future: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
 
-    def write(self, status: JobStatus) -> asyncio.Future[None]:
-        """Produce `status` with the next batch; the future resolves once Kafka confirmed it
-        (or raises why it was not written)."""
-        self._pending[status.id] = status
+    def write(self, status: JobStatus, value: bytes | None = None) -> asyncio.Future[None]:
+        """Produce `status` (`value`: its bytes, when the caller has them) with the next
+        batch; the future resolves once Kafka confirmed it (or raises why it was not)."""
+        self._pending[status.id] = (status, value)
         if self._future is None:
             loop = asyncio.get_running_loop()
             self._future = loop.create_future()
@@ -101,10 +101,12 @@ class StatusWriter:
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
-    async def _produce(self, pending: dict[str, JobStatus], future: asyncio.Future[None]) -> None:
+    async def _produce(
+        self, pending: dict[str, tuple[JobStatus, bytes | None]], future: asyncio.Future[None]
+    ) -> None:
         records: list[tuple[bytes | None, bytes | None, None]] = []
-        for job_id, status in pending.items():
-            key, value = job_id.encode(), status.to_bytes()
+        for job_id, (status, known) in pending.items():
+            key, value = job_id.encode(), known if known is not None else status.to_bytes()
             self._echoes.expect(key, value)
             records.append((key, value, None))
         try:

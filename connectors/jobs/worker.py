@@ -43,7 +43,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -99,6 +99,10 @@ log = structlog.get_logger("sluice.jobs")
 
 TP = tuple[str, int]
 STAGE = "job"
+# How long a read waits when nothing is to be done: librdkafka's `consume` returns after
+# this long even when a record came sooner (unless a whole batch came), so it is what a
+# job submitted to an idle queue waits before it starts, on average half of it.
+IDLE_WAIT_S = 0.02
 # How often the loop commits what is finished.
 COMMIT_EVERY_S = 0.5
 # Stride scheduling: priority p advances by STRIDE / 2^p per start.
@@ -332,8 +336,8 @@ class QueueWorker:
                 return 0.0
             return min(0.1, wait)
         if self._held:
-            return max(0.0, min(0.1, self._held[0][0] / 1000 - time.time()))
-        return 0.1
+            return max(0.0, min(IDLE_WAIT_S, self._held[0][0] / 1000 - time.time()))
+        return IDLE_WAIT_S
 
     async def _drain(self) -> None:
         """Wait for the running jobs (their outcome is written) before the last commit."""
@@ -685,7 +689,7 @@ class QueueWorker:
         changes: dict[str, Any] = {"lease_until_ms": lease.until_ms}
         if progress is not None:
             changes["progress"] = progress
-        extended = replace(current, **changes)
+        extended = current._replace(**changes)
         self._write_soon(extended)
         self.metrics.extended.labels(self.queue.name).inc()
         return extended
@@ -873,7 +877,7 @@ class QueueWorker:
                 if current is None or current.state != ACTIVE or current.attempt != attempt:
                     continue
                 if (current.lease_until_ms or 0) - now_ms <= lease_ms - every_ms:
-                    self._write_soon(replace(current, lease_until_ms=now_ms + lease_ms))
+                    self._write_soon(current._replace(lease_until_ms=now_ms + lease_ms))
 
     async def _failed(
         self,
@@ -998,8 +1002,9 @@ class QueueWorker:
     def _write_soon(self, status: JobStatus) -> None:
         """Record `status` now and write it with the next batch, without waiting (a later
         write of the job is in the same batch or a later one)."""
-        self.table.put(status)
-        self._statuses.write(status)
+        value = status.to_bytes() if status.finished else None
+        self.table.put(status, value=value)
+        self._statuses.write(status, value)
 
     def _spawn_write(self, work: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
@@ -1013,8 +1018,9 @@ class QueueWorker:
 
     async def _write(self, status: JobStatus) -> None:
         """Record `status` now and return once Kafka confirmed it."""
-        self.table.put(status)
-        await self._statuses.write(status)
+        value = status.to_bytes() if status.finished else None
+        self.table.put(status, value=value)
+        await self._statuses.write(status, value)
 
     async def _send(
         self,
