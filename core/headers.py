@@ -129,9 +129,12 @@ def attempts_so_far(headers: dict[str, str]) -> int:
 
 def int_header(headers: dict[str, str], name: str) -> int | None:
     """An integer header, or None when it is missing or not a number."""
+    value = headers.get(name)
+    if value is None:
+        return None  # most records have none: no exception raised and caught for them
     try:
-        return int(headers[name])
-    except (KeyError, ValueError):
+        return int(value)
+    except ValueError:
         return None
 
 
