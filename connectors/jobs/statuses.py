@@ -63,17 +63,14 @@ class Echoes:
                 del self._sent[entry.key]
             return True
 
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(v) for v in self._sent.values())
-
 
 class StatusWriter:
     """Statuses produced a batch a loop turn, the latest of a job in a batch winning."""
 
-    def __init__(self, send: Send, echoes: Echoes, linger_s: float = LINGER_S) -> None:
+    def __init__(self, send: Send, echoes: Echoes, queue: str, linger_s: float = LINGER_S) -> None:
         self._send = send
         self._echoes = echoes
+        self._queue = queue
         self._linger_s = linger_s
         self._pending: dict[str, tuple[JobStatus, bytes | None]] = {}
         self._future: asyncio.Future[None] | None = None
@@ -87,7 +84,7 @@ class StatusWriter:
         if self._future is None:
             loop = asyncio.get_running_loop()
             self._future = loop.create_future()
-            self._future.add_done_callback(_log_failure)
+            self._future.add_done_callback(self._log_failure)
             self._timer = loop.call_later(self._linger_s, self._flush)
         return self._future
 
@@ -126,7 +123,6 @@ class StatusWriter:
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)
 
-
-def _log_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and (error := future.exception()) is not None:
-        log.error("job statuses not written", error=repr(error))
+    def _log_failure(self, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and (error := future.exception()) is not None:
+            log.error("job statuses not written", queue=self._queue, error=repr(error))

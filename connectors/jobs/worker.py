@@ -117,7 +117,7 @@ class Held:
     job: dict[str, Any]
     attempt: int
     due_ms: int
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str]  # the record's headers, as text
 
     @property
     def id(self) -> str:
@@ -231,7 +231,7 @@ class QueueWorker:
         # Statuses go out a batch a loop turn; the follower skips the ones this process wrote.
         self._echoes = Echoes()
         self._statuses = StatusWriter(
-            lambda records: self._send(self.status_topic, records), self._echoes
+            lambda records: self._send(self.status_topic, records), self._echoes, queue.name
         )
         # Attempts run here by the job's function: job id -> attempt, their leases renewed.
         self._beating: dict[str, int] = {}
@@ -999,12 +999,12 @@ class QueueWorker:
         changes.setdefault("worker", self.worker_id)
         return status.moved(state, now_ms, **changes)
 
-    def _write_soon(self, status: JobStatus) -> None:
-        """Record `status` now and write it with the next batch, without waiting (a later
-        write of the job is in the same batch or a later one)."""
+    def _write_soon(self, status: JobStatus) -> asyncio.Future[None]:
+        """Record `status` now and write it with the next batch; the future resolves once
+        Kafka confirmed it (a later write of the job is in the same batch or a later one)."""
         value = status.to_bytes() if status.finished else None
         self.table.put(status, value=value)
-        self._statuses.write(status, value)
+        return self._statuses.write(status, value)
 
     def _spawn_write(self, work: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
@@ -1018,9 +1018,7 @@ class QueueWorker:
 
     async def _write(self, status: JobStatus) -> None:
         """Record `status` now and return once Kafka confirmed it."""
-        value = status.to_bytes() if status.finished else None
-        self.table.put(status, value=value)
-        await self._statuses.write(status, value)
+        await self._write_soon(status)
 
     async def _send(
         self,
