@@ -33,10 +33,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from connectors.jobs.leases import FatalNack, Nacked
+from connectors.jobs.leases import MAX_PROGRESS_BYTES, MAX_RESULT_BYTES, FatalNack, Nacked
 from connectors.jobs.worker import QueueWorker
 from core.config import LeaseExecutor, PipelineConfig, Queue
-from core.jobs import ACTIVE, COMPLETED, DEAD, FAILED, MAX_TEXT, JobStatus, cut
+from core.jobs import ACTIVE, COMPLETED, DEAD, FAILED, JobStatus, cut
 from core.keys import SubmitKeys, bearer_token
 from core.responses import error, json_response
 
@@ -44,11 +44,6 @@ MAX_JOBS = 100
 MAX_WAIT_MS = 20_000
 # A lease request or an outcome is small: a result bigger than this is refused.
 MAX_BODY_BYTES = 1024 * 1024
-# A result and a progress report go into the job's status record (and, sent on to another
-# process, into a record header): bounded well below a Kafka record's limit. A status keeps
-# a result cut to MAX_TEXT characters anyway.
-MAX_RESULT_BYTES = 64 * 1024
-MAX_PROGRESS_BYTES = MAX_TEXT
 
 
 class LeaseDesk:

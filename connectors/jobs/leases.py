@@ -20,6 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.jobs.executor import Fatal
+from core.jobs import MAX_TEXT
+
+# A result and a progress report go into the job's status record (and, sent on to another
+# process, into a record header): bounded well below a Kafka record's limit. A status keeps
+# a result cut to MAX_TEXT characters anyway.
+MAX_RESULT_BYTES = 64 * 1024
+MAX_PROGRESS_BYTES = MAX_TEXT
 
 
 class LeaseExpired(Exception):

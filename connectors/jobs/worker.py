@@ -51,12 +51,19 @@ import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from connectors.jobs.executor import Fatal, JobContext, PythonCall
-from connectors.jobs.leases import FatalNack, Lease, LeaseExpired, Nacked
+from connectors.jobs.leases import (
+    MAX_PROGRESS_BYTES,
+    MAX_RESULT_BYTES,
+    FatalNack,
+    Lease,
+    LeaseExpired,
+    Nacked,
+)
 from connectors.jobs.limits import Limits
 from connectors.jobs.metrics import JobMetrics
 from connectors.jobs.retention import Retention
 from connectors.jobs.statuses import Echoes, StatusWriter
-from core.config import Queue, Schedule
+from core.config import LeaseExecutor, Queue, Schedule
 from core.errors import BrokerUnavailable
 from core.follower import CompactedFollower, Entry
 from core.headers import (
@@ -708,18 +715,37 @@ class QueueWorker:
         )
 
     def _lease_call(self, raw: str) -> None:
-        """A lease call forwarded by another process: applied if this one holds the lease."""
+        """A lease call forwarded by another process: applied if this one holds the lease.
+
+        It is checked as the HTTP API checks a call (any Kafka client that may write the
+        queue's topics can send one): a call that does not hold is logged and dropped.
+        """
+        executor = self.queue.executor
+        longest = (
+            int(executor.max_visibility_s * 1000) if isinstance(executor, LeaseExecutor) else 0
+        )
         try:
             call = orjson.loads(raw)
             job_id, lease_id, op = str(call["job_id"]), str(call["lease_id"]), call["op"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            log.warning("unreadable lease call", queue=self.queue.name)
+            visibility = call.get("visibility_ms")
+            if op == "extend" and (
+                isinstance(visibility, bool)
+                or not isinstance(visibility, int)
+                or not 1 <= visibility <= longest
+            ):
+                raise ValueError(f"visibility_ms must be 1 to {longest}")
+            if len(orjson.dumps(call.get("progress"))) > MAX_PROGRESS_BYTES:
+                raise ValueError("progress too big")
+            if len(orjson.dumps(call.get("result"))) > MAX_RESULT_BYTES:
+                raise ValueError("result too big")
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            log.warning("lease call dropped", queue=self.queue.name, reason=str(exc))
             return
         lease = self.running_lease(job_id, lease_id)
         if lease is None:
             return  # not held here (any more): the caller sees no change and answers 409
         if op == "extend":
-            self.extend(lease, int(call.get("visibility_ms") or 0), call.get("progress"))
+            self.extend(lease, visibility, call.get("progress"))
         elif op == "ack":
             self._spawn_write(self.finish(lease, call.get("result")))
         elif op == "nack":

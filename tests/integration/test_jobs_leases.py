@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+from confluent_kafka import Producer
 
+from core.jobs import LEASE_CALL
 from tests.configs import Configs
 from tests.jobs_api import BEARER, queue_pipeline, status_of, submit
 from tests.pipeline import Pipeline, http_text, probe, until
@@ -277,5 +280,80 @@ async def test_lease_calls_to_another_job_worker_process_reach_the_one_holding_t
         final = status_of(pipe, a["id"])
         assert final is not None
         assert (final["state"], final["result"]) == ("COMPLETED", "fine")
+    finally:
+        await asyncio.to_thread(pipe.stop)
+
+
+async def test_lease_calls_on_the_queue_topic_that_do_not_hold_are_dropped_and_the_queue_runs_on(
+    configs: Configs, broker: str, prefix: str, tmp_path: Path
+) -> None:
+    """Any Kafka client that may write a queue's topics can put a lease call on them: one
+    that the HTTP API would refuse changes nothing, and the loop goes on."""
+    pipe = queue_pipeline(
+        configs, broker, prefix, tmp_path, executor=LEASED, priorities=1, partitions=1
+    )
+    await asyncio.to_thread(pipe.start, "gateway", "jobs")
+    try:
+        async with aiohttp.ClientSession() as session:
+            (job_id,) = await submit(session, pipe, [{"payload": {"n": 1}}])
+            (leased,) = await _lease(session, pipe, visibility_ms=30_000, wait_ms=10_000)
+            await until(lambda: status_of(pipe, job_id) is not None, 20, "the ACTIVE status")
+            status = status_of(pipe, job_id)
+            assert status is not None
+            lease_id = leased["lease_id"]
+            calls = [
+                b"not json",
+                orjson.dumps([1, 2]),
+                orjson.dumps({"job_id": job_id, "op": "extend"}),  # no lease id
+                orjson.dumps(
+                    {"job_id": job_id, "lease_id": lease_id, "op": "extend", "visibility_ms": "x"}
+                ),
+                orjson.dumps(
+                    {
+                        "job_id": job_id,
+                        "lease_id": lease_id,
+                        "op": "extend",
+                        "visibility_ms": 10**12,
+                    }
+                ),
+                orjson.dumps(
+                    {
+                        "job_id": job_id,
+                        "lease_id": lease_id,
+                        "op": "extend",
+                        "visibility_ms": 60_000,
+                        "progress": "p" * 10_000,
+                    }
+                ),
+                orjson.dumps(
+                    {"job_id": job_id, "lease_id": lease_id, "op": "ack", "result": "r" * 70_000}
+                ),
+            ]
+            producer = Producer({"bootstrap.servers": broker})
+            for call in calls:
+                producer.produce(
+                    status["topic"],
+                    key=job_id.encode(),
+                    value=None,
+                    partition=status["partition"],
+                    headers=[(LEASE_CALL, call)],
+                )
+            assert producer.flush(10) == 0
+            # A job submitted after the calls is read after them (one partition): once it
+            # is leased, the calls were all read.
+            (later_id,) = await submit(session, pipe, [{"payload": {"n": 2}}])
+            (later,) = await _lease(session, pipe, visibility_ms=30_000, wait_ms=20_000)
+            assert later["id"] == later_id
+            now = status_of(pipe, job_id)
+            assert now is not None
+            assert (now["state"], now["lease_until_ms"]) == ("ACTIVE", leased["lease_until_ms"])
+            assert now["progress"] is None
+            for job, lease in ((job_id, lease_id), (later_id, later["lease_id"])):
+                code, body = await _post(
+                    session, pipe, f"/v1/jobs/{job}/ack", {"lease_id": lease, "result": job}
+                )
+                assert (code, body["state"], body["result"]) == (200, "COMPLETED", job), body
+        code, ready = await asyncio.to_thread(probe, pipe.job_ports["jobs"])
+        assert code == 200, ready
     finally:
         await asyncio.to_thread(pipe.stop)
