@@ -66,18 +66,19 @@ class PythonCall:
             params = len(inspect.signature(target).parameters)
         except (TypeError, ValueError):
             params = 1
-        self._with_context = params >= 2
+        # Whether it takes the job's context (a second parameter) as well as its payload.
+        self.with_context = params >= 2
 
-    async def __call__(self, payload: Any, context: JobContext, timeout_s: float) -> Any:
-        """The job's result; raises what the function raised, or JobTimeout."""
-        args = (payload, context) if self._with_context else (payload,)
-        try:
-            # A timer, not a task around the call: an async function that does not wait
-            # runs to its end in the caller's step.
-            async with asyncio.timeout(timeout_s):
-                if self._is_async:
-                    return await self._target(*args)
-                return await asyncio.to_thread(self._target, *args)
-        except TimeoutError:
-            # A thread cannot be stopped: it runs on, its result is dropped.
-            raise JobTimeout(f"the attempt ran over its timeout of {timeout_s:g} s") from None
+    async def __call__(self, payload: Any, context: JobContext | None) -> Any:
+        """The job's result; raises what the function raised.
+
+        The worker ends an attempt that runs over its timeout (it cancels the task that
+        awaits this, and the attempt fails with `JobTimeout`); a function run in a
+        thread cannot be stopped: it runs on, its result is dropped.
+        """
+        if self._is_async:
+            if self.with_context:
+                return await self._target(payload, context)
+            return await self._target(payload)
+        args = (payload, context) if self.with_context else (payload,)
+        return await asyncio.to_thread(self._target, *args)

@@ -6,7 +6,8 @@ and each comes back through the status follower to be decoded and applied again.
 
 - `StatusWriter.write` collects the statuses of a loop turn (a few milliseconds) and
   produces them as one batch; a caller that must know its status is confirmed awaits
-  the batch's future. A job's later status replaces an earlier one of the same batch
+  the batch's future, or passes a callback that runs once the batch is confirmed (a
+  job's bookkeeping after its final status, without a task waking up for each). A job's later status replaces an earlier one of the same batch
   that was not sent yet: the status topic is compacted by job id and each status holds
   the job's history, so the earlier record says nothing the later one does not. A job
   that finishes within the turn it started in (a fast function) has one record, not two.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
@@ -33,6 +35,7 @@ log = structlog.get_logger("sluice.jobs")
 LINGER_S = 0.003
 
 Send = Callable[[list[tuple[bytes | None, bytes | None, None]]], Awaitable[None]]
+Then = Callable[[], Any]
 
 
 class Echoes:
@@ -67,22 +70,39 @@ class Echoes:
 class StatusWriter:
     """Statuses produced a batch a loop turn, the latest of a job in a batch winning."""
 
-    def __init__(self, send: Send, echoes: Echoes, queue: str, linger_s: float = LINGER_S) -> None:
+    def __init__(
+        self,
+        send: Send,
+        echoes: Echoes,
+        queue: str,
+        linger_s: float = LINGER_S,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._send = send
         self._echoes = echoes
         self._queue = queue
         self._linger_s = linger_s
+        self._on_failure = on_failure
         self._pending: dict[str, tuple[JobStatus, bytes | None]] = {}
+        self._then: list[Then] = []
         self._future: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
 
-    def write(self, status: JobStatus, value: bytes | None = None) -> asyncio.Future[None]:
+    def write(
+        self, status: JobStatus, value: bytes | None = None, then: Then | None = None
+    ) -> asyncio.Future[None]:
         """Produce `status` (`value`: its bytes, when the caller has them) with the next
-        batch; the future resolves once Kafka confirmed it (or raises why it was not)."""
+        batch; the future resolves once Kafka confirmed it (or raises why it was not).
+        `then` is called once it is confirmed (not when it was not: `on_failure` is)."""
         self._pending[status.id] = (status, value)
+        if then is not None:
+            self._then.append(then)
         if self._future is None:
-            loop = asyncio.get_running_loop()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
             self._future = loop.create_future()
             self._future.add_done_callback(self._log_failure)
             self._timer = loop.call_later(self._linger_s, self._flush)
@@ -90,16 +110,20 @@ class StatusWriter:
 
     def _flush(self) -> None:
         self._timer = None
-        pending, future = self._pending, self._future
-        self._pending, self._future = {}, None
+        pending, future, then = self._pending, self._future, self._then
+        self._pending, self._future, self._then = {}, None, []
         if future is None:
             return
-        task = asyncio.ensure_future(self._produce(pending, future))
+        assert self._loop is not None
+        task = self._loop.create_task(self._produce(pending, future, then))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
     async def _produce(
-        self, pending: dict[str, tuple[JobStatus, bytes | None]], future: asyncio.Future[None]
+        self,
+        pending: dict[str, tuple[JobStatus, bytes | None]],
+        future: asyncio.Future[None],
+        then: list[Then],
     ) -> None:
         records: list[tuple[bytes | None, bytes | None, None]] = []
         for job_id, (status, known) in pending.items():
@@ -111,7 +135,16 @@ class StatusWriter:
         except Exception as exc:  # the callers' futures say why
             if not future.done():
                 future.set_exception(exc)
+            if self._on_failure is not None:
+                self._on_failure(exc)
             return
+        for call in then:
+            try:
+                call()
+            except Exception as exc:  # one caller's bookkeeping does not stop the others'
+                log.exception("after a status was written", queue=self._queue)
+                if self._on_failure is not None:
+                    self._on_failure(exc)
         if not future.done():
             future.set_result(None)
 

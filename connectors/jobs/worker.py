@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,7 @@ import orjson
 import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from connectors.jobs.executor import Fatal, JobContext, PythonCall
+from connectors.jobs.executor import Fatal, JobContext, JobTimeout, PythonCall
 from connectors.jobs.leases import (
     MAX_PROGRESS_BYTES,
     MAX_RESULT_BYTES,
@@ -85,6 +86,7 @@ from core.jobs import (
     DUE,
     FAILED,
     LEASE_CALL,
+    MAX_TEXT,
     REDRIVE,
     SCHEDULE_GRACE_MS,
     SCHEDULED,
@@ -110,37 +112,51 @@ STAGE = "job"
 # this long even when a record came sooner (unless a whole batch came), so it is what a
 # job submitted to an idle queue waits before it starts, on average half of it.
 IDLE_WAIT_S = 0.02
+# How often the attempts running here are looked at: a timeout ends an attempt at most
+# this long after it is over.
+WATCH_EVERY_S = 0.1
 # How often the loop commits what is finished.
 COMMIT_EVERY_S = 0.5
 # Stride scheduling: priority p advances by STRIDE / 2^p per start.
 STRIDE = 1 << 20
 
 
-@dataclass(eq=False)
 class Held:
     """A job record read and not finished: its job, attempt and due time."""
 
-    msg: Message
-    job: dict[str, Any]
-    attempt: int
-    due_ms: int
-    headers: dict[str, str]  # the record's headers, as text
+    __slots__ = ("attempt", "due_ms", "headers", "id", "job", "key", "msg", "tp")
 
-    @property
-    def id(self) -> str:
-        """The job's id."""
-        return str(self.job["job_id"])
+    def __init__(
+        self,
+        msg: Message,
+        job: dict[str, Any],
+        attempt: int,
+        due_ms: int,
+        headers: dict[str, str],
+        tp: TP,
+    ) -> None:
+        self.msg = msg
+        self.job = job
+        self.attempt = attempt
+        self.due_ms = due_ms
+        self.headers = headers  # the record's headers, as text
+        self.id: str = str(job["job_id"])  # the job's id
+        self.tp = tp  # (topic, partition) it was read from
+        key = job.get("ordering_key")
+        self.key: str | None = None if key is None else str(key)  # its ordering key
 
-    @property
-    def tp(self) -> TP:
-        """(topic, partition) it was read from."""
-        return (self.msg.topic() or "", self.msg.partition() or 0)
 
-    @property
-    def key(self) -> str | None:
-        """The ordering key, if it has one."""
-        value = self.job.get("ordering_key")
-        return None if value is None else str(value)
+class _Running:
+    """An attempt whose function runs in this process: what renews its lease and ends it
+    at its timeout."""
+
+    __slots__ = ("attempt", "deadline", "task", "timed_out")
+
+    def __init__(self, attempt: int, deadline: float, task: asyncio.Task[None] | None) -> None:
+        self.attempt = attempt
+        self.deadline = deadline  # time.monotonic()
+        self.task = task
+        self.timed_out = False
 
 
 @dataclass
@@ -238,10 +254,13 @@ class QueueWorker:
         # Statuses go out a batch a loop turn; the follower skips the ones this process wrote.
         self._echoes = Echoes()
         self._statuses = StatusWriter(
-            lambda records: self._send(self.status_topic, records), self._echoes, queue.name
+            lambda records: self._send(self.status_topic, records),
+            self._echoes,
+            queue.name,
+            on_failure=self._bookkeeping_failed,
         )
-        # Attempts run here by the job's function: job id -> attempt, their leases renewed.
-        self._beating: dict[str, int] = {}
+        # Attempts run here by the job's function, their leases renewed, their timeouts kept.
+        self._beating: dict[str, _Running] = {}
         name = queue.name
         self._started_total = metrics.started.labels(name)
         self._completed_total = metrics.completed.labels(name)
@@ -256,7 +275,6 @@ class QueueWorker:
         # The next tick of each schedule, while this process owns them (None: it does not).
         self._next_ticks: dict[str, int] | None = None
         self._stopping = asyncio.Event()
-        self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer: Consumer | None = None
         self._producer: EventProducer | None = None
@@ -294,7 +312,7 @@ class QueueWorker:
             list(self.priority_of), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
         last_commit = 0.0
-        renewing = asyncio.ensure_future(self._renew_leases())
+        renewing = loop.create_task(self._watch_attempts())
         try:
             while not self._stopping.is_set():
                 msgs = await loop.run_in_executor(None, consumer.consume, 500, self._poll_wait())
@@ -457,7 +475,7 @@ class QueueWorker:
         due = int_header(headers, DUE)
         if due is None:
             due = int(job.get("run_at") or 0)
-        self._consider(Held(msg, job, attempt, due, headers))
+        self._consider(Held(msg, job, attempt, due, headers, tp))
 
     def _redriven(self, held: Held) -> tuple[JobStatus | None, bool]:
         """The job's status for this record, started over (and written) when the record
@@ -633,8 +651,13 @@ class QueueWorker:
     def _dispatch(self) -> None:
         if self.call is None:
             return  # a lease queue: its jobs start when HTTP workers ask for them
+        loop = self._loop
+        assert loop is not None
         while (ready := self._next_ready()) is not None:
-            self._spawn_run(self._run(*ready))
+            # A task of its own, without the bookkeeping of `_spawn_run`: the attempt
+            # takes itself off the running ones when its function returned.
+            task = loop.create_task(self._attempt_here(*ready))
+            self._running.add(task)
         if any(self._ready) and self._busy < self.limits.cap and not self._rebalancing:
             self._dispatch_later(self.limits.wait())  # waiting for the rate limit's token
 
@@ -777,16 +800,21 @@ class QueueWorker:
         self._token_timer = loop.call_later(max(0.001, seconds), again)
 
     def _spawn_run(self, work: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        assert self._loop is not None
+        task: asyncio.Task[None] = self._loop.create_task(work)
         self._running.add(task)
         task.add_done_callback(self._ran)
 
     def _ran(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
-            self.failure = f"queue {self.queue.name}: a job's bookkeeping failed: {error!r}"
-            log.error("job bookkeeping failed", queue=self.queue.name, error=repr(error))
-        self._wake.set()
+            self._bookkeeping_failed(error)
+
+    def _bookkeeping_failed(self, error: BaseException) -> None:
+        """What follows from a job went wrong (a status not written): the loop is not
+        ready any more (`/ready` says why)."""
+        self.failure = f"queue {self.queue.name}: a job's bookkeeping failed: {error!r}"
+        log.error("job bookkeeping failed", queue=self.queue.name, error=repr(error))
 
     def _max_attempts(self, held: Held) -> int:
         return int(held.job.get("max_attempts") or self.queue.max_attempts)
@@ -817,90 +845,131 @@ class QueueWorker:
         return active
 
     async def _run(
-        self,
-        held: Held,
-        status: JobStatus | None,
-        lease: Lease | None = None,
-        active: JobStatus | None = None,
+        self, held: Held, status: JobStatus | None, lease: Lease, active: JobStatus
     ) -> None:
-        if active is None:
-            active = self._start(held, status, lease)
-        try:
-            await self._attempt(held, active, lease)
-        finally:
-            if lease is not None:
-                if self._leases.get(held.id) is lease:
-                    del self._leases[held.id]
-                if not lease.written.done():
-                    lease.written.set_result(self.table.get(held.id))
-
-    async def _attempt(self, held: Held, active: JobStatus, lease: Lease | None) -> None:
-        queue = self.queue.name
+        """A leased attempt: its outcome is what the HTTP worker acks or nacks."""
+        failure: Exception | None = None
+        encoded = b"null"
         now = time.time()
-        context = JobContext(
+        try:
+            try:
+                encoded = orjson.dumps(await lease.result())
+            except Exception as exc:
+                failure = exc
+            finally:
+                self._run_seconds.observe(time.time() - now)
+                self._busy -= 1
+                self._dispatch()
+            done = await self._ended(held, active, failure, encoded)
+            if done is not None:
+                await done
+        finally:
+            if self._leases.get(held.id) is lease:
+                del self._leases[held.id]
+            if not lease.written.done():
+                lease.written.set_result(self.table.get(held.id))
+
+    async def _attempt_here(self, held: Held, status: JobStatus | None) -> None:
+        """An attempt run by the queue's function in this process."""
+        loop = self._loop
+        task = asyncio.current_task(loop)
+        try:
+            active = self._start(held, status, None)
+            call = self.call
+            assert call is not None
+            timeout_s = self._timeout_s(held)
+            now = time.time()
+            running = _Running(active.attempt, time.monotonic() + timeout_s, task)
+            self._beating[held.id] = running
+            failure: Exception | None = None
+            encoded = b"null"
+            try:
+                payload = orjson.loads(held.job.get("payload") or "null")
+                context = self._context(held) if call.with_context else None
+                encoded = orjson.dumps(await call(payload, context))
+            except asyncio.CancelledError:
+                if not running.timed_out:
+                    raise
+                failure = JobTimeout(f"the attempt ran over its timeout of {timeout_s:g} s")
+            except Exception as exc:
+                failure = exc
+            finally:
+                del self._beating[held.id]
+                self._run_seconds.observe(time.time() - now)
+                # The slot is free now; the outcome is written while the next job runs.
+                self._busy -= 1
+                self._dispatch()
+            await self._ended(held, active, failure, encoded)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._bookkeeping_failed(exc)
+        finally:
+            self._running.discard(task)
+
+    def _context(self, held: Held) -> JobContext:
+        return JobContext(
             held.id,
-            queue,
+            self.queue.name,
             held.attempt,
             self._max_attempts(held),
             self.priority_of.get(held.tp[0], 0),
             tuple(held.job.get("tags") or ()),
         )
-        # An HTTP worker extends its lease itself; in-process, the loop's renewals do.
-        if lease is None:
-            self._beating[held.id] = active.attempt
-        failure: Exception | None = None
-        encoded = b"null"
-        try:
-            if lease is not None:
-                result = await lease.result()
-            else:
-                assert self.call is not None
-                payload = orjson.loads(held.job.get("payload") or "null")
-                result = await self.call(payload, context, self._timeout_s(held))
-            encoded = orjson.dumps(result)
-        except Exception as exc:
-            failure = exc
-        finally:
-            self._beating.pop(held.id, None)
-            self._run_seconds.observe(time.time() - now)
-            # The slot is free now; the outcome is written while the next job runs.
-            self._busy -= 1
-            self._dispatch()
+
+    async def _ended(
+        self, held: Held, active: JobStatus, failure: Exception | None, encoded: bytes
+    ) -> asyncio.Future[None] | None:
+        """What follows from an attempt's outcome. A completed one is settled once its
+        status is confirmed, without waiting here: the future says when."""
         if failure is not None:
             if isinstance(failure, Fatal):
                 await self._dead(held, self.table.get(held.id), failure)
             elif isinstance(failure, LeaseExpired):
-                self.metrics.lease_expiries.labels(queue).inc()
+                self.metrics.lease_expiries.labels(self.queue.name).inc()
                 await self._failed(held, self.table.get(held.id), failure, False, "lease expired")
             else:
                 await self._failed(held, self.table.get(held.id), failure, False)
-            return
+            return None
         current = self.table.get(held.id) or active
         done = self._status(
             held,
             current,
             COMPLETED,
-            result=orjson.loads(encoded) if len(encoded) <= 4000 else cut(encoded.decode()),
+            result=orjson.loads(encoded) if len(encoded) <= MAX_TEXT else cut(encoded.decode()),
             lease_until_ms=None,
         )
-        await self._write(done)
+        return self._write_soon(done, functools.partial(self._completed, held))
+
+    def _completed(self, held: Held) -> None:
         self._completed_total.inc()
         self._settled(held, key_done=True)
 
-    async def _renew_leases(self) -> None:
-        """Extend the lease of each attempt running here once a third of it has passed.
+    async def _watch_attempts(self) -> None:
+        """End the attempts running here that are over their timeout, and extend the
+        lease of each once a third of it has passed.
 
-        One loop for all of them, looking every sixth of the lease: a lease is renewed at
-        most half of it after the last renewal, so it never runs out while its function runs.
+        One loop for all of them: timeouts are looked at every `WATCH_EVERY_S`, leases
+        every sixth of the lease, so a lease is renewed at most half of it after the last
+        renewal and never runs out while its function runs.
         """
         lease_ms = int(self.queue.lease_s * 1000)
         every_ms = max(200, lease_ms // 3)
+        next_renewal = 0.0
         while True:
-            await asyncio.sleep(every_ms / 2000)
+            await asyncio.sleep(WATCH_EVERY_S)
+            now = time.monotonic()
+            for running in list(self._beating.values()):
+                if now >= running.deadline and not running.timed_out and running.task:
+                    running.timed_out = True
+                    running.task.cancel()
+            if now < next_renewal:
+                continue
+            next_renewal = now + every_ms / 2000
             now_ms = int(time.time() * 1000)
-            for job_id, attempt in list(self._beating.items()):
+            for job_id, running in list(self._beating.items()):
                 current = self.table.get(job_id)
-                if current is None or current.state != ACTIVE or current.attempt != attempt:
+                if current is None or current.state != ACTIVE or current.attempt != running.attempt:
                     continue
                 if (current.lease_until_ms or 0) - now_ms <= lease_ms - every_ms:
                     self._write_soon(current._replace(lease_until_ms=now_ms + lease_ms))
@@ -1025,12 +1094,15 @@ class QueueWorker:
         changes.setdefault("worker", self.worker_id)
         return status.moved(state, now_ms, **changes)
 
-    def _write_soon(self, status: JobStatus) -> asyncio.Future[None]:
-        """Record `status` now and write it with the next batch; the future resolves once
-        Kafka confirmed it (a later write of the job is in the same batch or a later one)."""
+    def _write_soon(
+        self, status: JobStatus, then: Callable[[], None] | None = None
+    ) -> asyncio.Future[None]:
+        """Record `status` now and write it with the next batch; the future resolves (and
+        `then` is called) once Kafka confirmed it (a later write of the job is in the
+        same batch or a later one)."""
         value = status.to_bytes() if status.finished else None
         self.table.put(status, value=value)
-        return self._statuses.write(status, value)
+        return self._statuses.write(status, value, then)
 
     def _spawn_write(self, work: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)

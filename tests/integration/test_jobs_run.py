@@ -113,6 +113,44 @@ async def test_jobs_complete_retry_with_backoff_and_die_into_the_dlq_with_reason
         pipe.stop()
 
 
+async def test_an_attempt_over_its_timeout_fails_and_the_job_dies_when_its_attempts_are_spent(
+    configs: Configs, broker: str, prefix: str, tmp_path: Path
+) -> None:
+    pipe = queue_pipeline(configs, broker, prefix, tmp_path, max_attempts=2, timeout_s=1.5)
+    ledger = str(tmp_path / "ledger.jsonl")
+    await asyncio.to_thread(pipe.start, "gateway", "jobs")
+    try:
+        async with aiohttp.ClientSession() as session:
+            (own,) = await submit(
+                session, pipe, [{"payload": {"ledger": ledger, "sleep": 30}, "timeout_ms": 400}]
+            )
+            (queues,) = await submit(session, pipe, [{"payload": {"ledger": ledger, "sleep": 30}}])
+            (quick,) = await submit(session, pipe, [{"payload": {"ledger": ledger, "sleep": 0.2}}])
+        everyone = [own, queues, quick]
+        await until(lambda: all_in(pipe, everyone, {"COMPLETED", "DEAD"}), 30, "every job finished")
+        assert states_of(pipe, everyone) == {own: "DEAD", queues: "DEAD", quick: "COMPLETED"}
+        for job_id, timeout_ms in ((own, 400), (queues, 1500)):
+            status = status_of(pipe, job_id)
+            assert status is not None
+            history = status["history"]
+            assert [h["state"] for h in history] == ["ACTIVE", "FAILED", "ACTIVE", "DEAD"]
+            for start, end in ((history[0], history[1]), (history[2], history[3])):
+                assert (
+                    f"JobTimeout: the attempt ran over its timeout of {timeout_ms / 1000:g} s"
+                    in (end["error"])
+                )
+                # Ended at its timeout (looked at every 100 ms), not at the end of its sleep.
+                assert timeout_ms <= end["at_ms"] - start["at_ms"] < timeout_ms + 600
+        # Neither timed-out job ran to its end; each started twice.
+        lines = read_ledger(ledger)
+        done = Counter(line["id"] for line in lines if line["what"] == "done")
+        starts = Counter(line["id"] for line in lines if line["what"] == "start")
+        assert done == Counter([quick])
+        assert starts[own] == starts[queues] == 2
+    finally:
+        pipe.stop()
+
+
 async def test_delayed_jobs_never_start_early_and_start_within_a_second_across_a_restart(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
