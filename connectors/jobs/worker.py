@@ -112,9 +112,15 @@ STAGE = "job"
 # this long even when a record came sooner (unless a whole batch came), so it is what a
 # job submitted to an idle queue waits before it starts, on average half of it.
 IDLE_WAIT_S = 0.02
+# Records a read takes at most.
+READ_BATCH = 500
 # How often the attempts running here are looked at: a timeout ends an attempt at most
 # this long after it is over.
 WATCH_EVERY_S = 0.1
+# How long the loop waits before it reads again while it has jobs enough ready.
+HOLD_S = 0.005
+# How long at most it does so before it pauses the partitions and reads on.
+HOLD_LIMIT_S = 10.0
 # How often the loop commits what is finished.
 COMMIT_EVERY_S = 0.5
 # Stride scheduling: priority p advances by STRIDE / 2^p per start.
@@ -267,6 +273,7 @@ class QueueWorker:
         self._wait_seconds = metrics.wait_seconds.labels(name)
         self._run_seconds = metrics.run_seconds.labels(name)
         self._paused: set[int] = set()  # priorities paused
+        self._hold_since: float | None = None  # since when the loop has not read
         self._assigned: set[TP] = set()
         self._new_partitions = False
         self.limits = Limits(queue)
@@ -315,7 +322,14 @@ class QueueWorker:
         renewing = loop.create_task(self._watch_attempts())
         try:
             while not self._stopping.is_set():
-                msgs = await loop.run_in_executor(None, consumer.consume, 500, self._poll_wait())
+                if self._holding():
+                    # Jobs enough ready: they run meanwhile; librdkafka keeps what it read
+                    # ahead (a paused partition would drop it).
+                    await asyncio.sleep(HOLD_S)
+                    msgs = []
+                else:
+                    wait = self._poll_wait()
+                    msgs = await loop.run_in_executor(None, consumer.consume, READ_BATCH, wait)
                 if self._new_partitions:
                     # Statuses other processes wrote for the jobs of these partitions.
                     self._new_partitions = False
@@ -1138,13 +1152,31 @@ class QueueWorker:
 
     # -- flow, commits and rebalances ------------------------------------------------------
 
+    def _holding(self) -> bool:
+        """Whether the loop reads no more for now: a queue of one priority with
+        `max_ready` jobs ready, for at most `HOLD_LIMIT_S` (a consumer that does not read
+        for minutes leaves its group; after that it is paused and reads on)."""
+        if len(self._ready) != 1 or len(self._ready[0]) < self.settings.max_ready:
+            self._hold_since = None
+            return False
+        now = time.monotonic()
+        if self._hold_since is None:
+            self._hold_since = now
+        return now - self._hold_since < HOLD_LIMIT_S
+
     def _flow(self) -> None:
+        """Pause a priority that has `max_ready` jobs ready until half of them started,
+        so that the records of the others are not read behind its (a paused partition's
+        records read ahead are dropped and fetched again after it is resumed). A queue
+        of one priority stops reading instead (`_holding`), and is paused only when that
+        went on for too long."""
         consumer = self._consumer
         assert consumer is not None
         high = self.settings.max_ready
+        holding = len(self._ready) == 1 and self._holding()
         for priority, jobs in enumerate(self._ready):
             paused = priority in self._paused
-            if not paused and len(jobs) >= high:
+            if not paused and len(jobs) >= high and not holding:
                 self._set_paused(consumer, priority, True)
             elif paused and len(jobs) <= high // 2:
                 self._set_paused(consumer, priority, False)
@@ -1186,7 +1218,9 @@ class QueueWorker:
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         log.info("partitions assigned", queue=self.queue.name, partitions=len(parts))
         consumer.assign(parts)
-        self._assigned |= {(tp.topic, tp.partition) for tp in parts}
+        # A new set, not a change of the one the loop may be going through right now
+        # (this runs in the thread of a read).
+        self._assigned = self._assigned | {(tp.topic, tp.partition) for tp in parts}
         topic = self.topics.priority(0)
         try:
             meta = consumer.list_topics(topic, timeout=10).topics[topic]
@@ -1213,9 +1247,9 @@ class QueueWorker:
             wait = self.queue.timeout_s + 30
             asyncio.run_coroutine_threadsafe(self._forget(revoked), loop).result(wait)
         self._commit(revoked)
-        for tp in revoked:
-            self._offsets.pop(tp, None)
-        self._assigned -= revoked
+        # New ones, not changes of those the loop (or a commit) may be going through.
+        self._offsets = {tp: o for tp, o in self._offsets.items() if tp not in revoked}
+        self._assigned = self._assigned - revoked
 
     async def _forget(self, revoked: set[TP]) -> None:
         """Drop what was read of revoked partitions and not started: their next owner reads it.
