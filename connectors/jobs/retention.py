@@ -88,6 +88,8 @@ class Retention:
 
     def _changed(self, old: JobStatus | None, new: JobStatus | None) -> None:
         # Called under the table's lock: no call back into the table from here.
+        if new is not None and not new.finished and (old is None or not old.finished):
+            return  # nothing finished before or after: nothing to keep or to drop
         name = self.queue.name
         if (
             old is not None

@@ -272,6 +272,9 @@ class QueueWorker:
         self._completed_total = metrics.completed.labels(name)
         self._wait_seconds = metrics.wait_seconds.labels(name)
         self._run_seconds = metrics.run_seconds.labels(name)
+        # Started and completed since the counters were last added to (once a loop turn).
+        self._started_n = 0
+        self._completed_n = 0
         self._paused: set[int] = set()  # priorities paused
         self._hold_since: float | None = None  # since when the loop has not read
         self._assigned: set[TP] = set()
@@ -348,6 +351,7 @@ class QueueWorker:
                     await loop.run_in_executor(None, self._commit, None)
                     last_commit = time.monotonic()
             await self._drain()
+            self._gauges()
             await loop.run_in_executor(None, self._commit, None)
         finally:
             renewing.cancel()
@@ -853,7 +857,7 @@ class QueueWorker:
             progress=None,
         )
         self._write_soon(active)
-        self._started_total.inc()
+        self._started_n += 1
         waited_from = max(held.due_ms, int(held.job.get("submitted_at") or now_ms))
         self._wait_seconds.observe(max(0.0, now - waited_from / 1000))
         return active
@@ -956,7 +960,7 @@ class QueueWorker:
         return self._write_soon(done, functools.partial(self._completed, held))
 
     def _completed(self, held: Held) -> None:
-        self._completed_total.inc()
+        self._completed_n += 1
         self._settled(held, key_done=True)
 
     async def _watch_attempts(self) -> None:
@@ -1286,6 +1290,12 @@ class QueueWorker:
         return sum(len(jobs) for jobs in self._ready)
 
     def _gauges(self) -> None:
+        if self._started_n:
+            self._started_total.inc(self._started_n)
+            self._started_n = 0
+        if self._completed_n:
+            self._completed_total.inc(self._completed_n)
+            self._completed_n = 0
         name = self.queue.name
         self.metrics.ready.labels(name).set(self._due_count())
         self.metrics.scheduled.labels(name).set(len(self._held))
