@@ -119,8 +119,10 @@ READ_BATCH = 500
 WATCH_EVERY_S = 0.1
 # How long the loop waits before it reads again while it has jobs enough ready.
 HOLD_S = 0.005
-# How long at most it does so before it pauses the partitions and reads on.
-HOLD_LIMIT_S = 10.0
+# How long at most it does so before it pauses the partitions and reads on: a consumer
+# that does not read does not take part in a rebalance either (the group waits for it),
+# and jobs that run fast enough to need the read-ahead start 10,000 in well under this.
+HOLD_LIMIT_S = 2.0
 # How often the loop commits what is finished.
 COMMIT_EVERY_S = 0.5
 # Stride scheduling: priority p advances by STRIDE / 2^p per start.
@@ -1158,8 +1160,8 @@ class QueueWorker:
 
     def _holding(self) -> bool:
         """Whether the loop reads no more for now: a queue of one priority with
-        `max_ready` jobs ready, for at most `HOLD_LIMIT_S` (a consumer that does not read
-        for minutes leaves its group; after that it is paused and reads on)."""
+        `max_ready` jobs ready, for at most `HOLD_LIMIT_S` (after that it is paused and
+        reads on)."""
         if len(self._ready) != 1 or len(self._ready[0]) < self.settings.max_ready:
             self._hold_since = None
             return False
