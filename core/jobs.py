@@ -129,7 +129,11 @@ class JobStatus(NamedTuple):
         history = (*self.history, entry)
         if len(history) > MAX_HISTORY:
             history = history[:10] + history[-(MAX_HISTORY - 10) :]
-        return self._replace(state=state, updated_at_ms=now_ms, history=history, **changes)
+        values = list(self)
+        values[_STATE], values[_UPDATED_AT_MS], values[_HISTORY] = state, now_ms, history
+        for name, value in changes.items():
+            values[_INDEX[name]] = value  # a KeyError for a name that is not a field
+        return _new(JobStatus, values)
 
     def to_bytes(self) -> bytes:
         """The record value on the status topic (`redrives`, `lease_id` and `progress` only
@@ -157,6 +161,13 @@ class JobStatus(NamedTuple):
         """What `GET /v1/jobs/{id}` answers."""
         return self._asdict()
 
+
+# `moved` sets fields by position (`_replace` pops every field name from a dict).
+_INDEX: Final = {name: i for i, name in enumerate(JobStatus._fields)}
+_STATE: Final = _INDEX["state"]
+_UPDATED_AT_MS: Final = _INDEX["updated_at_ms"]
+_HISTORY: Final = _INDEX["history"]
+_new: Final = tuple.__new__
 
 # The fields a transition names in its history entry when it sets them.
 _HISTORY_FIELDS = ("worker", "error", "due_ms", "lease_until_ms", "lease_id")

@@ -475,7 +475,10 @@ class QueueWorker:
         tp = (msg.topic() or "", msg.partition() or 0)
         if tp not in self._assigned:
             return
-        self._offsets.setdefault(tp, Offsets()).read(msg.offset() or 0)
+        offsets = self._offsets.get(tp)
+        if offsets is None:
+            offsets = self._offsets[tp] = Offsets()
+        offsets.read(msg.offset() or 0)
         headers = header_map(message_headers(msg))
         if (cancelled := headers.get(CANCEL)) is not None:
             self._cancel(msg, tp, cancelled)
