@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 NATIVE_SRC := gateway/fast_envelope.py schemas/flat_avro.py connectors/warehouse/layout.py connectors/warehouse/loader.py
 NATIVE := $(VENV)/.native
 
-.PHONY: native install demo stop test lint typecheck imports unit broker-up broker-down clean
+.PHONY: native install examples demo stop test lint typecheck imports unit broker-up broker-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,24 @@ $(NATIVE): $(STAMP) $(NATIVE_SRC) Makefile
 
 native: $(NATIVE)
 
-install: $(STAMP) $(NATIVE)
+# What the command executor starts a job's program through (its limits, and SIGKILL when
+# the executor dies): a static binary when the C library allows, next to the venv's Python.
+LAUNCH := $(BIN)/sluice-launch
+$(LAUNCH): connectors/jobs/launch/sluice-launch.c $(STAMP)
+	gcc -O2 -Wall -Wextra -static -o $@ $< 2>/dev/null || gcc -O2 -Wall -Wextra -o $@ $<
 
-demo: install
+install: $(STAMP) $(NATIVE) $(LAUNCH)
+
+# The example jobs of the command executor (C++, built with g++): the demo, the tests and
+# `sluice bench jobs --executor command` run them.
+JOBS_BIN := build/jobs
+$(JOBS_BIN)/%: examples/jobs/%.cpp
+	@mkdir -p $(JOBS_BIN)
+	g++ -O2 -std=c++17 -Wall -Wextra -o $@ $<
+
+examples: $(JOBS_BIN)/sieve $(JOBS_BIN)/noop
+
+demo: install examples
 	$(SLUICE) demo
 
 stop: install
@@ -52,7 +67,7 @@ imports: install
 
 # The tests need the real broker: start it, run everything, and stop it whatever happened.
 # Three test files run at a time (each test has its own topics, groups, ports and folders).
-test: install lint typecheck imports
+test: install examples lint typecheck imports
 	$(SLUICE) kafka start
 	status=0; $(BIN)/pytest -n 3 --dist loadfile || status=$$?; $(SLUICE) kafka stop; exit $$status
 

@@ -303,8 +303,56 @@ class LeaseExecutor(_Model):
     max_visibility_s: float = Field(default=12 * 3600.0, gt=0)
 
 
-# `type: python` may be left out (a `function` says it); `type: lease` may not.
-Executor = PythonExecutor | LeaseExecutor
+class CommandLimits(_Model):
+    """What one job's processes may use (setrlimit in the job's process; unset: no limit)."""
+
+    # CPU seconds (the process gets SIGXCPU, then SIGKILL), address space in MiB,
+    # open files, and processes of the job's user (RLIMIT_NPROC counts every process the
+    # user runs, not only the job's).
+    cpu_s: int | None = Field(default=None, ge=1)
+    memory_mb: int | None = Field(default=None, ge=16)
+    open_files: int | None = Field(default=256, ge=8)
+    processes: int | None = Field(default=None, ge=1)
+
+
+class CommandExecutor(_Model):
+    """Runs a job as a program: `argv` (never through a shell), the job as JSON on its
+    stdin, its result as JSON on its stdout, progress as JSON lines on its stderr."""
+
+    type: Literal["command"]
+    # The program and its fixed arguments; the job's payload never becomes an argument.
+    argv: Annotated[tuple[str, ...], Field(min_length=1)]
+    # Names of the executor's environment variables a job gets (when set); nothing else
+    # of the executor's environment (its secrets) reaches a job.
+    env: tuple[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], ...] = (
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+    )
+    limits: CommandLimits = CommandLimits()
+    # Bytes of stdout (the result) and of stderr (progress and log) a job may write: over
+    # either, its processes are killed and the job fails.
+    max_stdout_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_stderr_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Between SIGTERM and SIGKILL to the job's process group, at its timeout or cancel.
+    grace_s: float = Field(default=1.0, ge=0, le=60)
+    # Run as this user (the job worker must run as root to switch); unset: its own.
+    user: str | None = None
+
+
+class HttpExecutor(_Model):
+    """Runs a job by POSTing it (the same JSON a command gets on stdin) to `url`; the
+    response's JSON body is the result."""
+
+    type: Literal["http"]
+    url: HttpUrl
+    # Fixed request headers (for example an Authorization the endpoint wants).
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+# `type: python` may be left out (a `function` says it); the other types may not.
+Executor = PythonExecutor | CommandExecutor | HttpExecutor | LeaseExecutor
 
 
 class Schedule(_Model):

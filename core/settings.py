@@ -265,8 +265,18 @@ class JobSettings(BaseSettings):
     max_ready: int = 10_000
     # `/ready` fails when a queue has jobs due but started or finished none for this long.
     stall_after_s: float = 120.0
+    # Programs a queue's command executor may run (comma-separated; a directory allows
+    # every program under it). None by default: whoever can write the config topic must
+    # not be able to run what they like on the workers.
+    commands: Annotated[tuple[str, ...], NoDecode] = ()
+    # Where each command job gets its working directory (removed after the attempt);
+    # unset: the system's temporary directory.
+    work_dir: Path | None = None
+    # An http executor connects to public addresses only (as webhooks do with
+    # SLUICE_DELIVERY_BLOCK_PRIVATE_TARGETS): no loopback, private or link-local ones.
+    block_private_targets: bool = False
 
-    @field_validator("modules", mode="before")
+    @field_validator("modules", "commands", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
@@ -276,6 +286,15 @@ class JobSettings(BaseSettings):
     def allows(self, module: str) -> bool:
         """Whether `module` is one of the allowed modules or lies under one."""
         return TransformSettings(modules=self.modules).allows(module)
+
+    def allows_command(self, program: Path) -> bool:
+        """Whether the program (an absolute, resolved path) is allowed or lies under an
+        allowed directory."""
+        for allowed in self.commands:
+            root = Path(allowed).resolve()
+            if program == root or program.is_relative_to(root):
+                return True
+        return False
 
 
 class AppSettings(BaseSettings):

@@ -18,7 +18,7 @@ of a queue the key may not use), `GET /v1/jobs?queue=&state=&limit=` lists a que
 jobs, the latest updated first, `GET /v1/queues/{queue}` gives a queue's figures (its
 jobs by state, the ones in flight, rates over the last minute and wait and run time
 percentiles of recent attempts: `core.job_stats`), `GET /v1/queues` those of every queue
-the key may use, and `DELETE /v1/jobs/{id}` cancels a job that is not running or finished.
+the key may use, and `DELETE /v1/jobs/{id}` cancels a job that is not finished (a running attempt is ended).
 All of them take the queue's submit key; before the status topic was read to its end
 they answer 503.
 """
@@ -281,16 +281,51 @@ async def handle_queues(request: web.Request) -> web.Response:
     return json_response({"queues": [_figures(statuses, name) for name in names]})
 
 
+def _stats(figures: dict[str, Any]) -> dict[str, Any]:
+    """A queue's figures as `GET /v1/stats` gives them: depth, throughput, success and
+    failure rates (attempts ended over the window) and processing times."""
+    counts, rates = figures["counts"], figures["rates"]
+    ended = rates["completed"] + rates["failed"] + rates["dead"]
+    return {
+        "queue": figures["queue"],
+        "depth": {
+            "waiting": counts["PENDING"] + counts["SCHEDULED"] + counts["FAILED"],
+            "scheduled": counts["SCHEDULED"],
+            "running": counts[ACTIVE],
+            "dead": counts["DEAD"],
+        },
+        "throughput_per_s": rates["completed"],
+        "success_rate": round(rates["completed"] / ended, 4) if ended else None,
+        "failure_rate": round((rates["failed"] + rates["dead"]) / ended, 4) if ended else None,
+        "processing_ms": figures["latency"]["run_ms"],
+        "wait_ms": figures["latency"]["wait_ms"],
+        "window_s": rates["window_s"],
+    }
+
+
+async def handle_stats(request: web.Request) -> web.Response:
+    """`GET /v1/stats`: per queue the key may use, its depth, throughput, success and
+    failure rates and processing times (over the last minute)."""
+    allowed = _allowed(request)
+    statuses = _statuses(request)
+    keys = request.app[JOB_KEYS]
+    names = sorted(name for name in allowed if keys.queue(name) is not None)
+    return json_response({"queues": [_stats(_figures(statuses, name)) for name in names]})
+
+
 # How long `DELETE /v1/jobs/{id}` waits for the job's worker to answer the cancel.
 CANCEL_WAIT_S = 10.0
 
 
 async def handle_cancel(request: web.Request) -> web.Response:
-    """`DELETE /v1/jobs/{id}[?queue=]`: cancel a job no attempt of which runs now.
+    """`DELETE /v1/jobs/{id}[?queue=]`: cancel a job that is not finished.
 
     The request goes to every partition of the queue's topics; the worker that has the
-    job writes CANCELLED (200 with the status), or the job was running or finished (409);
-    202 when no worker answered within CANCEL_WAIT_S (it cancels the job when it reads it).
+    job writes CANCELLED (200 with the status): a job that waits never runs, a running
+    attempt is ended (a command's process group gets SIGTERM, then SIGKILL after its
+    grace; a leased attempt's ack gets 409) and not retried. 409 when the job finished
+    first; 202 when no worker answered within CANCEL_WAIT_S (it cancels the job when it
+    reads the request).
     The queue comes from the job's status, or `?queue=` for a job no worker read yet.
     """
     allowed = _allowed(request)
@@ -303,8 +338,8 @@ async def handle_cancel(request: web.Request) -> web.Response:
     if name is None:
         raise error(404, f"no job {job_id!r} (for a job no worker has read yet, add ?queue=)")
     _visible_queue(request, allowed, name)
-    if status is not None and (status.finished or status.state == ACTIVE):
-        raise error(409, _not_cancellable(status.state))
+    if status is not None and status.finished:
+        raise error(409, f"the job is {status.state} already")
     queue = request.app[JOB_KEYS].queue(name)
     assert queue is not None
     topics = request.app[TOPICS].queue(name)
@@ -323,18 +358,12 @@ async def handle_cancel(request: web.Request) -> web.Response:
         now = table.get(job_id)
         if now is not None and now.state == CANCELLED:
             return json_response(now.public())
-        if now is not None and (now.finished or now.state == ACTIVE):
-            raise error(409, _not_cancellable(now.state))
+        if now is not None and now.finished:
+            raise error(409, f"the job is {now.state} already")
         await asyncio.sleep(0.05)
     # No worker answered (none runs, or it has not read that far): the request waits on the
     # queue's topics, behind the job, for the worker that reads it.
     return json_response({"id": job_id, "queue": name, "state": "CANCELLING"}, status=202)
-
-
-def _not_cancellable(state: str) -> str:
-    if state == ACTIVE:
-        return "the job is ACTIVE: an attempt runs, and a running job cannot be cancelled"
-    return f"the job is {state} already"
 
 
 def add_routes(app: web.Application) -> None:
@@ -345,4 +374,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{id}", handle_status)
     app.router.add_delete("/v1/jobs/{id}", handle_cancel)
     app.router.add_get("/v1/queues", handle_queues)
+    app.router.add_get("/v1/stats", handle_stats)
     app.router.add_get("/v1/queues/{queue}", handle_queue)

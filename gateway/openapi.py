@@ -276,20 +276,20 @@ def openapi_document() -> dict[str, Any]:
         [_param("id", "path", {"type": "string"}, True)],
     )
     paths["/v1/jobs/{id}"]["delete"] = {
-        "summary": "Cancel a job that is not running or finished",
+        "summary": "Cancel a job that is not finished (a running attempt is ended)",
         "security": [{"submitKey": []}],
         "parameters": [
             _param("id", "path", {"type": "string"}, True),
             _param("queue", "query", {"type": "string"}, False),
         ],
         "responses": {
-            "200": _json(_STATUS, "Cancelled: it never runs"),
+            "200": _json(_STATUS, "Cancelled: it never runs (again)"),
             "202": _json({"type": "object"}, "Sent; the job's worker has not answered yet"),
             **{
                 code: _json(_ERROR, text)
                 for code, text in {
                     **_READ_ERRORS,
-                    "409": "The job runs now, or is finished",
+                    "409": "The job is finished",
                 }.items()
             },
         },
@@ -304,6 +304,15 @@ def openapi_document() -> dict[str, Any]:
         {
             "type": "object",
             "properties": {"queues": {"type": "array", "items": _QUEUE}},
+            "required": ["queues"],
+        },
+        [],
+    )
+    paths["/v1/stats"] = _read(
+        "Per queue: depth, throughput, success and failure rates, processing times",
+        {
+            "type": "object",
+            "properties": {"queues": {"type": "array", "items": {"type": "object"}}},
             "required": ["queues"],
         },
         [],

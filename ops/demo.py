@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import urllib.error
 import urllib.request
@@ -12,7 +13,7 @@ from typing import Any
 import orjson
 from rich.console import Console
 
-from core.config import Queue, load_config
+from core.config import CommandExecutor, Queue, load_config
 from core.errors import SluiceError
 from core.settings import (
     AppSettings,
@@ -32,6 +33,12 @@ RUN_DIR = Path(".sluice") / "run"
 SERVICES = ("sink", "deliver", "jobs", "worker", "gateway")
 # The command line of a service, where it is not its name.
 ARGS = {"jobs": ["jobs", "work"]}
+# The demo's job worker may run the example programs (built by `make` into build/jobs/).
+ENV = {
+    "jobs": {
+        "SLUICE_JOBS_COMMANDS": os.environ.get("SLUICE_JOBS_COMMANDS", "build/jobs,examples/jobs")
+    }
+}
 
 
 def _wait_http(url: str, service: BackgroundProcess, timeout: float) -> None:
@@ -73,7 +80,7 @@ def run_demo(out: Console, count: int) -> None:
     out.print(f"topics ready ({len(created)} created or updated)")
     services = {name: BackgroundProcess(name, RUN_DIR) for name in SERVICES}
     for name, service in services.items():
-        pid = service.start(ARGS.get(name, [name]))
+        pid = service.start(ARGS.get(name, [name]), ENV.get(name))
         out.print(f"{name:8} running, pid {pid}, log {service.log_file}")
     _wait_http(f"http://{wh.query_host}:{wh.query_port}/health", services["sink"], 60)
     _wait_http(f"http://{dl.host}:{dl.port}/health", services["deliver"], 60)
@@ -122,6 +129,9 @@ def run_demo(out: Console, count: int) -> None:
         _show_deliveries(out, kafka, wh, dl, hooks_before + tracks)
     if cfg.queues:
         _submit_jobs(out, cfg.queues[0], kafka, f"http://{gw.host}:{gw.port}")
+    programs = [q for q in cfg.queues if isinstance(q.executor, CommandExecutor)]
+    if programs:
+        _run_programs(out, programs, f"http://{gw.host}:{gw.port}")
     out.print(
         "\nThe broker, gateway, worker, sink, delivery and job worker keep running. Try:\n"
         '  .venv/bin/sluice sql "SELECT * FROM identifies ORDER BY timestamp DESC LIMIT 5"\n'
@@ -191,6 +201,63 @@ def _submit_jobs(out: Console, queue: Queue, kafka: KafkaSettings, gateway: str)
             for job_id in ids
         ],
         title="Jobs: run by the job worker (one failed its first attempt and was retried)",
+    )
+
+
+def _run_programs(out: Console, queues: list[Queue], gateway: str) -> None:
+    """Submit jobs to the queues whose executor runs a program (the C++ sieve, the Python
+    word count), and show each one's result and the last progress it reported."""
+    from ops.cli_jobs import call_gateway, submit_job  # noqa: PLC0415
+
+    payloads: dict[str, list[dict[str, Any]]] = {
+        "primes": [{"limit": n} for n in (1_000_000, 10_000_000, 50_000_000)],
+        "words": [{"text": "Sluice runs jobs on Kafka topics", "sleep_s": 1}],
+    }
+    submitted: list[tuple[Queue, str]] = []
+    for queue in queues:
+        for payload in payloads.get(queue.name, [{}]):
+            answer = submit_job(
+                gateway, queue.submit_keys[0], {"queue": queue.name, "payload": payload}
+            )
+            submitted.append((queue, answer["id"]))
+    finished: dict[str, Any] = {}
+    deadline = time.monotonic() + 90
+    with out.status("waiting for the programs to run ..."):
+        while len(finished) < len(submitted) and time.monotonic() < deadline:
+            for queue, job_id in submitted:
+                try:
+                    status = call_gateway(gateway, queue.submit_keys[0], f"/v1/jobs/{job_id}")
+                except ValueError:
+                    continue
+                if status["state"] in ("COMPLETED", "DEAD", "CANCELLED"):
+                    finished[job_id] = status
+            time.sleep(0.3)
+    if len(finished) < len(submitted):
+        raise SluiceError(
+            f"only {len(finished)} of {len(submitted)} program jobs finished within 90s;"
+            f" see {RUN_DIR}/jobs.log"
+        )
+    rows = []
+    for queue, job_id in submitted:
+        status = finished[job_id]
+        progress = status.get("progress") or {}
+        ran_ms = status["updated_at_ms"] - (status.get("started_at_ms") or status["updated_at_ms"])
+        rows.append(
+            [
+                queue.name,
+                job_id,
+                status["state"],
+                f"{progress.get('percent', '-')}% {progress.get('message', '')}".strip(),
+                f"{ran_ms} ms",
+                orjson.dumps(
+                    status["result"] if status["state"] == "COMPLETED" else status["error"]
+                ).decode(),
+            ]
+        )
+    print_rows(
+        ["queue", "job id", "state", "last progress", "ran", "result"],
+        rows,
+        title="Jobs: programs run by the command executor (C++ and Python, JSON on stdin/stdout)",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+_MEMORY_BUCKETS = tuple(float(2**n * 1024 * 1024) for n in range(0, 15))
 _RUN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
 
 
@@ -27,7 +28,21 @@ class JobMetrics:
             "sluice_jobs_rate_limit_waits",
             "Times a due job waited for the queue's rate limit (this process's share).",
         )
-        self.cancelled = counter("sluice_jobs_cancelled", "Jobs cancelled before they ran.")
+        self.cancelled = counter(
+            "sluice_jobs_cancelled", "Jobs cancelled (before they ran, or while they ran)."
+        )
+        self.failed = counter("sluice_jobs_failed", "Attempts failed (retried or dead).")
+        self.timed_out = counter("sluice_jobs_timed_out", "Attempts ended at their timeout.")
+        self.processes = gauge(
+            "sluice_jobs_processes", "Programs of command executors running now."
+        )
+        self.peak_memory = Histogram(
+            "sluice_jobs_peak_memory_bytes",
+            "Peak resident memory of command jobs' programs.",
+            ["queue"],
+            buckets=_MEMORY_BUCKETS,
+            registry=registry,
+        )
         self.leased = counter("sluice_jobs_leased", "Attempts leased to HTTP workers.")
         self.acked = counter("sluice_jobs_acked", "Leased attempts acked (completed).")
         self.nacked = counter("sluice_jobs_nacked", "Leased attempts nacked (failed).")

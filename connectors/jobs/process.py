@@ -9,8 +9,8 @@ started again).
 `/ready` fails while a queue's loop is stalled (jobs due, none started or finished for
 `SLUICE_JOBS_STALL_AFTER_S`), while its status topic has not been read to its end, once a
 loop died, and while the config topic cannot be read, each under its name. A queue whose
-function cannot be loaded (a module `SLUICE_JOBS_MODULES` does not allow, a name that is
-not there) is not run and is named in `/ready` with the reason; a dead loop stops the
+executor cannot run (a function of a module `SLUICE_JOBS_MODULES` does not allow, or
+that is not there; a program `SLUICE_JOBS_COMMANDS` does not allow) is not run and is named in `/ready` with the reason; a dead loop stops the
 process with exit status 1, so that its supervisor restarts it.
 """
 
@@ -27,11 +27,13 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from connectors.jobs.executor import PythonCall
+from connectors.jobs.command import CommandCall
+from connectors.jobs.executor import JobCall, PythonCall
+from connectors.jobs.http_call import HttpCall
 from connectors.jobs.lease_api import DESK, LeaseDesk, add_routes
 from connectors.jobs.metrics import JobMetrics
 from connectors.jobs.worker import QueueWorker
-from core.config import PipelineConfig, PythonExecutor, Queue
+from core.config import CommandExecutor, HttpExecutor, PipelineConfig, PythonExecutor, Queue
 from core.config_topic import ConfigFollower
 from core.errors import ConfigError
 from core.settings import JobSettings, KafkaSettings, TransformSettings
@@ -77,13 +79,8 @@ class Workers:
             for name, queue in wanted.items():
                 if name in self.running:
                     continue
-                executor = queue.executor
                 try:
-                    call = (
-                        PythonCall(executor.function, self.settings.allows)
-                        if isinstance(executor, PythonExecutor)
-                        else None  # leased over HTTP: the lease API starts its jobs
-                    )
+                    call = self._call(queue)
                 except ConfigError as exc:
                     self.refused[name] = str(exc)
                     log.error("queue not run", queue=name, reason=str(exc))
@@ -102,6 +99,18 @@ class Workers:
                 task = asyncio.create_task(worker.run(), name=name)
                 task.add_done_callback(self._ended)
                 self._tasks[name] = task
+
+    def _call(self, queue: Queue) -> JobCall | None:
+        """What runs the queue's jobs here; None for a queue leased over HTTP (the lease
+        API starts its jobs). ConfigError when the executor may not or cannot run."""
+        executor = queue.executor
+        if isinstance(executor, PythonExecutor):
+            return PythonCall(executor.function, self.settings.allows)
+        if isinstance(executor, CommandExecutor):
+            return CommandCall(executor, self.settings, queue.name, self.metrics)
+        if isinstance(executor, HttpExecutor):
+            return HttpCall(executor, self.settings)
+        return None
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or (error := task.exception()) is None:

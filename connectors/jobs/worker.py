@@ -51,7 +51,7 @@ import orjson
 import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from connectors.jobs.executor import Fatal, JobContext, JobTimeout, PythonCall
+from connectors.jobs.executor import Fatal, JobCall, JobCancelled, JobContext, JobTimeout
 from connectors.jobs.leases import (
     MAX_PROGRESS_BYTES,
     MAX_RESULT_BYTES,
@@ -123,6 +123,8 @@ HOLD_S = 0.005
 # that does not read does not take part in a rebalance either (the group waits for it),
 # and jobs that run fast enough to need the read-ahead start 10,000 in well under this.
 HOLD_LIMIT_S = 2.0
+# How often at most a running job's progress is written to its status.
+PROGRESS_EVERY_S = 0.5
 # How often the loop commits what is finished.
 COMMIT_EVERY_S = 0.5
 # Stride scheduling: priority p advances by STRIDE / 2^p per start.
@@ -155,16 +157,34 @@ class Held:
 
 
 class _Running:
-    """An attempt whose function runs in this process: what renews its lease and ends it
-    at its timeout."""
+    """An attempt whose function runs in this process: what renews its lease, ends it at
+    its timeout or cancel, and writes its progress."""
 
-    __slots__ = ("attempt", "deadline", "task", "timed_out")
+    __slots__ = (
+        "attempt",
+        "cancelled",
+        "deadline",
+        "progress",
+        "progress_at",
+        "task",
+        "timed_out",
+    )
 
     def __init__(self, attempt: int, deadline: float, task: asyncio.Task[None] | None) -> None:
         self.attempt = attempt
         self.deadline = deadline  # time.monotonic()
         self.task = task
         self.timed_out = False
+        self.cancelled = False
+        self.progress: dict[str, Any] | None = None  # reported and not written yet
+        self.progress_at = 0.0  # when progress was last written (time.monotonic())
+
+    def end(self, cancelled: bool) -> None:
+        """End the attempt now: at its timeout, or cancelled."""
+        if self.task is not None and not (self.timed_out or self.cancelled):
+            self.cancelled = cancelled
+            self.timed_out = not cancelled
+            self.task.cancel()
 
 
 @dataclass
@@ -221,7 +241,7 @@ class QueueWorker:
     def __init__(
         self,
         queue: Queue,
-        call: PythonCall | None,
+        call: JobCall | None,
         kafka: KafkaSettings,
         settings: JobSettings,
         metrics: JobMetrics,
@@ -357,6 +377,8 @@ class QueueWorker:
             await loop.run_in_executor(None, self._commit, None)
         finally:
             renewing.cancel()
+            if self.call is not None:
+                await self.call.close()
             self.watchdog.lag(0)
             await loop.run_in_executor(None, consumer.close)
             await loop.run_in_executor(None, follower.stop)
@@ -574,6 +596,11 @@ class QueueWorker:
         mine = self._local(job_id, tp)
         ours = status is not None and (status.topic, status.partition) == tp
         offset = marker.offset() or 0
+        if job_id in self._started and mine is not None and self._claimed.get(job_id) is mine:
+            # An attempt of it runs here: it ends, and the job is CANCELLED, not retried.
+            self._offsets[tp].finish(offset)
+            self._end_running(job_id)
+            return
         if (
             (mine is None and not ours)
             or (status is not None and status.finished)
@@ -597,6 +624,17 @@ class QueueWorker:
         # In the table at once: a held record of the job that comes due now is skipped.
         self.table.put(cancelled)
         self._spawn_write(self._cancelled(cancelled, tp, offset))
+
+    def _end_running(self, job_id: str) -> None:
+        """Cancel the attempt of `job_id` that runs here (in-process or leased)."""
+        running = self._beating.get(job_id)
+        if running is not None:
+            running.end(cancelled=True)
+            return
+        lease = self._leases.get(job_id)
+        if lease is not None and not lease.outcome.done():
+            # Its HTTP worker's ack or nack gets 409 from now on (the lease is used).
+            lease.outcome.set_exception(JobCancelled("cancelled while it ran"))
 
     def _local(self, job_id: str, tp: TP) -> Held | None:
         """A record of the job this loop holds (ready, not due, behind a key), if any."""
@@ -908,12 +946,16 @@ class QueueWorker:
             encoded = b"null"
             try:
                 payload = orjson.loads(held.job.get("payload") or "null")
-                context = self._context(held) if call.with_context else None
+                context = self._context(held, running) if call.with_context else None
                 encoded = orjson.dumps(await call(payload, context))
             except asyncio.CancelledError:
-                if not running.timed_out:
+                if running.cancelled:
+                    failure = JobCancelled("cancelled while it ran")
+                elif running.timed_out:
+                    self.metrics.timed_out.labels(self.queue.name).inc()
+                    failure = JobTimeout(f"the attempt ran over its timeout of {timeout_s:g} s")
+                else:
                     raise
-                failure = JobTimeout(f"the attempt ran over its timeout of {timeout_s:g} s")
             except Exception as exc:
                 failure = exc
             finally:
@@ -930,7 +972,8 @@ class QueueWorker:
         finally:
             self._running.discard(task)
 
-    def _context(self, held: Held) -> JobContext:
+    def _context(self, held: Held, running: _Running) -> JobContext:
+        left_s = running.deadline - time.monotonic()
         return JobContext(
             held.id,
             self.queue.name,
@@ -938,7 +981,36 @@ class QueueWorker:
             self._max_attempts(held),
             self.priority_of.get(held.tp[0], 0),
             tuple(held.job.get("tags") or ()),
+            int((time.time() + left_s) * 1000),
+            functools.partial(self._report, held.id, running),
         )
+
+    def _report(self, job_id: str, running: _Running, fraction: float, message: str | None) -> None:
+        # A function run in a thread reports from there: onto the loop first.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._progress, job_id, running, fraction, message)
+
+    def _progress(
+        self, job_id: str, running: _Running, fraction: float, message: str | None
+    ) -> None:
+        """A running job reported progress: into its status now, or (at most every
+        PROGRESS_EVERY_S) when the attempts are looked at next."""
+        if self._beating.get(job_id) is not running:
+            return  # reported after its attempt ended
+        progress: dict[str, Any] = {"fraction": fraction, "percent": round(fraction * 100, 1)}
+        if message is not None:
+            progress["message"] = message[: MAX_PROGRESS_BYTES // 2]
+        running.progress = progress
+        if time.monotonic() - running.progress_at >= PROGRESS_EVERY_S:
+            self._write_progress(job_id, running)
+
+    def _write_progress(self, job_id: str, running: _Running) -> None:
+        current = self.table.get(job_id)
+        progress, running.progress = running.progress, None
+        running.progress_at = time.monotonic()
+        if current is None or current.state != ACTIVE or current.attempt != running.attempt:
+            return
+        self._write_soon(current._replace(progress=progress))
 
     async def _ended(
         self, held: Held, active: JobStatus, failure: Exception | None, encoded: bytes
@@ -946,6 +1018,10 @@ class QueueWorker:
         """What follows from an attempt's outcome. A completed one is settled once its
         status is confirmed, without waiting here: the future says when."""
         if failure is not None:
+            if isinstance(failure, JobCancelled):
+                await self._cancelled_running(held, failure)
+                return None
+            self.metrics.failed.labels(self.queue.name).inc()
             if isinstance(failure, Fatal):
                 await self._dead(held, self.table.get(held.id), failure)
             elif isinstance(failure, LeaseExpired):
@@ -963,6 +1039,20 @@ class QueueWorker:
             lease_until_ms=None,
         )
         return self._write_soon(done, functools.partial(self._completed, held))
+
+    async def _cancelled_running(self, held: Held, reason: JobCancelled) -> None:
+        """An attempt ended by a cancel: CANCELLED, never retried."""
+        cancelled = self._status(
+            held,
+            self.table.get(held.id),
+            CANCELLED,
+            error=cut(f"{type(reason).__name__}: {reason}"),
+            lease_until_ms=None,
+            due_ms=None,
+        )
+        await self._write(cancelled)
+        self.metrics.cancelled.labels(self.queue.name).inc()
+        self._settled(held, key_done=True)
 
     def _completed(self, held: Held) -> None:
         self._completed_n += 1
@@ -982,10 +1072,13 @@ class QueueWorker:
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
             now = time.monotonic()
-            for running in list(self._beating.values()):
-                if now >= running.deadline and not running.timed_out and running.task:
-                    running.timed_out = True
-                    running.task.cancel()
+            for job_id, running in list(self._beating.items()):
+                if now >= running.deadline:
+                    running.end(cancelled=False)
+                elif running.progress is not None and now - running.progress_at >= (
+                    PROGRESS_EVERY_S
+                ):
+                    self._write_progress(job_id, running)
             if now < next_renewal:
                 continue
             next_renewal = now + every_ms / 2000

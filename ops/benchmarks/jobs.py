@@ -8,11 +8,17 @@ Sluice: `sluice gateway` and one `sluice jobs work` as processes, a queue of the
 several connections) and the clock stops when the worker's `sluice_jobs_completed` counter
 has counted them all. Latency: one job at a time (`POST /v1/jobs`), its ACTIVE time
 (`started_at_ms` on the status topic) minus the time just before the POST.
+
+`--executor command`: the queue's jobs run `build/jobs/noop` (a C++ program that reads the
+job from stdin and answers null) under the command executor, next to the same program run
+by a plain asyncio subprocess loop in this process, at the same concurrency (each run
+given a job document on stdin, its stdout read): the process-spawn ceiling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import http.client
 import multiprocessing
@@ -41,8 +47,23 @@ SUBMIT_KEY = "bench-submit-key"
 NOOP = "connectors.jobs.builtin:noop"
 
 
-def queue_config(partitions: int, concurrency: int, priorities: int) -> str:
-    """The benchmark's pipeline config: one queue of the builtin no-op."""
+NOOP_PROGRAM = Path("build/jobs/noop")
+
+
+class BenchExecutor(enum.StrEnum):
+    """What runs the benchmark's jobs."""
+
+    python = "python"
+    command = "command"
+
+
+def queue_config(partitions: int, concurrency: int, priorities: int, executor: str) -> str:
+    """The benchmark's pipeline config: one queue of the builtin no-op (or, `command`, of
+    the no-op program)."""
+    if executor == "command":
+        run = f'{{type: command, argv: ["{NOOP_PROGRAM.resolve()}"]}}'
+    else:
+        run = f'{{type: python, function: "{NOOP}"}}'
     return f"""
 queues:
   - name: {QUEUE}
@@ -50,8 +71,36 @@ queues:
     partitions: {partitions}
     priorities: {priorities}
     concurrency: {concurrency}
-    executor: {{type: python, function: "{NOOP}"}}
+    executor: {run}
 """
+
+
+def subprocess_loop(program: Path, jobs: int, concurrency: int) -> dict[str, Any]:
+    """The program run `jobs` times by a plain asyncio loop, `concurrency` at once, each
+    given a job document on stdin and its stdout read: jobs/s."""
+
+    async def main() -> float:
+        gate = asyncio.Semaphore(concurrency)
+        doc = orjson.dumps({"id": "x", "queue": QUEUE, "attempt": 1, "payload": None})
+
+        async def one() -> None:
+            async with gate:
+                proc = await asyncio.create_subprocess_exec(
+                    str(program),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                out, _ = await proc.communicate(doc)
+                if proc.returncode != 0 or out.strip() != b"null":
+                    raise RuntimeError(f"{program} answered {out!r}, exit {proc.returncode}")
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(jobs)))
+        return time.perf_counter() - began
+
+    elapsed = asyncio.run(main())
+    return {"jobs_per_s": jobs / elapsed, "seconds": elapsed}
 
 
 def _submit_all(url: str, bodies: list[bytes], connections: int, out: Any) -> None:
@@ -249,6 +298,7 @@ def run_sluice(
     concurrency: int,
     priorities: int,
     max_ready: int | None = None,
+    executor: str = "python",
 ) -> dict[str, Any]:
     """Gateway and one job worker as processes on topics of their own: latency, then jobs/s."""
     from core.admin import apply_topics  # noqa: PLC0415
@@ -260,7 +310,7 @@ def run_sluice(
     kafka = KafkaSettings(
         bootstrap_servers=bootstrap, topic_prefix=f"benchjobs{uuid.uuid4().hex[:8]}"
     )
-    config_text = queue_config(partitions, concurrency, priorities)
+    config_text = queue_config(partitions, concurrency, priorities, executor)
     with console.status("sluice: creating topics ..."):
         apply_topics(required_topics(parse_config(config_text), kafka), kafka)
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-jobs-"))
@@ -275,6 +325,7 @@ def run_sluice(
         "SLUICE_JOBS_PORT": str(jobs_port),
         "SLUICE_JOBS_CONSUMER_GROUP": f"{kafka.topic_prefix}-jobs",
         "SLUICE_JOBS_MODULES": "connectors.jobs.builtin",
+        "SLUICE_JOBS_COMMANDS": str(NOOP_PROGRAM.resolve()),
         "SLUICE_LOG_LEVEL": "WARNING",
     }
     if max_ready is not None:
@@ -343,6 +394,13 @@ def bench_jobs(
     ] = True,
     redis_port: Annotated[int, typer.Option(help="redis-server's port (0: a free one).")] = 0,
     postgres_port: Annotated[int, typer.Option(help="PostgreSQL's port (0: a free one).")] = 0,
+    executor: Annotated[
+        BenchExecutor,
+        typer.Option(
+            help="python: the builtin no-op, next to BullMQ and PostgreSQL; command: the"
+            " no-op C++ program (make examples), next to a plain subprocess loop."
+        ),
+    ] = BenchExecutor.python,
     bootstrap: Bootstrap = None,
     json_out: JsonOut = None,
 ) -> None:
@@ -351,7 +409,11 @@ def bench_jobs(
     from ops.baseline_services import ensure_packages, postgres_server, redis_server  # noqa: PLC0415
     from ops.benchmarks import bullmq_queue, pg_queue  # noqa: PLC0415
 
+    executor = BenchExecutor(executor)
+    if executor == "command" and not NOOP_PROGRAM.is_file():
+        fail(f"{NOOP_PROGRAM} is not there: build it with `make examples`")
     results: dict[str, Any] = {
+        "executor": executor.value,
         "jobs": jobs,
         "cores": os.cpu_count(),
         "batch_size": batch_size,
@@ -364,7 +426,10 @@ def bench_jobs(
         },
     }
     try:
-        if baselines:
+        if baselines and executor == "command":
+            with console.status(f"subprocess loop: {jobs:,} runs of {NOOP_PROGRAM} ..."):
+                results["subprocess"] = subprocess_loop(NOOP_PROGRAM, jobs, concurrency)
+        elif baselines:
             with console.status("baselines: redis-server, postgresql and bullmq installed ..."):
                 installed = ensure_packages()
                 bullmq_queue.ensure_installed()
@@ -399,6 +464,7 @@ def bench_jobs(
             concurrency,
             priorities,
             max_ready,
+            executor.value,
         )
     except (ProcessError, RuntimeError) as exc:
         fail(str(exc))
@@ -417,12 +483,15 @@ def _report(results: dict[str, Any], json_out: Path | None) -> None:
     sluice = results["sluice"]["jobs_per_s"]
     q = results["queue"]
     table = Table(
-        title=f"Jobs: {results['jobs']:,} no-op jobs, one worker process each ({results['cores']} cores)"
+        title=f"Jobs: {results['jobs']:,} no-op jobs"
+        + (" run as a C++ program" if results["executor"] == "command" else "")
+        + f", one worker process each ({results['cores']} cores)"
     )
     for col in ("setup", "jobs/s", "Sluice / this", "p50 submit-to-start", "p99 submit-to-start"):
         table.add_column(col, justify="left" if col == "setup" else "right")
     rows = [
         ("sluice", "Sluice"),
+        ("subprocess", "a plain subprocess loop"),
         ("bullmq", "BullMQ on Redis"),
         ("postgres_1", "PostgreSQL, 1 a claim"),
         ("postgres_100", "PostgreSQL, 100 a claim"),
@@ -444,6 +513,8 @@ def _report(results: dict[str, Any], json_out: Path | None) -> None:
         )
     results["ratios"] = ratios
     floors: dict[str, bool] = {}
+    if "subprocess" in ratios:
+        floors["at least 0.7x the plain subprocess loop"] = ratios["subprocess"] >= 0.7
     if "bullmq" in ratios:
         floors["at least BullMQ's jobs/s"] = ratios["bullmq"] >= 1
     if "postgres_1" in ratios:
@@ -458,6 +529,11 @@ def _report(results: dict[str, Any], json_out: Path | None) -> None:
         f" with POST /v1/jobs/batch, {results['batch_size']} a request,"
         f" {results['connections']} connections."
     ]
+    if "subprocess" in results:
+        notes.append(
+            f"Subprocess loop: {NOOP_PROGRAM} started by asyncio.create_subprocess_exec,"
+            f" {q['concurrency']} at once, the job document on stdin, stdout read; no Kafka."
+        )
     if "bullmq" in results:
         notes.append(
             "BullMQ: redis-server with appendonly yes, appendfsync everysec; one worker,"

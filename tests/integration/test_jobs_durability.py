@@ -136,7 +136,7 @@ async def _delete(
         return resp.status, await resp.json()
 
 
-async def test_cancelled_pending_and_scheduled_jobs_never_run_and_end_cancelled(
+async def test_cancelled_waiting_and_running_jobs_never_run_again_and_end_cancelled(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
     # One slot, taken by a slow job: the jobs behind it are read and waiting.
@@ -175,10 +175,13 @@ async def test_cancelled_pending_and_scheduled_jobs_never_run_and_end_cancelled(
             assert again.returncode == 1
             assert "409" in again.stderr
             assert "CANCELLED already" in again.stderr
-            # A running job and a finished one cannot be cancelled.
+            # A running job's attempt is ended at once: CANCELLED, never retried.
+            asked = time.monotonic()
             status, body = await _delete(session, pipe, blocker)
-            assert status == 409
-            assert "ACTIVE" in body["error"]
+            assert status == 200, body
+            assert body["state"] == "CANCELLED"
+            assert time.monotonic() - asked < 2
+            # A finished one cannot be cancelled.
             await until(lambda: (status_of(pipe, waiting[0]) or {}).get("state") == "COMPLETED", 30)
             status, body = await _delete(session, pipe, waiting[0])
             assert status == 409
@@ -186,19 +189,24 @@ async def test_cancelled_pending_and_scheduled_jobs_never_run_and_end_cancelled(
             # Unknown jobs and queues.
             assert (await _delete(session, pipe, "no-such-job"))[0] == 404
             assert (await _delete(session, pipe, "no-such-job", "?queue=nope"))[0] == 404
-        rest = [blocker, *(w for w in waiting if w not in cancel)]
+        rest = [w for w in waiting if w not in cancel]
         rest += [s for s in scheduled if s not in cancel]
         await until(lambda: all_in(pipe, rest, {"COMPLETED"}), 60, "the others completed")
         await asyncio.sleep(1)
-        ran = {line["id"] for line in read_ledger(ledger)}
-        assert ran == set(rest)
+        lines = read_ledger(ledger)
+        assert {line["id"] for line in lines if line["what"] == "done"} == set(rest)
+        assert {line["id"] for line in lines} == {*rest, blocker}
+        ended = status_of(pipe, blocker)
+        assert ended is not None
+        assert ended["state"] == "CANCELLED"
+        assert [h["state"] for h in ended["history"]] == ["ACTIVE", "CANCELLED"]
         for job_id in [early, *cancel]:
             final = status_of(pipe, job_id)
             assert final is not None
             assert final["state"] == "CANCELLED", final
             assert "ACTIVE" not in [h["state"] for h in final["history"]]
         counts = http_json(f"{pipe.gateway_url}/v1/queues/work", headers=BEARER)["counts"]
-        assert counts["CANCELLED"] == 1 + len(cancel)
+        assert counts["CANCELLED"] == 2 + len(cancel)
     finally:
         pipe.stop()
 

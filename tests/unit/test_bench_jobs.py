@@ -7,20 +7,27 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from core.config import PythonExecutor, parse_config
+from core.config import CommandExecutor, PythonExecutor, parse_config
 from ops.benchmarks.harness import percentile
-from ops.benchmarks.jobs import NOOP, QUEUE, SUBMIT_KEY, _cpu_seconds, queue_config
+from ops.benchmarks.jobs import NOOP, NOOP_PROGRAM, QUEUE, SUBMIT_KEY, _cpu_seconds, queue_config
 from ops.cli import app
 
 
 def test_the_benchmark_queue_runs_the_builtin_noop() -> None:
-    cfg = parse_config(queue_config(partitions=8, concurrency=100, priorities=1))
+    cfg = parse_config(queue_config(partitions=8, concurrency=100, priorities=1, executor="python"))
     (queue,) = cfg.queues
     assert queue.name == QUEUE
     assert queue.submit_keys == (SUBMIT_KEY,)
     assert (queue.partitions, queue.concurrency, queue.priorities) == (8, 100, 1)
     assert isinstance(queue.executor, PythonExecutor)
     assert queue.executor.function == NOOP
+
+
+def test_the_command_benchmark_queue_runs_the_noop_program() -> None:
+    cfg = parse_config(queue_config(partitions=4, concurrency=10, priorities=1, executor="command"))
+    (queue,) = cfg.queues
+    assert isinstance(queue.executor, CommandExecutor)
+    assert queue.executor.argv == (str(NOOP_PROGRAM.resolve()),)
 
 
 def test_percentile_is_the_nearest_rank() -> None:

@@ -1,0 +1,405 @@
+"""The command executor: a job runs as a program, under a JSON contract.
+
+A queue's `executor: {type: command, argv: [...]}` names the program and its fixed
+arguments. It is started without a shell, so nothing of a job reaches its command line;
+only programs the worker is started to allow may be named (`SLUICE_JOBS_COMMANDS`).
+
+The contract (the README has it with its JSON Schema):
+
+- stdin: the job as one JSON document (`JobContext.document`: id, queue, attempt,
+  max_attempts, priority, tags, deadline_ms, payload);
+- stdout: the result, one JSON document (empty: null);
+- stderr: lines `{"progress": 0.4, "message": "..."}` are progress, which reaches the
+  job's status; any other line is the job's log (the executor logs it, and the last
+  lines are the error of a failed attempt);
+- exit 0: COMPLETED; 75 (EX_TEMPFAIL): the attempt failed, retried with the queue's
+  backoff; any other exit, death by a signal, a stdout that is not JSON, or more
+  stdout or stderr than the executor's bound: the job failed, DEAD without retry.
+
+Each attempt gets a working directory of its own (removed afterwards), only the
+environment variables its executor allows, a process group of its own and the limits
+of its executor. They are set in the job's process before the program starts, by
+`sluice-launch` (connectors/jobs/launch/, built by `make install`), which also has the
+kernel SIGKILL the job when the executor dies: a job never outlives a killed executor,
+so its rerun after the lease never overlaps it. (Python's `preexec_fn` would do the same
+at the price of forking the whole executor, ten times slower a job.) At its timeout, or when the job is
+cancelled, the whole group gets SIGTERM, then SIGKILL after `grace_s`: the job's
+children and grandchildren end with it. When the program exits, whatever of its group
+still runs is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from connectors.jobs.executor import Fatal, JobContext, Retry
+from connectors.jobs.metrics import JobMetrics
+from core.config import CommandExecutor
+from core.errors import ConfigError
+from core.jobs import MAX_TEXT
+from core.settings import JobSettings
+
+log = structlog.get_logger("sluice.jobs.command")
+
+EX_TEMPFAIL = 75
+LAUNCHER = "sluice-launch"
+PARENT = "{parent}"
+# What a read of a job's stdout or stderr takes at most at a time.
+CHUNK = 64 * 1024
+# The longest stderr line kept whole (longer ones are cut); the tail kept for the error.
+MAX_LINE = 4096
+TAIL_LINES = 20
+# How long the executor waits for a job's pipes to close after its group was killed (a
+# process that left the group may still hold them).
+PIPE_WAIT_S = 1.0
+# How often a running program's peak memory is read (a job that ends sooner has none).
+SAMPLE_EVERY_S = 0.1
+
+
+class CommandFailed(Fatal):
+    """The program failed (an exit status other than 0 and 75, a signal, a bad stdout)."""
+
+
+class OutputTooBig(CommandFailed):
+    """The program wrote more to stdout or stderr than its executor's bound."""
+
+
+def launcher() -> str | None:
+    """`sluice-launch` (built by `make install` next to the Python that runs Sluice)."""
+    beside = Path(sys.executable).parent / LAUNCHER
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(LAUNCHER)
+
+
+def _limits(executor: CommandExecutor) -> list[tuple[str, int]]:
+    """The job's limits as sluice-launch's options and their values."""
+    limits = executor.limits
+    found = [
+        ("-c", limits.cpu_s),
+        ("-m", None if limits.memory_mb is None else limits.memory_mb * 1024 * 1024),
+        ("-n", limits.open_files),
+        ("-p", limits.processes),
+    ]
+    return [(option, value) for option, value in found if value is not None]
+
+
+def launch_prefix(executor: CommandExecutor) -> list[str]:
+    """What a job's program is started through: its limits set, and SIGKILL for it when the
+    executor dies. `sluice-launch` does both in one exec (it takes the executor's pid as
+    its first argument, added at each start); without it, util-linux's `setpriv` and
+    `prlimit` do, in two (about a millisecond more a job)."""
+    limits = _limits(executor)
+    found = launcher()
+    if found is not None:
+        return [found, PARENT, *(arg for o, v in limits for arg in (o, str(v))), "--"]
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise ConfigError(
+            "the command executor needs sluice-launch (make install) or setpriv (util-linux)"
+        )
+    prefix = [setpriv, "--pdeathsig", "KILL", "--"]
+    if limits:
+        prlimit = shutil.which("prlimit")
+        if prlimit is None:
+            raise ConfigError("the command executor's limits need sluice-launch or prlimit")
+        names = {"-c": "--cpu", "-m": "--as", "-n": "--nofile", "-p": "--nproc"}
+        prefix += [
+            prlimit,
+            *(f"{names[o]}={v}:{v + 1}" if o == "-c" else f"{names[o]}={v}" for o, v in limits),
+            "--",
+        ]
+    return prefix
+
+
+class CommandCall:
+    """A queue's program, checked once, run for each attempt."""
+
+    with_context = True
+
+    def __init__(
+        self,
+        executor: CommandExecutor,
+        settings: JobSettings,
+        queue: str,
+        metrics: JobMetrics | None = None,
+    ) -> None:
+        program = shutil.which(executor.argv[0]) or executor.argv[0]
+        path = Path(program).resolve()
+        if not settings.allows_command(path):
+            raise ConfigError(
+                f"command {executor.argv[0]!r} ({path}) is not one this worker may run"
+                " (SLUICE_JOBS_COMMANDS)"
+            )
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise ConfigError(f"command {executor.argv[0]!r}: {path} is not an executable file")
+        prefix = launch_prefix(executor)
+        # The executor's pid, for sluice-launch to check that its parent is still there.
+        prefix = [str(os.getpid()) if arg == PARENT else arg for arg in prefix]
+        self.executor = executor
+        argv = [*prefix, str(path), *executor.argv[1:]]
+        self.argv = argv
+        self.queue = queue
+        self.metrics = metrics
+        self.work_dir = str(settings.work_dir) if settings.work_dir is not None else None
+        self.env = {name: os.environ[name] for name in executor.env if name in os.environ}
+
+    async def close(self) -> None:
+        """Nothing is held between attempts."""
+
+    async def __call__(self, payload: Any, context: JobContext | None) -> Any:
+        """Run the program for one attempt; its result, or the exception of its failure."""
+        assert context is not None
+        work_dir = tempfile.mkdtemp(prefix=f"sluice-job-{context.id[:16]}-", dir=self.work_dir)
+        try:
+            return await self._run(self._spawn(payload, context, work_dir), context)
+        finally:
+            if not _remove_empty(work_dir):
+                await asyncio.to_thread(shutil.rmtree, work_dir, True)
+
+    def _spawn(self, payload: Any, context: JobContext, work_dir: str) -> subprocess.Popen[bytes]:
+        """The program started (a fork and exec take about a millisecond: not worth a
+        thread), the job's document on its stdin (a file: nothing to write to a pipe)."""
+        job = os.path.join(work_dir, ".job.json")
+        with open(job, "wb") as out:
+            out.write(orjson.dumps(context.document(payload)))
+        env = {**self.env, "HOME": work_dir, "TMPDIR": work_dir, "SLUICE_JOB_ID": context.id}
+        with open(job, "rb") as stdin:
+            os.unlink(job)
+            return subprocess.Popen(  # noqa: S603 -- an allowed program, no shell
+                self.argv,
+                stdin=stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=work_dir,
+                env=env,
+                process_group=0,
+                close_fds=True,
+                user=self.executor.user,
+            )
+
+    async def _run(self, proc: subprocess.Popen[bytes], context: JobContext) -> Any:
+        loop = asyncio.get_running_loop()
+        executor = self.executor
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.processes.labels(self.queue).inc()
+        exited: asyncio.Future[None] = loop.create_future()
+        pidfd = os.pidfd_open(proc.pid)
+        loop.add_reader(pidfd, _set, exited)
+        group = Group(proc.pid)
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        out = _Capture(executor.max_stdout_bytes, group)
+        err = _Stderr(executor.max_stderr_bytes, group, context, self.queue)
+        readers = [
+            loop.create_task(out.read(proc.stdout)),
+            loop.create_task(err.read(proc.stderr)),
+        ]
+        peak_kb = 0
+        try:
+            try:
+                while not exited.done():
+                    await asyncio.wait([exited], timeout=SAMPLE_EVERY_S)
+                    peak_kb = max(peak_kb, _high_water_kb(proc.pid))
+            except asyncio.CancelledError:
+                # The timeout or a cancel: the whole group goes, then the attempt ends.
+                group.signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(exited), executor.grace_s)
+                raise
+        finally:
+            group.signal(signal.SIGKILL)
+            if not exited.done():
+                await asyncio.shield(exited)
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            proc.returncode = _reap(proc.pid)
+            _, pending = await asyncio.wait(readers, timeout=PIPE_WAIT_S)
+            for reader in pending:
+                reader.cancel()
+            for pipe in (proc.stdout, proc.stderr):
+                pipe.close()
+            if metrics is not None:
+                metrics.processes.labels(self.queue).dec()
+                if peak_kb:
+                    metrics.peak_memory.labels(self.queue).observe(peak_kb * 1024)
+        return self._outcome(proc.returncode, out, err, peak_kb)
+
+    def _outcome(self, code: int, out: _Capture, err: _Stderr, peak_kb: int) -> Any:
+        for capture, name in ((out, "stdout"), (err, "stderr")):
+            if capture.over:
+                raise OutputTooBig(f"the job wrote more than {capture.limit} bytes to {name}")
+        if code == 0:
+            text = bytes(out.data).strip()
+            if not text:
+                return None
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                raise CommandFailed(
+                    f"the job's stdout is not one JSON document ({exc}): {_cut(text)}"
+                ) from None
+        tail = err.tail()
+        if code == EX_TEMPFAIL:
+            raise Retry(f"exit status 75 (retry): {tail}".rstrip(": "))
+        what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        limits = self.executor.limits
+        notes = [f"peak memory {peak_kb // 1024} MiB"] if peak_kb else []
+        if limits.memory_mb is not None:
+            notes.append(f"memory limit {limits.memory_mb} MiB")
+        if limits.cpu_s is not None and code in (-signal.SIGXCPU, -signal.SIGKILL):
+            notes.append(f"CPU time limit {limits.cpu_s} s")
+        noted = f" ({', '.join(notes)})" if notes else ""
+        raise CommandFailed(f"{what}{noted}: {tail}".rstrip(": "))
+
+
+def _set(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _reap(pid: int) -> int:
+    """The exit code (negative: the signal) of an exited process."""
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _high_water_kb(pid: int) -> int:
+    """The peak resident memory (KiB) of a running process, from /proc; 0 when gone.
+
+    Its rusage would not do: a child started with vfork inherits its parent's peak.
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _remove_empty(path: str) -> bool:
+    """Remove the directory if it is empty; whether it is gone."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _cut(data: bytes) -> str:
+    text = data.decode("utf-8", "replace")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+class Group:
+    """A job's process group (its leader's pid is the group's id)."""
+
+    def __init__(self, pgid: int) -> None:
+        self.pgid = pgid
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to every process of the group (none left: nothing happens)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, sig)
+
+
+async def _chunks(pipe: Any) -> Any:
+    """The pipe's data as it comes, until it is closed."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=CHUNK)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while chunk := await reader.read(CHUNK):
+            yield chunk
+    finally:
+        transport.close()
+
+
+class _Capture:
+    """A job's stdout, up to a bound: over it, the job's group is killed."""
+
+    def __init__(self, limit: int, group: Group) -> None:
+        self.limit = limit
+        self.group = group
+        self.data = bytearray()
+        self.over = False
+
+    async def read(self, pipe: Any) -> None:
+        async for chunk in _chunks(pipe):
+            if self.over:
+                continue  # read on (and drop) until the killed group's pipe closes
+            if len(self.data) + len(chunk) > self.limit:
+                self.over = True
+                self.data.clear()
+                self.group.signal(signal.SIGKILL)
+                continue
+            self.data += chunk
+
+
+class _Stderr(_Capture):
+    """A job's stderr: progress lines to its status, other lines its log; bounded."""
+
+    def __init__(self, limit: int, group: Group, context: JobContext, queue: str) -> None:
+        super().__init__(limit, group)
+        self.context = context
+        self.queue = queue
+        self.seen = 0
+        self.partial = bytearray()
+        self.lines: deque[str] = deque(maxlen=TAIL_LINES)
+
+    async def read(self, pipe: Any) -> None:
+        async for chunk in _chunks(pipe):
+            if self.over:
+                continue
+            self.seen += len(chunk)
+            if self.seen > self.limit:
+                self.over = True
+                self.group.signal(signal.SIGKILL)
+                continue
+            self.partial += chunk
+            *lines, rest = self.partial.split(b"\n")
+            self.partial = bytearray(rest[:MAX_LINE])
+            for line in lines:
+                self._line(bytes(line[:MAX_LINE]))
+        if self.partial:
+            self._line(bytes(self.partial))
+
+    def _line(self, line: bytes) -> None:
+        if line.startswith(b"{"):
+            try:
+                report = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                report = None
+            if isinstance(report, dict) and isinstance(
+                progress := report.get("progress"), int | float
+            ):
+                message = report.get("message")
+                self.context.progress(progress, None if message is None else str(message))
+                return
+        text = line.decode("utf-8", "replace").rstrip()
+        if text:
+            self.lines.append(text)
+            log.info("job log", queue=self.queue, job=self.context.id, line=text)
+
+    def tail(self) -> str:
+        """The last lines of the job's log, for the error of a failed attempt."""
+        text = "\n".join(self.lines)
+        return text[-(MAX_TEXT // 2) :]
