@@ -959,6 +959,8 @@ class QueueWorker:
             except Exception as exc:
                 failure = exc
             finally:
+                if running.progress is not None:
+                    self._write_progress(held.id, running)  # the last report, not dropped
                 del self._beating[held.id]
                 self._run_seconds.observe(time.time() - now)
                 # The slot is free now; the outcome is written while the next job runs.

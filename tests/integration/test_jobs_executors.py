@@ -91,8 +91,8 @@ async def test_the_cpp_example_completes_100_jobs_with_results_and_progress(
             assert result == {"limit": limit, "primes": sum(sieve), "largest": sieve.rindex(1)}
             progress = status["progress"]
             assert progress is not None, status
-            assert 0 < progress["percent"] <= 100
-            assert progress["message"]
+            # The last report kept, though the job ended within the 0.5 s between writes.
+            assert progress == {"fraction": 1.0, "percent": 100.0, "message": "counted"}
         # GET /v1/stats: the queue's depth, throughput, success rate and processing times.
         (stats,) = http_json(f"{pipe.gateway_url}/v1/stats", headers=BEARER)["queues"]
         assert stats["queue"] == "work"
