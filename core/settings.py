@@ -270,7 +270,7 @@ class JobSettings(BaseSettings):
     # not be able to run what they like on the workers.
     commands: Annotated[tuple[str, ...], NoDecode] = ()
     # Where each command job gets its working directory (removed after the attempt);
-    # unset: the system's temporary directory.
+    # unset: `sluice-jobs` in the system's temporary directory.
     work_dir: Path | None = None
     # An http executor connects to public addresses only (as webhooks do with
     # SLUICE_DELIVERY_BLOCK_PRIVATE_TARGETS): no loopback, private or link-local ones.

@@ -154,7 +154,11 @@ class CommandCall:
         self.argv = argv
         self.queue = queue
         self.metrics = metrics
-        self.work_dir = str(settings.work_dir) if settings.work_dir is not None else None
+        # A directory of the worker's own for the jobs' directories (a fresh one is cheap to
+        # add to and remove from; the system's temporary directory may hold many entries).
+        base = settings.work_dir or Path(tempfile.gettempdir()) / "sluice-jobs"
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.work_dir = str(base)
         self.env = {name: os.environ[name] for name in executor.env if name in os.environ}
 
     async def close(self) -> None:
@@ -165,34 +169,53 @@ class CommandCall:
         assert context is not None
         work_dir = tempfile.mkdtemp(prefix=f"sluice-job-{context.id[:16]}-", dir=self.work_dir)
         try:
-            return await self._run(self._spawn(payload, context, work_dir), context)
+            document = orjson.dumps(context.document(payload))
+            proc, stdin, stdout, stderr = self._spawn(context, work_dir)
+            return await self._run(proc, _Feed(stdin, document), stdout, stderr, context)
         finally:
             if not _remove_empty(work_dir):
                 await asyncio.to_thread(shutil.rmtree, work_dir, True)
 
-    def _spawn(self, payload: Any, context: JobContext, work_dir: str) -> subprocess.Popen[bytes]:
-        """The program started (a fork and exec take about a millisecond: not worth a
-        thread), the job's document on its stdin (a file: nothing to write to a pipe)."""
-        job = os.path.join(work_dir, ".job.json")
-        with open(job, "wb") as out:
-            out.write(orjson.dumps(context.document(payload)))
+    def _spawn(
+        self, context: JobContext, work_dir: str
+    ) -> tuple[subprocess.Popen[bytes], int, int, int]:
+        """The program started (a vfork and exec take about a millisecond: not worth a
+        thread); the write end of its stdin and the read ends of its stdout and stderr."""
         env = {**self.env, "HOME": work_dir, "TMPDIR": work_dir, "SLUICE_JOB_ID": context.id}
-        with open(job, "rb") as stdin:
-            os.unlink(job)
-            return subprocess.Popen(  # noqa: S603 -- an allowed program, no shell
+        stdin, stdout, stderr = (os.pipe2(os.O_CLOEXEC) for _ in range(3))
+        theirs = (stdin[0], stdout[1], stderr[1])
+        ours = (stdin[1], stdout[0], stderr[0])
+        try:
+            proc = subprocess.Popen(  # noqa: S603 -- an allowed program, no shell
                 self.argv,
-                stdin=stdin,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdin=theirs[0],
+                stdout=theirs[1],
+                stderr=theirs[2],
                 cwd=work_dir,
                 env=env,
                 process_group=0,
                 close_fds=True,
                 user=self.executor.user,
             )
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        return proc, *ours
 
-    async def _run(self, proc: subprocess.Popen[bytes], context: JobContext) -> Any:
+    async def _run(
+        self,
+        proc: subprocess.Popen[bytes],
+        feed: _Feed,
+        stdout: int,
+        stderr: int,
+        context: JobContext,
+    ) -> Any:
         loop = asyncio.get_running_loop()
+        feed.start(loop)
         executor = self.executor
         metrics = self.metrics
         if metrics is not None:
@@ -201,20 +224,16 @@ class CommandCall:
         pidfd = os.pidfd_open(proc.pid)
         loop.add_reader(pidfd, _set, exited)
         group = Group(proc.pid)
-        assert proc.stdout is not None
-        assert proc.stderr is not None
         out = _Capture(executor.max_stdout_bytes, group)
         err = _Stderr(executor.max_stderr_bytes, group, context, self.queue)
-        readers = [
-            loop.create_task(out.read(proc.stdout)),
-            loop.create_task(err.read(proc.stderr)),
-        ]
+        pipes = (_Pipe(loop, stdout, out), _Pipe(loop, stderr, err))
         peak_kb = 0
         try:
             try:
                 while not exited.done():
                     await asyncio.wait([exited], timeout=SAMPLE_EVERY_S)
-                    peak_kb = max(peak_kb, _high_water_kb(proc.pid))
+                    if not exited.done():
+                        peak_kb = max(peak_kb, _high_water_kb(proc.pid))
             except asyncio.CancelledError:
                 # The timeout or a cancel: the whole group goes, then the attempt ends.
                 group.signal(signal.SIGTERM)
@@ -222,16 +241,16 @@ class CommandCall:
                     await asyncio.wait_for(asyncio.shield(exited), executor.grace_s)
                 raise
         finally:
+            feed.close()
             group.signal(signal.SIGKILL)
             if not exited.done():
                 await asyncio.shield(exited)
             loop.remove_reader(pidfd)
             os.close(pidfd)
             proc.returncode = _reap(proc.pid)
-            _, pending = await asyncio.wait(readers, timeout=PIPE_WAIT_S)
-            for reader in pending:
-                reader.cancel()
-            for pipe in (proc.stdout, proc.stderr):
+            if not all(pipe.done.done() for pipe in pipes):
+                await asyncio.wait([pipe.done for pipe in pipes], timeout=PIPE_WAIT_S)
+            for pipe in pipes:
                 pipe.close()
             if metrics is not None:
                 metrics.processes.labels(self.queue).dec()
@@ -309,6 +328,46 @@ def _cut(data: bytes) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+class _Feed:
+    """The job's document written to its stdin without blocking, then stdin closed (a
+    program that exits without reading it all is fine)."""
+
+    def __init__(self, fd: int, data: bytes) -> None:
+        self.fd = fd
+        self.data = memoryview(data)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write what the pipe takes now; the rest as it becomes writable."""
+        os.set_blocking(self.fd, False)
+        self.loop = loop
+        if self._write():
+            loop.add_writer(self.fd, self._more)
+
+    def _write(self) -> bool:
+        """Whether some is left to write."""
+        try:
+            while self.data:
+                self.data = self.data[os.write(self.fd, self.data) :]
+        except BlockingIOError:
+            return True
+        except OSError:  # the program closed its stdin, or exited
+            self.data = memoryview(b"")
+        self.close()
+        return False
+
+    def _more(self) -> None:
+        self._write()  # all written: `close` stopped the writer
+
+    def close(self) -> None:
+        """Stop writing and close the pipe (once)."""
+        if self.fd >= 0:
+            if self.loop is not None:
+                self.loop.remove_writer(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
 class Group:
     """A job's process group (its leader's pid is the group's id)."""
 
@@ -321,16 +380,38 @@ class Group:
             os.killpg(self.pgid, sig)
 
 
-async def _chunks(pipe: Any) -> Any:
-    """The pipe's data as it comes, until it is closed."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=CHUNK)
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-    try:
-        while chunk := await reader.read(CHUNK):
-            yield chunk
-    finally:
-        transport.close()
+class _Pipe:
+    """The read end of a job's stdout or stderr: what comes goes to `sink` as it comes
+    (a reader on the loop, no task or transport a pipe); `done` at its end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, sink: _Capture) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.sink = sink
+        self.done: asyncio.Future[None] = loop.create_future()
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._ready)
+
+    def _ready(self) -> None:
+        try:
+            while chunk := os.read(self.fd, CHUNK):
+                self.sink.feed(chunk)
+                if len(chunk) < CHUNK:
+                    return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.close()  # the end: every process that held the write end is gone
+
+    def close(self) -> None:
+        """Stop reading and close the pipe (once)."""
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            self.sink.end()
+            _set(self.done)
 
 
 class _Capture:
@@ -342,16 +423,19 @@ class _Capture:
         self.data = bytearray()
         self.over = False
 
-    async def read(self, pipe: Any) -> None:
-        async for chunk in _chunks(pipe):
-            if self.over:
-                continue  # read on (and drop) until the killed group's pipe closes
-            if len(self.data) + len(chunk) > self.limit:
-                self.over = True
-                self.data.clear()
-                self.group.signal(signal.SIGKILL)
-                continue
-            self.data += chunk
+    def feed(self, chunk: bytes) -> None:
+        """What the job wrote next."""
+        if self.over:
+            return  # read on (and drop) until the killed group's pipe closes
+        if len(self.data) + len(chunk) > self.limit:
+            self.over = True
+            self.data.clear()
+            self.group.signal(signal.SIGKILL)
+            return
+        self.data += chunk
+
+    def end(self) -> None:
+        """The job's end of the pipe is closed."""
 
 
 class _Stderr(_Capture):
@@ -365,22 +449,26 @@ class _Stderr(_Capture):
         self.partial = bytearray()
         self.lines: deque[str] = deque(maxlen=TAIL_LINES)
 
-    async def read(self, pipe: Any) -> None:
-        async for chunk in _chunks(pipe):
-            if self.over:
-                continue
-            self.seen += len(chunk)
-            if self.seen > self.limit:
-                self.over = True
-                self.group.signal(signal.SIGKILL)
-                continue
-            self.partial += chunk
-            *lines, rest = self.partial.split(b"\n")
-            self.partial = bytearray(rest[:MAX_LINE])
-            for line in lines:
-                self._line(bytes(line[:MAX_LINE]))
-        if self.partial:
+    def feed(self, chunk: bytes) -> None:
+        """What the job wrote next: its whole lines handled, the rest kept for later."""
+        if self.over:
+            return
+        self.seen += len(chunk)
+        if self.seen > self.limit:
+            self.over = True
+            self.group.signal(signal.SIGKILL)
+            return
+        self.partial += chunk
+        *lines, rest = self.partial.split(b"\n")
+        self.partial = bytearray(rest[:MAX_LINE])
+        for line in lines:
+            self._line(bytes(line[:MAX_LINE]))
+
+    def end(self) -> None:
+        """The last line, when it had no newline."""
+        if self.partial and not self.over:
             self._line(bytes(self.partial))
+        self.partial = bytearray()
 
     def _line(self, line: bytes) -> None:
         if line.startswith(b"{"):

@@ -108,6 +108,10 @@ class StatusWriter:
             self._timer = loop.call_later(self._linger_s, self._flush)
         return self._future
 
+    def gathering(self) -> asyncio.Future[None] | None:
+        """The future of the batch that statuses written now join (None: none yet)."""
+        return self._future
+
     def _flush(self) -> None:
         self._timer = None
         pending, future, then = self._pending, self._future, self._then

@@ -764,6 +764,10 @@ class QueueWorker:
             if leased or time.monotonic() >= deadline or self._stopping.is_set():
                 if leased:
                     self.metrics.leased.labels(self.queue.name).inc(len(leased))
+                    # The ACTIVE statuses confirmed before the worker hears of its leases:
+                    # a call to another process finds them there, a restart keeps them.
+                    if (batch := self._statuses.gathering()) is not None:
+                        await asyncio.shield(batch)
                 return leased
             await asyncio.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
