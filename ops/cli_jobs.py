@@ -251,7 +251,7 @@ def cancel(
     key: KeyOption = "",
     gateway: GatewayOption = None,
 ) -> None:
-    """Cancel a pending or scheduled job; fails for a running or finished one."""
+    """Cancel a job that is not finished (a running attempt is ended); fails for a finished one."""
     path = f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}"
     if queue:
         path += f"?{urllib.parse.urlencode({'queue': queue})}"
