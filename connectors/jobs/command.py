@@ -18,25 +18,27 @@ The contract (the README has it with its JSON Schema):
 
 Each attempt gets a working directory of its own (removed afterwards), only the
 environment variables its executor allows, a process group of its own and the limits
-of its executor. They are set in the job's process before the program starts, by
-`sluice-launch` (connectors/jobs/launch/, built by `make install`), which also has the
-kernel SIGKILL the job when the executor dies: a job never outlives a killed executor,
-so its rerun after the lease never overlaps it. (Python's `preexec_fn` would do the same
-at the price of forking the whole executor, ten times slower a job.) At its timeout, or when the job is
-cancelled, the whole group gets SIGTERM, then SIGKILL after `grace_s`: the job's
-children and grandchildren end with it. When the program exits, whatever of its group
-still runs is killed.
+of its executor. The program is started by the queue's spawn server, `sluice-launch`
+(connectors/jobs/launch/, built by `make install`; connectors/jobs/launcher.py): it sets
+all that in the job's process before the exec, and has the kernel SIGKILL the job when
+the executor dies, so a job never outlives a killed executor and its rerun after the
+lease never overlaps it. The worker itself never forks (a fork of a large Python process
+holds its event loop; `preexec_fn` is ten times slower still). At its timeout, or when
+the job is cancelled, the whole group gets SIGTERM, then SIGKILL after `grace_s`: the
+job's children and grandchildren end with it. When the program exits, whatever of its
+group still runs is killed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import pwd
+import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 from collections import deque
 from pathlib import Path
@@ -46,6 +48,7 @@ import orjson
 import structlog
 
 from connectors.jobs.executor import Fatal, JobContext, Retry
+from connectors.jobs.launcher import Child, Launcher, Limits
 from connectors.jobs.metrics import JobMetrics
 from core.config import CommandExecutor
 from core.errors import ConfigError
@@ -55,8 +58,6 @@ from core.settings import JobSettings
 log = structlog.get_logger("sluice.jobs.command")
 
 EX_TEMPFAIL = 75
-LAUNCHER = "sluice-launch"
-PARENT = "{parent}"
 # What a read of a job's stdout or stderr takes at most at a time.
 CHUNK = 64 * 1024
 # The longest stderr line kept whole (longer ones are cut); the tail kept for the error.
@@ -77,52 +78,26 @@ class OutputTooBig(CommandFailed):
     """The program wrote more to stdout or stderr than its executor's bound."""
 
 
-def launcher() -> str | None:
-    """`sluice-launch` (built by `make install` next to the Python that runs Sluice)."""
-    beside = Path(sys.executable).parent / LAUNCHER
-    if os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which(LAUNCHER)
+def _user(name: str) -> tuple[int, int]:
+    """The uid and gid of the user a job runs as (a name, or a number)."""
+    try:
+        found = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"command executor: no user {name!r}") from None
+    return found.pw_uid, found.pw_gid
 
 
-def _limits(executor: CommandExecutor) -> list[tuple[str, int]]:
-    """The job's limits as sluice-launch's options and their values."""
+def _limits(executor: CommandExecutor) -> Limits:
     limits = executor.limits
-    found = [
-        ("-c", limits.cpu_s),
-        ("-m", None if limits.memory_mb is None else limits.memory_mb * 1024 * 1024),
-        ("-n", limits.open_files),
-        ("-p", limits.processes),
-    ]
-    return [(option, value) for option, value in found if value is not None]
-
-
-def launch_prefix(executor: CommandExecutor) -> list[str]:
-    """What a job's program is started through: its limits set, and SIGKILL for it when the
-    executor dies. `sluice-launch` does both in one exec (it takes the executor's pid as
-    its first argument, added at each start); without it, util-linux's `setpriv` and
-    `prlimit` do, in two (about a millisecond more a job)."""
-    limits = _limits(executor)
-    found = launcher()
-    if found is not None:
-        return [found, PARENT, *(arg for o, v in limits for arg in (o, str(v))), "--"]
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        raise ConfigError(
-            "the command executor needs sluice-launch (make install) or setpriv (util-linux)"
-        )
-    prefix = [setpriv, "--pdeathsig", "KILL", "--"]
-    if limits:
-        prlimit = shutil.which("prlimit")
-        if prlimit is None:
-            raise ConfigError("the command executor's limits need sluice-launch or prlimit")
-        names = {"-c": "--cpu", "-m": "--as", "-n": "--nofile", "-p": "--nproc"}
-        prefix += [
-            prlimit,
-            *(f"{names[o]}={v}:{v + 1}" if o == "-c" else f"{names[o]}={v}" for o, v in limits),
-            "--",
-        ]
-    return prefix
+    uid, gid = (None, None) if executor.user is None else _user(executor.user)
+    return Limits(
+        cpu_s=limits.cpu_s,
+        memory_bytes=None if limits.memory_mb is None else limits.memory_mb * 1024 * 1024,
+        open_files=limits.open_files,
+        processes=limits.processes,
+        uid=uid,
+        gid=gid,
+    )
 
 
 class CommandCall:
@@ -146,84 +121,67 @@ class CommandCall:
             )
         if not path.is_file() or not os.access(path, os.X_OK):
             raise ConfigError(f"command {executor.argv[0]!r}: {path} is not an executable file")
-        prefix = launch_prefix(executor)
-        # The executor's pid, for sluice-launch to check that its parent is still there.
-        prefix = [str(os.getpid()) if arg == PARENT else arg for arg in prefix]
         self.executor = executor
-        argv = [*prefix, str(path), *executor.argv[1:]]
-        self.argv = argv
+        self.argv = [str(path), *executor.argv[1:]]
+        self.limits = _limits(executor)
         self.queue = queue
         self.metrics = metrics
+        self.launcher = Launcher()
         # A directory of the worker's own for the jobs' directories (a fresh one is cheap to
         # add to and remove from; the system's temporary directory may hold many entries).
+        # Traversable by a job's user when it is another; each job's own is 0700, its own.
         base = settings.work_dir or Path(tempfile.gettempdir()) / "sluice-jobs"
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        base.mkdir(mode=0o711, parents=True, exist_ok=True)
         self.work_dir = str(base)
+        # Names no other worker, and no earlier worker of the same pid, makes.
+        prefix = f"job-{os.getpid()}-{secrets.token_hex(4)}"
+        self.names = (f"{prefix}-{n}" for n in itertools.count())
         self.env = {name: os.environ[name] for name in executor.env if name in os.environ}
 
     async def close(self) -> None:
-        """Nothing is held between attempts."""
+        """Stop the spawn server (the jobs it still runs are killed)."""
+        await self.launcher.close()
 
     async def __call__(self, payload: Any, context: JobContext | None) -> Any:
         """Run the program for one attempt; its result, or the exception of its failure."""
         assert context is not None
-        work_dir = tempfile.mkdtemp(prefix=f"sluice-job-{context.id[:16]}-", dir=self.work_dir)
-        try:
-            document = orjson.dumps(context.document(payload))
-            proc, stdin, stdout, stderr = self._spawn(context, work_dir)
-            return await self._run(proc, _Feed(stdin, document), stdout, stderr, context)
-        finally:
-            if not _remove_empty(work_dir):
-                await asyncio.to_thread(shutil.rmtree, work_dir, True)
-
-    def _spawn(
-        self, context: JobContext, work_dir: str
-    ) -> tuple[subprocess.Popen[bytes], int, int, int]:
-        """The program started (a vfork and exec take about a millisecond: not worth a
-        thread); the write end of its stdin and the read ends of its stdout and stderr."""
+        work_dir = os.path.join(self.work_dir, next(self.names))
+        document = orjson.dumps(context.document(payload))
         env = {**self.env, "HOME": work_dir, "TMPDIR": work_dir, "SLUICE_JOB_ID": context.id}
         stdin, stdout, stderr = (os.pipe2(os.O_CLOEXEC) for _ in range(3))
         theirs = (stdin[0], stdout[1], stderr[1])
-        ours = (stdin[1], stdout[0], stderr[0])
         try:
-            proc = subprocess.Popen(  # noqa: S603 -- an allowed program, no shell
-                self.argv,
-                stdin=theirs[0],
-                stdout=theirs[1],
-                stderr=theirs[2],
-                cwd=work_dir,
-                env=env,
-                process_group=0,
-                close_fds=True,
-                user=self.executor.user,
-            )
+            child = self.launcher.spawn(self.argv, env, work_dir, self.limits, theirs)
         except BaseException:
-            for fd in ours:
+            for fd in (stdin[1], stdout[0], stderr[0]):
                 os.close(fd)
             raise
         finally:
             for fd in theirs:
                 os.close(fd)
-        return proc, *ours
+        left = True  # until the server says the directory went with the program
+        try:
+            code, out, err, peak_kb, left = await self._run(
+                child, _Feed(stdin[1], document), stdout[0], stderr[0], context
+            )
+        finally:
+            if left:
+                await asyncio.to_thread(shutil.rmtree, work_dir, True)
+        return self._outcome(code, out, err, peak_kb)
 
     async def _run(
-        self,
-        proc: subprocess.Popen[bytes],
-        feed: _Feed,
-        stdout: int,
-        stderr: int,
-        context: JobContext,
-    ) -> Any:
+        self, child: Child, feed: _Feed, stdout: int, stderr: int, context: JobContext
+    ) -> tuple[int, _Capture, _Stderr, int, bool]:
+        """Wait for the program's end (its timeout or cancel: its group killed); its exit
+        code, stdout, stderr, peak memory, and whether its directory was left."""
         loop = asyncio.get_running_loop()
         feed.start(loop)
         executor = self.executor
         metrics = self.metrics
         if metrics is not None:
             metrics.processes.labels(self.queue).inc()
-        exited: asyncio.Future[None] = loop.create_future()
-        pidfd = os.pidfd_open(proc.pid)
-        loop.add_reader(pidfd, _set, exited)
-        group = Group(proc.pid)
+        exited = child.exited
+        group = Group(self.launcher, child)
         out = _Capture(executor.max_stdout_bytes, group)
         err = _Stderr(executor.max_stderr_bytes, group, context, self.queue)
         pipes = (_Pipe(loop, stdout, out), _Pipe(loop, stderr, err))
@@ -232,31 +190,31 @@ class CommandCall:
             try:
                 while not exited.done():
                     await asyncio.wait([exited], timeout=SAMPLE_EVERY_S)
-                    if not exited.done():
-                        peak_kb = max(peak_kb, _high_water_kb(proc.pid))
+                    if not exited.done() and child.pid:
+                        peak_kb = max(peak_kb, _high_water_kb(child.pid))
             except asyncio.CancelledError:
                 # The timeout or a cancel: the whole group goes, then the attempt ends.
                 group.signal(signal.SIGTERM)
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(exited), executor.grace_s)
                 raise
         finally:
             feed.close()
-            group.signal(signal.SIGKILL)
-            if not exited.done():
-                await asyncio.shield(exited)
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            proc.returncode = _reap(proc.pid)
-            if not all(pipe.done.done() for pipe in pipes):
-                await asyncio.wait([pipe.done for pipe in pipes], timeout=PIPE_WAIT_S)
-            for pipe in pipes:
-                pipe.close()
-            if metrics is not None:
-                metrics.processes.labels(self.queue).dec()
-                if peak_kb:
-                    metrics.peak_memory.labels(self.queue).observe(peak_kb * 1024)
-        return self._outcome(proc.returncode, out, err, peak_kb)
+            try:
+                if not exited.done():
+                    group.signal(signal.SIGKILL)
+                    await asyncio.wait([exited])
+                if not all(pipe.done.done() for pipe in pipes):
+                    await asyncio.wait([pipe.done for pipe in pipes], timeout=PIPE_WAIT_S)
+            finally:
+                for pipe in pipes:
+                    pipe.close()
+                if metrics is not None:
+                    metrics.processes.labels(self.queue).dec()
+                    if peak_kb:
+                        metrics.peak_memory.labels(self.queue).observe(peak_kb * 1024)
+        code, left = exited.result()  # the server's failure, or the attempt's end
+        return code, out, err, peak_kb, left
 
     def _outcome(self, code: int, out: _Capture, err: _Stderr, peak_kb: int) -> Any:
         for capture, name in ((out, "stdout"), (err, "stderr")):
@@ -286,17 +244,6 @@ class CommandCall:
         raise CommandFailed(f"{what}{noted}: {tail}".rstrip(": "))
 
 
-def _set(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _reap(pid: int) -> int:
-    """The exit code (negative: the signal) of an exited process."""
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 def _high_water_kb(pid: int) -> int:
     """The peak resident memory (KiB) of a running process, from /proc; 0 when gone.
 
@@ -310,17 +257,6 @@ def _high_water_kb(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
-
-
-def _remove_empty(path: str) -> bool:
-    """Remove the directory if it is empty; whether it is gone."""
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def _cut(data: bytes) -> str:
@@ -369,15 +305,15 @@ class _Feed:
 
 
 class Group:
-    """A job's process group (its leader's pid is the group's id)."""
+    """A job's process group, signalled through its spawn server."""
 
-    def __init__(self, pgid: int) -> None:
-        self.pgid = pgid
+    def __init__(self, launcher: Launcher, child: Child) -> None:
+        self.launcher = launcher
+        self.child = child
 
     def signal(self, sig: int) -> None:
-        """Send `sig` to every process of the group (none left: nothing happens)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pgid, sig)
+        """`sig` to every process of the group (its program reaped: nothing happens)."""
+        self.launcher.signal(self.child, sig)
 
 
 class _Pipe:
@@ -411,7 +347,8 @@ class _Pipe:
             os.close(self.fd)
             self.fd = -1
             self.sink.end()
-            _set(self.done)
+            if not self.done.done():
+                self.done.set_result(None)
 
 
 class _Capture:
