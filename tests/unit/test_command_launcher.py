@@ -133,3 +133,29 @@ async def test_a_closed_executor_kills_the_jobs_it_still_runs(tmp_path: Path) ->
     with pytest.raises(LauncherGone):
         await asyncio.wait_for(running, 5)
     assert not _alive(job)
+
+
+async def test_a_job_past_its_cpu_time_limit_is_killed_with_the_reason(tmp_path: Path) -> None:
+    call = _call(tmp_path, "while :; do :; done", limits={"cpu_s": 1})
+    started = time.monotonic()
+    try:
+        with pytest.raises(CommandFailed, match=r"killed by SIGXCPU.*CPU time limit 1 s"):
+            await asyncio.wait_for(call(None, _context()), 15)
+    finally:
+        await call.close()
+    assert time.monotonic() - started < 10
+
+
+async def test_a_job_cannot_start_more_processes_than_its_limit(tmp_path: Path) -> None:
+    # RLIMIT_NPROC counts the processes of the job's user, and binds root only through
+    # another user: the job runs as nobody (as root; otherwise the switch itself fails).
+    script = "sleep 5 & sleep 5 & sleep 5 & wait; echo 1"
+    call = _call(tmp_path, script, limits={"processes": 2}, user="nobody")
+    started = time.monotonic()
+    try:
+        reason = r"Cannot fork" if os.geteuid() == 0 else r"setgroups|setgid|setuid"
+        with pytest.raises(CommandFailed, match=reason):
+            await asyncio.wait_for(call(None, _context()), 15)
+    finally:
+        await call.close()
+    assert time.monotonic() - started < 5  # failed at the fork, not after the sleeps
