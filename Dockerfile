@@ -1,6 +1,19 @@
 # The Sluice image: one Python install, the role picked by the command (gateway, worker, sink).
+
+# The command executor's spawn server and the example C++ jobs, built with the toolchain of
+# the same Debian release as the image below (static: the image has no C++ runtime).
+FROM gcc:12.3.0-bookworm AS native
+WORKDIR /src
+COPY connectors/jobs/launch/sluice-launch.c examples/jobs/*.cpp ./
+RUN mkdir -p /out/jobs \
+    && gcc -O2 -Wall -Wextra -static -o /out/sluice-launch sluice-launch.c \
+    && for src in *.cpp; do g++ -O2 -std=c++17 -Wall -Wextra -static -o "/out/jobs/${src%.cpp}" "$src"; done
+
 FROM python:3.11.7-slim-bookworm
 WORKDIR /app
+# Next to the image's Python, where the command executor looks for it.
+COPY --from=native /out/sluice-launch /usr/local/bin/sluice-launch
+COPY --from=native /out/jobs build/jobs
 COPY pyproject.toml README.md ./
 COPY core core
 COPY gateway gateway

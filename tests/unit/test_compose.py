@@ -84,3 +84,13 @@ def test_only_the_gateway_is_published_beyond_this_host_and_no_password_is_writt
     text = COMPOSE.read_text()
     assert "PASSWORD: sluice" not in text
     assert services["clickhouse"]["environment"]["CLICKHOUSE_PASSWORD"].startswith("${")
+
+
+def test_the_image_has_the_spawn_server_next_to_its_python() -> None:
+    # The command executor looks for sluice-launch next to the Python that runs Sluice
+    # (/usr/local/bin in the python image) and fails its queues without it.
+    dockerfile = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+    assert "gcc -O2 -Wall -Wextra -static -o /out/sluice-launch sluice-launch.c" in dockerfile
+    assert "COPY --from=native /out/sluice-launch /usr/local/bin/sluice-launch" in dockerfile
+    python = next(line for line in dockerfile.splitlines() if line.startswith("FROM python:"))
+    assert dockerfile.index(python) < dockerfile.index("COPY --from=native /out/sluice-launch")
