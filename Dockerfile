@@ -1,8 +1,11 @@
 # The Sluice image: one Python install, the role picked by the command (gateway, worker, sink).
 
-# The command executor's spawn server and the example C++ jobs, built with the toolchain of
-# the same Debian release as the image below (static: the image has no C++ runtime).
-FROM gcc:12.3.0-bookworm AS native
+# The command executor's spawn server and the example C++ jobs, built with Debian's
+# toolchain on the same base as the image below (static: the image has no C++ runtime).
+FROM python:3.11.7-slim-bookworm AS native
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY connectors/jobs/launch/sluice-launch.c examples/jobs/*.cpp ./
 RUN mkdir -p /out/jobs \
