@@ -257,7 +257,11 @@ class JobSettings(BaseSettings):
     consumer_group: str = "sluice-jobs"
     # Modules a queue's python executor may name (comma-separated prefixes, as for
     # SLUICE_TRANSFORM_MODULES): `jobs` allows `jobs` and `jobs.billing`.
-    modules: Annotated[tuple[str, ...], NoDecode] = ("jobs", "connectors.jobs.builtin")
+    modules: Annotated[tuple[str, ...], NoDecode] = (
+        "jobs",
+        "connectors.jobs.builtin",
+        "connectors.workflows.tools",
+    )
     # The group's session timeout: how soon a killed worker's partitions go to another.
     session_timeout_ms: int = 10_000
     # Jobs a queue's loop keeps read and due but not started, per priority: at this many
@@ -297,6 +301,46 @@ class JobSettings(BaseSettings):
         return False
 
 
+class WorkflowSettings(BaseSettings):
+    """The workflow orchestrator and the tools its steps run (README, "Workflows")."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_WORKFLOWS_", frozen=True)
+
+    host: str = "127.0.0.1"
+    # `/health`, `/ready` and `/metrics` of the orchestrator.
+    port: int = 8127
+    consumer_group: str = "sluice-workflows"
+    # Names this orchestrator's transactional producer (`sluice-workflows-<instance>`): one
+    # per orchestrator process, the same across its restarts, so that a restarted one fences
+    # the writes its killed predecessor left open.
+    instance: str = "0"
+    # The job queue whose jobs run the python, http, postgres, duckdb and warehouse steps
+    # (its executor: `connectors.workflows.tools:run_step`).
+    queue: str = "workflows"
+    # A parallel loop without `max_in_flight` runs at most this many items at once.
+    max_in_flight: int = 1000
+    # A step's tool runs at most this long unless it says otherwise (`timeout`).
+    timeout_s: float = 300.0
+    # A step result over this many bytes (JSON) fails its step: events must fit a record.
+    max_result_bytes: int = 512 * 1024
+    # Results over this many bytes are shown in a run's status as a reference to the
+    # event that holds them.
+    status_result_bytes: int = 4096
+    # Named credentials (`auth:` of a step): a file of that name here, or the variable
+    # SLUICE_CREDENTIAL_<NAME> (upper case, `-` and `.` as `_`). Read by the tool runner
+    # only, when a step runs; never written to a topic.
+    credentials_dir: Path | None = None
+    # Environment variables a python step's process gets (beside PATH and HOME).
+    python_env: Annotated[tuple[str, ...], NoDecode] = ("LANG", "LC_ALL", "TZ")
+
+    @field_validator("python_env", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+
 class AppSettings(BaseSettings):
     """Where the pipeline configuration file lives."""
 
@@ -316,6 +360,7 @@ ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     WarehouseSettings,
     DeliverySettings,
     JobSettings,
+    WorkflowSettings,
     AppSettings,
 )
 

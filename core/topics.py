@@ -101,6 +101,21 @@ class Topics:
         """The built-in schema registry's log (compacted)."""
         return f"{self.prefix}.schemas"
 
+    @property
+    def workflows_catalog(self) -> str:
+        """Applied playbooks, one record per path and version (compacted)."""
+        return f"{self.prefix}.workflows.catalog"
+
+    @property
+    def workflows_events(self) -> str:
+        """Every workflow event, keyed by execution id: runs are rebuilt from it."""
+        return f"{self.prefix}.workflows.events"
+
+    @property
+    def workflows_runs(self) -> str:
+        """The orchestrator's table of runs: each run's latest state (compacted)."""
+        return f"{self.prefix}.workflows.runs"
+
     def queue(self, name: str) -> QueueTopics:
         """The topics of job queue `name`."""
         return QueueTopics(self.prefix, name)
@@ -124,6 +139,9 @@ def required_topics(cfg: PipelineConfig, kafka: KafkaSettings) -> list[TopicSpec
         TopicSpec(topics.config, 1, rf, compact),
         TopicSpec(topics.schemas, 1, rf, compact),
         TopicSpec(topics.dlq_audit, 1, rf, {"cleanup.policy": "delete", "retention.ms": "-1"}),
+        TopicSpec(topics.workflows_catalog, 1, rf, compact),
+        TopicSpec(topics.workflows_events, parts, rf, delete_30d),
+        TopicSpec(topics.workflows_runs, parts, rf, compact),
     ]
     for dest in cfg.destinations:
         dt = topics.destination(dest.id, dest.retry.tiers)
