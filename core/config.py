@@ -417,12 +417,23 @@ class Queue(_Model):
         return self
 
 
+class Workflows(_Model):
+    """Who may use the workflow runs API (`/v1/workflows/...`)."""
+
+    # Bearer tokens that may start, read and cancel workflow runs (never an event write
+    # key: those are public). None: the runs API answers 401 to everyone.
+    run_keys: tuple[str, ...] = ()
+    # The largest `workload` a run request may carry (JSON bytes).
+    max_workload_bytes: int = Field(default=256 * 1024, ge=1, le=4 * 1024 * 1024)
+
+
 class PipelineConfig(_Model):
     """The whole pipeline: every source, destination and job queue."""
 
     sources: tuple[Source, ...] = ()
     destinations: tuple[Destination, ...] = ()
     queues: tuple[Queue, ...] = ()
+    workflows: Workflows = Workflows()
 
     @model_validator(mode="after")
     def _references(self) -> PipelineConfig:
@@ -437,6 +448,8 @@ class PipelineConfig(_Model):
         if shared:
             # A write key is public (browser SDKs carry it): it must not submit jobs.
             raise ValueError("a submit key of a queue is also a write key of a source")
+        if set(self.workflows.run_keys) & {k for s in self.sources for k in s.write_keys}:
+            raise ValueError("a workflow run key is also a write key of a source")
         for dest in self.destinations:
             unknown = sorted(set(dest.sources) - set(source_ids))
             if unknown:

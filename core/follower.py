@@ -121,12 +121,14 @@ class CompactedFollower:
         on_error: Callable[[BaseException], object] | None = None,
         batch: int = 100,
         consumer: Callable[[dict[str, Any]], KafkaConsumer] = Consumer,
+        committed: bool = False,
     ) -> None:
         """Follow `topic` (only `partition` when given, else every partition it has).
 
         `apply` is called for each record in log order, from the following thread (or the
         thread that calls `poll`); `on_batch` after each batch of records read; `on_error`
         with each error of the follower itself. `name` names the thread and the consumer.
+        `committed`: read only records of committed transactions (a topic written in them).
         """
         self.topic = topic
         self.name = name
@@ -145,6 +147,8 @@ class CompactedFollower:
             # short fetch wait keeps `sync` quick (a few partitions, a few tenths of a second).
             "fetch.wait.max.ms": 100,
         }
+        if committed:
+            self._config["isolation.level"] = "read_committed"
         self._make_consumer = consumer
         self._consumer: KafkaConsumer | None = None
         # Per partition: the end captured when the read began, and the offset after the

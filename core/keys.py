@@ -61,6 +61,24 @@ class SubmitKeys:
         return self._queues.get(name)
 
 
+class RunKeys:
+    """The keys that may use the workflow runs API; `update` swaps in a new config."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self._by_digest: dict[bytes, tuple[str, bool]] = {}
+        self.max_workload_bytes = cfg.workflows.max_workload_bytes
+        self.update(cfg)
+
+    def update(self, cfg: PipelineConfig) -> None:
+        """Use `cfg`'s run keys from now on."""
+        self._by_digest = {digest(k): (k, True) for k in cfg.workflows.run_keys}
+        self.max_workload_bytes = cfg.workflows.max_workload_bytes
+
+    def allows(self, key: str | None) -> bool:
+        """Whether `key` is a run key (compared in constant time)."""
+        return keyed(self._by_digest, key) is not None
+
+
 def bearer_token(header: str | None) -> str | None:
     """The token of a `Bearer` Authorization header, if any."""
     scheme, _, value = (header or "").partition(" ")

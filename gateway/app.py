@@ -14,10 +14,11 @@ import structlog
 from aiohttp import web
 
 from core.config import PipelineConfig
+from core.keys import RunKeys
 from core.settings import GatewaySettings, KafkaSettings, TransformSettings
 from core.shell import Probe, Probes, joined
 from core.topics import Topics
-from gateway import ingest, jobs
+from gateway import ingest, jobs, workflows
 from gateway.app_keys import (
     CODEC,
     CONFIG,
@@ -27,6 +28,7 @@ from gateway.app_keys import (
     JOB_STATUS,
     METRICS,
     PRODUCER,
+    RUN_KEYS,
     SETTINGS,
     SOURCES,
     TOPICS,
@@ -62,7 +64,8 @@ def _probes(app: web.Application) -> Probes:
         ok = await loop.run_in_executor(None, app[PRODUCER].reachable)
         statuses = app.get(JOB_STATUS)
         jobs = statuses.follower.problem() if statuses is not None else None
-        return joined(None if ok else "broker unreachable", app[CONFIG].problem(), jobs)
+        runs = app[workflows.WORKFLOWS].problem() if workflows.WORKFLOWS in app else None
+        return joined(None if ok else "broker unreachable", app[CONFIG].problem(), jobs, runs)
 
     return Probes(app[METRICS].registry, health=following, ready=ready)
 
@@ -82,6 +85,7 @@ def create_app(
     app[METRICS] = GatewayMetrics()
     app[SOURCES] = SourceTable(cfg)
     app[JOB_KEYS] = SubmitKeys(cfg)
+    app[RUN_KEYS] = RunKeys(cfg)
     app[JOB_CODEC] = job_codec()
     app[CODEC] = event_codec()
     app[TOPICS] = Topics(kafka.topic_prefix)
@@ -89,8 +93,10 @@ def create_app(
     app.cleanup_ctx.append(producer_ctx(kafka, settings))
     app.cleanup_ctx.append(config_ctx(kafka, cfg, transforms))
     app.cleanup_ctx.append(job_status_ctx(kafka))
+    app.cleanup_ctx.append(workflows.workflows_ctx(kafka, app[RUN_KEYS]))
     ingest.add_routes(app)
     jobs.add_routes(app)
+    workflows.add_routes(app)
     app.router.add_get("/openapi.json", handle_openapi)
     _probes(app).add_routes(app)
     return app

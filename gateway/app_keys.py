@@ -11,6 +11,7 @@ from core.config_topic import ConfigFollower
 from core.follower import CompactedFollower
 from core.job_stats import QueueFigures
 from core.jobs import StatusTable
+from core.keys import RunKeys
 from core.producer import EventProducer
 from core.settings import GatewaySettings
 from core.topics import Topics
@@ -28,6 +29,7 @@ TOPICS = web.AppKey("topics", Topics)
 FAST = web.AppKey("fast", FastWriter)
 CONFIG = web.AppKey("config", ConfigFollower)
 JOB_KEYS = web.AppKey("job_keys", SubmitKeys)
+RUN_KEYS = web.AppKey("run_keys", RunKeys)
 JOB_CODEC = web.AppKey("job_codec", AvroCodec)
 
 

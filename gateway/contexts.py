@@ -27,6 +27,7 @@ from gateway.app_keys import (
     JOB_STATUS,
     METRICS,
     PRODUCER,
+    RUN_KEYS,
     SOURCES,
     JobStatuses,
 )
@@ -58,11 +59,12 @@ def config_ctx(
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        sources, job_keys = app[SOURCES], app[JOB_KEYS]
+        sources, job_keys, run_keys = app[SOURCES], app[JOB_KEYS], app[RUN_KEYS]
 
         def update(new: PipelineConfig) -> None:
             sources.update(new)
             job_keys.update(new)
+            run_keys.update(new)
 
         follower = ConfigFollower(
             kafka,

@@ -343,6 +343,17 @@ def _mount_jobs() -> None:
 _mount_jobs()
 
 
+def _mount_workflows() -> None:
+    from ops.cli_workflows import workflow_app  # noqa: PLC0415
+
+    app.add_typer(
+        workflow_app, name="workflow", help="Apply playbooks; run the orchestrator; start runs."
+    )
+
+
+_mount_workflows()
+
+
 def _mount_bench() -> None:
     from ops.benchmarks import bench_app  # noqa: PLC0415
 

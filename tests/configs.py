@@ -72,6 +72,7 @@ class Configs:
         *destinations: dict[str, Any],
         sources: Sequence[dict[str, Any]] | None = None,
         queues: Sequence[dict[str, Any]] = (),
+        workflows: dict[str, Any] | None = None,
     ) -> str:
         """The YAML of a config with these destinations (and `test-src` unless `sources`)."""
         body: dict[str, Any] = {
@@ -80,6 +81,8 @@ class Configs:
         }
         if queues:
             body["queues"] = list(queues)
+        if workflows is not None:
+            body["workflows"] = workflows
         return yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
     def model(

@@ -92,6 +92,7 @@ class Pipeline:
         self.query_port = free_port()
         self.delivery_port = free_port()
         self.worker_metrics_port = free_port()
+        self.orchestrator_port = free_port()
         config = self.root / "sluice.yaml"
         config.write_text(self.config.replace(KEY, self.write_key))
         self.env = {
@@ -112,6 +113,7 @@ class Pipeline:
             "SLUICE_JOBS_CONSUMER_GROUP": f"{self.prefix}-jobs",
             "SLUICE_JOBS_MODULES": "tests.job_functions,connectors.jobs.builtin",
             "SLUICE_JOBS_SESSION_TIMEOUT_MS": "6000",
+            "SLUICE_WORKFLOWS_PORT": str(self.orchestrator_port),
             # The tests' transforms are the only ones a test's services may import.
             "SLUICE_TRANSFORM_MODULES": "tests.transforms",
             **self.env,
@@ -120,7 +122,7 @@ class Pipeline:
         self.job_ports = {name: free_port() for name in JOB_WORKERS}
         self.services = {
             name: BackgroundProcess(name, self.root / "run")
-            for name in ("gateway", "worker", "sink", "deliver", *JOB_WORKERS)
+            for name in ("gateway", "worker", "sink", "deliver", "orchestrator", *JOB_WORKERS)
         }
         # `start()` runs the delivery process only when there is something to deliver.
         cfg = parse_config(self.config.replace(KEY, self.write_key))
@@ -141,6 +143,8 @@ class Pipeline:
             if name in self.job_ports:
                 env = self.env | {"SLUICE_JOBS_PORT": str(self.job_ports[name])}
                 self.services[name].start(["jobs", "work"], env)
+            elif name == "orchestrator":
+                self.services[name].start(["workflow", "orchestrate"], self.env)
             else:
                 self.services[name].start([name], self.env)
         for name in names:
@@ -148,6 +152,8 @@ class Pipeline:
                 self._wait(f"http://127.0.0.1:{self.job_ports[name]}/health", name)
         if "sink" in names:
             self._wait(f"http://127.0.0.1:{self.query_port}/health", "sink")
+        if "orchestrator" in names:
+            self._wait(f"http://127.0.0.1:{self.orchestrator_port}/ready", "orchestrator")
         if "deliver" in names:
             self._wait(f"http://127.0.0.1:{self.delivery_port}/health", "deliver")
         if "gateway" in names:

@@ -215,6 +215,8 @@ def apply(run: Run | None, evt: dict[str, Any]) -> Run | None:
         )
         run.events, run.last_event_ms = 1, at
         return run
+    if run.finished:
+        return run  # nothing changes an ended run (its late events count for nothing)
     run.events += 1
     run.last_event_ms = max(run.last_event_ms, at)
     handler = _APPLY.get(kind)
@@ -1125,8 +1127,10 @@ def _shown(value: Any, limit: int, ref: str) -> Any:
 def summary(run: Run, result_limit: int = 4096) -> dict[str, Any]:
     """A run's state as `GET /v1/workflows/runs/<id>` shows it and the runs table holds it.
 
-    Only state the events gave goes in (no clock), so a summary of a rebuilt run equals
-    the orchestrator's.
+    Only state the events gave goes in (no clock), and nothing that depends on how events
+    other writers sent at the same time interleave with the orchestrator's (how many
+    events a run had when it ended, say): a summary of a rebuilt run equals the
+    orchestrator's.
     """
     eid = run.execution_id
     steps: dict[str, Any] = {}
@@ -1163,6 +1167,4 @@ def summary(run: Run, result_limit: int = 4096) -> dict[str, Any]:
         "cancel_requested": run.cancel_requested,
         "steps": steps,
         "waiting": sorted(run.inbox),
-        "events": run.events,
-        "last_event_at_ms": run.last_event_ms,
     }

@@ -18,6 +18,7 @@ import orjson
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+
 class _Environment(ImmutableSandboxedEnvironment):
     """The sandbox, where `a.b` of a mapping is its key `b` first (`workload.items` is the
     workload's `items`, not the dict method), then an attribute."""

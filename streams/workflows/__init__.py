@@ -1,0 +1,1 @@
+"""The workflow orchestrator (README, "Workflows")."""
