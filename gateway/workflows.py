@@ -171,6 +171,10 @@ async def handle_start(request: web.Request) -> web.Response:
     if size > state.keys.max_workload_bytes:
         raise error(413, f"workload is {size} bytes, over {state.keys.max_workload_bytes}")
     found = state.catalog.get(wanted.path, wanted.version)
+    if found is None and state.followers:
+        # Applied a moment ago, perhaps: read the catalog up to now, then look again.
+        await asyncio.get_running_loop().run_in_executor(None, state.followers[0].sync, 2.0)
+        found = state.catalog.get(wanted.path, wanted.version)
     if found is None:
         what = wanted.path if wanted.version is None else f"{wanted.path} version {wanted.version}"
         raise error(404, f"no playbook {what} in the catalog")

@@ -23,6 +23,7 @@ from core.settings import (
     JobSettings,
     KafkaSettings,
     WarehouseSettings,
+    WorkflowSettings,
 )
 from ops.errors import ProcessError
 from ops.output import print_rows
@@ -30,9 +31,11 @@ from ops.processes import BackgroundProcess
 from ops.warehouse_query import query_warehouse
 
 RUN_DIR = Path(".sluice") / "run"
-SERVICES = ("sink", "deliver", "jobs", "worker", "gateway")
+SERVICES = ("sink", "deliver", "jobs", "orchestrator", "worker", "gateway")
 # The command line of a service, where it is not its name.
-ARGS = {"jobs": ["jobs", "work"]}
+ARGS = {"jobs": ["jobs", "work"], "orchestrator": ["workflow", "orchestrate"]}
+# The playbook the demo applies and runs.
+PLAYBOOK = Path("examples") / "workflows" / "primes-report.yaml"
 # The demo's job worker may run the example programs (built by `make` into build/jobs/).
 ENV = {
     "jobs": {
@@ -132,12 +135,19 @@ def run_demo(out: Console, count: int) -> None:
     programs = [q for q in cfg.queues if isinstance(q.executor, CommandExecutor)]
     if programs:
         _run_programs(out, programs, f"http://{gw.host}:{gw.port}")
+    if cfg.workflows.run_keys and PLAYBOOK.exists():
+        wf = WorkflowSettings()
+        _wait_http(f"http://{wf.host}:{wf.port}/ready", services["orchestrator"], 60)
+        _run_workflow(out, kafka, cfg.workflows.run_keys[0], f"http://{gw.host}:{gw.port}")
     out.print(
-        "\nThe broker, gateway, worker, sink, delivery and job worker keep running. Try:\n"
+        "\nThe broker, gateway, worker, sink, delivery, job worker and workflow orchestrator"
+        " keep running. Try:\n"
         '  .venv/bin/sluice sql "SELECT * FROM identifies ORDER BY timestamp DESC LIMIT 5"\n'
         "  .venv/bin/sluice send --count 1000\n"
         "  .venv/bin/sluice dlq list legacy-crm\n"
         "  .venv/bin/sluice jobs list demo-jobs --key demo-submit-key\n"
+        "  .venv/bin/sluice workflow run examples/primes-report --wait --key demo-run-key\n"
+        "  .venv/bin/sluice workflow list --key demo-run-key\n"
         "Stop everything with: make stop"
     )
 
@@ -319,6 +329,57 @@ def _count(wh: WarehouseSettings, table: str = "events") -> int:
     except SluiceError:
         return 0  # not created yet
     return int(rows[0][0])
+
+
+def _run_workflow(out: Console, kafka: KafkaSettings, key: str, gateway: str) -> None:
+    """Apply the example playbook, run it, and show its steps, its result and its events."""
+    from ops.cli_jobs import call_gateway  # noqa: PLC0415
+    from ops.cli_workflows import apply_playbook, read_events  # noqa: PLC0415
+
+    entry, _ = apply_playbook(kafka, PLAYBOOK.read_text())
+    out.print(f"playbook {entry.path} version {entry.version} applied from {PLAYBOOK}")
+    answer = call_gateway(gateway, key, "/v1/workflows/runs", {"path": entry.path})
+    eid = answer["id"]
+    run: dict[str, Any] = {}
+    deadline = time.monotonic() + 120
+    with out.status(f"running workflow {eid} ..."):
+        while time.monotonic() < deadline:
+            try:
+                run = call_gateway(gateway, key, f"/v1/workflows/runs/{eid}")
+            except ValueError:
+                run = {}
+            if run.get("status") in ("COMPLETED", "FAILED", "CANCELLED"):
+                break
+            time.sleep(0.3)
+    if run.get("status") != "COMPLETED":
+        raise SluiceError(
+            f"workflow run {eid} is {run.get('status', 'not started')}: {run.get('error')};"
+            f" see {RUN_DIR}/orchestrator.log and {RUN_DIR}/jobs.log"
+        )
+    print_rows(
+        ["step", "state", "attempts", "ms", "items", "result"],
+        [
+            [
+                name,
+                step["state"],
+                str(step["attempts"]),
+                str(step["duration_ms"]),
+                str(step.get("items", "")),
+                orjson.dumps(step["result"]).decode()[:70],
+            ]
+            for name, step in run["steps"].items()
+        ],
+        title=f"Workflow {entry.path}: run {eid}, {run['duration_ms']} ms",
+    )
+    out.print(f"result: {orjson.dumps(run['result']).decode()}")
+    types: dict[str, int] = {}
+    for evt in read_events(kafka, eid):
+        types[evt["type"]] = types.get(evt["type"], 0) + 1
+    out.print(
+        f"{sum(types.values())} events on the event log: "
+        + ", ".join(f"{n} {t}" for t, n in types.items())
+        + f"\n  (the timeline: .venv/bin/sluice workflow events {eid})"
+    )
 
 
 def stop_demo(out: Console) -> None:
