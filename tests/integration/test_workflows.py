@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from core.settings import KafkaSettings
 from core.workflows import events as ev
-from ops.baseline_services import postgres_server
+from ops.baseline_services import BASE_DIR, postgres_server
 from ops.cli_workflows import compare
 from tests.configs import Configs
 from tests.jobs_api import BEARER
@@ -355,8 +355,8 @@ def _topics_holding(kafka: KafkaSettings, needle: bytes) -> list[str]:
                     (msg.key() or b"")
                     + (msg.value() or b"")
                     + b"".join(
-                        (v or b"") if isinstance(v, bytes) else str(v).encode()
-                        for _, v in (msg.headers() or [])
+                        header[1] if isinstance(header[1], bytes) else b""
+                        for header in (msg.headers() or [])
                     )
                 )
                 if needle in blob:
@@ -372,7 +372,8 @@ def test_postgres_steps_use_a_credential_that_no_topic_ever_holds(
     configs: Configs, broker: str, prefix: str, tmp_path: Path
 ) -> None:
     password = f"pw-{secrets.token_hex(12)}"
-    with postgres_server(root=tmp_path) as server:
+    # Not under tmp_path: the server runs as the package's user, which may not enter it.
+    with postgres_server(root=BASE_DIR / prefix) as server:
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             conn.execute(f"CREATE ROLE flows LOGIN PASSWORD '{password}'")
             conn.execute("GRANT CREATE ON SCHEMA public TO flows")

@@ -21,7 +21,7 @@ Answer = Callable[[dict[str, Any]], tuple[str, Any]]
 
 
 def book(text: str) -> dict[str, Any]:
-    doc = yaml.safe_load(text)
+    doc: dict[str, Any] = yaml.safe_load(text)
     check(doc)
     return doc
 

@@ -1,0 +1,1 @@
+"""The tool runner of workflow steps: the job function of the workflow queue."""
