@@ -375,6 +375,10 @@ class Schedule(_Model):
         return value
 
 
+# The job function of the workflow queue (the tool runner of workflow steps).
+WORKFLOW_RUNNER = "connectors.workflows.tools:run_step"
+
+
 class Queue(_Model):
     """A job queue: who may submit to it, how its jobs are ordered, limited and retried.
 
@@ -383,8 +387,9 @@ class Queue(_Model):
     """
 
     name: Annotated[str, Field(pattern=ID_PATTERN)]
-    # Bearer tokens that may submit jobs to this queue (never an event write key).
-    submit_keys: Annotated[tuple[str, ...], Field(min_length=1)]
+    # Bearer tokens that may submit jobs to this queue (never an event write key). None:
+    # only Sluice itself submits (the orchestrator, to the workflow queue).
+    submit_keys: tuple[str, ...] = ()
     enabled: bool = True
     partitions: int | None = Field(default=None, ge=1, le=1000)
     # How many priority levels the queue has: a job's priority is 0 to priorities - 1.
@@ -407,6 +412,13 @@ class Queue(_Model):
 
     @model_validator(mode="after")
     def _schedules_fit(self) -> Queue:
+        runner = isinstance(self.executor, PythonExecutor) and self.executor.function
+        if runner == WORKFLOW_RUNNER and self.submit_keys:
+            # Its jobs carry the code of python steps: a submit key would run any code.
+            raise ValueError(
+                f"queue {self.name!r} runs workflow steps ({WORKFLOW_RUNNER}): only the"
+                " orchestrator submits to it, so it takes no submit_keys"
+            )
         _unique(f"schedule of queue {self.name!r}", [s.name for s in self.schedules])
         for schedule in self.schedules:
             if schedule.priority >= self.priorities:

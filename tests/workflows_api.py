@@ -26,6 +26,7 @@ def workflow_pipeline(
     queues = [
         configs.queue(
             "workflows",
+            keys=(),
             priorities=1,
             partitions=2,
             concurrency=concurrency,

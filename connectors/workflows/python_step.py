@@ -1,25 +1,28 @@
-"""Runs one python step in a process of its own (`python -I connectors/workflows/python_step.py`).
+"""Runs one python step in a process of its own (`python -I -S connectors/workflows/python_step.py`).
 
 The request (`code`, `input`) comes on stdin as JSON; the outcome goes to the file named
 by the first argument, so that whatever the code prints cannot garble it: `{"ok": true,
 "result": ...}` or `{"ok": false, "error": ..., "traceback": ...}`. The code runs with
 its input's keys as variables; a `main` it defines is called with the keys its
 signature takes, and its return value is the result, else the `result` variable is.
-Only the standard library is imported here, so a step starts quickly.
+The process starts without `site` (`-I -S`: no `.pth` files run, a few milliseconds a
+step): the request's `path` (the runner's site-packages) goes at the end of `sys.path`, so
+the libraries installed beside Sluice can still be imported. Only what a step needs of
+the standard library is imported here, so a step starts quickly.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
-import traceback
 
 
 def _call(namespace: dict[str, object], given: dict[str, object]) -> object:
     main = namespace.get("main")
     if not callable(main):
         return namespace.get("result")
+    import inspect  # noqa: PLC0415 - only a step with a main needs it
+
     params = inspect.signature(main).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return main(**given)
@@ -28,6 +31,7 @@ def _call(namespace: dict[str, object], given: dict[str, object]) -> object:
 
 def run(out_path: str) -> None:
     request = json.load(sys.stdin)
+    sys.path.extend(p for p in request.get("path") or () if p not in sys.path)
     given = dict(request.get("input") or {})
     namespace: dict[str, object] = {"__name__": "__step__", **given}
     try:
@@ -38,6 +42,8 @@ def run(out_path: str) -> None:
         except (TypeError, ValueError) as exc:
             text = json.dumps({"ok": False, "error": f"the result is not JSON: {exc}"})
     except BaseException as exc:  # the step's failure, whatever it is, is its outcome
+        import traceback  # noqa: PLC0415 - only a failed step needs it
+
         lines = traceback.format_exception(exc)
         text = json.dumps(
             {

@@ -11,7 +11,7 @@ the step's policy decides on retries).
 
 Tools (`run_tool`):
 
-- `python`: the code in a new `python -I` process (own process group, a fresh working
+- `python`: the code in a new `python -I -S` process (own process group, a fresh working
   directory removed afterwards, an environment of PATH, HOME and the names in
   `SLUICE_WORKFLOWS_PYTHON_ENV` only), killed with its children at the timeout or when
   the job is cancelled;
@@ -66,6 +66,8 @@ PYTHON_STEP = Path(__file__).with_name("python_step.py")
 MAX_LOG_BYTES = 4000
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 RESULT_FILE = ".sluice-result.json"
+# Where the runner's libraries are: a python step (run without `site`) imports from there.
+SITE_PATHS = [p for p in sys.path if p.endswith("-packages")]
 
 
 class ToolFailed(Exception):
@@ -113,6 +115,7 @@ async def run_python(tool: dict[str, Any], timeout_s: float, settings: WorkflowS
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-I",
+            "-S",
             str(PYTHON_STEP),
             str(out_file),
             stdin=asyncio.subprocess.PIPE,
@@ -126,7 +129,8 @@ async def run_python(tool: dict[str, Any], timeout_s: float, settings: WorkflowS
         try:
             async with asyncio.timeout(timeout_s):
                 assert proc.stdin is not None
-                proc.stdin.write(orjson.dumps({"code": code, "input": given}, default=str))
+                request = {"code": code, "input": given, "path": SITE_PATHS}
+                proc.stdin.write(orjson.dumps(request, default=str))
                 with contextlib.suppress(ConnectionResetError, BrokenPipeError):
                     await proc.stdin.drain()
                 proc.stdin.close()

@@ -147,12 +147,19 @@ def _submit_all(url: str, bodies: list[bytes], connections: int, out: Any) -> No
 
 def _completed(metrics_url: str) -> int:
     """The worker's `sluice_jobs_completed` counter for the queue (0 before it answers)."""
+    return completed_count(metrics_url, QUEUE)
+
+
+def completed_count(metrics_url: str, queue: str) -> int:
+    """The worker's `sluice_jobs_completed` counter for `queue` (0 before it answers)."""
     try:
         with urllib.request.urlopen(metrics_url, timeout=2) as resp:  # noqa: S310 - loopback
             text = resp.read().decode()
     except OSError:
         return 0
-    found = re.search(r'^sluice_jobs_completed_total\{queue="' + QUEUE + r'"\} (\S+)', text, re.M)
+    found = re.search(
+        r'^sluice_jobs_completed_total\{queue="' + re.escape(queue) + r'"\} (\S+)', text, re.M
+    )
     return int(float(found.group(1))) if found else 0
 
 
@@ -165,7 +172,7 @@ def _cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _wait_ready(url: str, service: Any, timeout: float = 90) -> None:
+def wait_ready(url: str, service: Any, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if service.pid() is None:
@@ -353,8 +360,8 @@ def run_sluice(
         with console.status("sluice: starting the gateway and the job worker ..."):
             gateway.start(["gateway"], env)
             worker.start(["jobs", "work"], env)
-            _wait_ready(f"http://127.0.0.1:{gateway_port}/ready", gateway)
-            _wait_ready(f"http://127.0.0.1:{jobs_port}/ready", worker)
+            wait_ready(f"http://127.0.0.1:{gateway_port}/ready", gateway)
+            wait_ready(f"http://127.0.0.1:{jobs_port}/ready", worker)
         status_topic = Topics(kafka.topic_prefix).jobs_status
         results: dict[str, Any] = _sluice_latency(kafka, gateway_port, status_topic, samples)
         before = {s.name: _cpu_seconds(s.pid()) for s in (gateway, worker)}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from core.settings import KafkaSettings
@@ -552,3 +553,11 @@ def test_the_runs_api_refuses_what_it_cannot_take(
     assert status({"path": "tests/ok", "extra": 1}, RUN_BEARER) == 400
     assert status({"path": "tests/ok", "workload": {"x": "y" * 300_000}}, RUN_BEARER) == 413
     assert status({"path": "tests/ok"}, RUN_BEARER) == 202
+    # The step runner's queue runs code: no key submits to it, only the orchestrator.
+    step = {"queue": "workflows", "payload": {"tool": {"kind": "python", "code": "1"}}}
+    jobs = f"{pipe.gateway_url}/v1/jobs"
+    for headers in (BEARER, RUN_BEARER):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            http_json(jobs, step, headers=headers)
+        refused.value.close()
+        assert refused.value.code in (401, 403)

@@ -42,8 +42,15 @@ def test_required_topics_cover_destination_tiers_and_dlq() -> None:
         "x.dest.wh.retry.5s",
         "x.dest.wh.retry.1m",
         "x.dest.wh.dlq",
+        "x.workflows.catalog",
+        "x.workflows.events",
+        "x.workflows.runs",
     }
     assert specs["x.config"].config["cleanup.policy"] == "compact"
+    # The catalog and the runs table keep the latest per key; the event log is the history.
+    assert specs["x.workflows.catalog"].config["cleanup.policy"] == "compact"
+    assert specs["x.workflows.runs"].config["cleanup.policy"] == "compact"
+    assert specs["x.workflows.events"].config["cleanup.policy"] == "delete"
     ordered = parse_config(
         "sources: [{id: s, write_keys: [k]}]\n"
         "destinations: [{id: d, type: clickhouse, retry: {preserve_order: true}}]"
@@ -246,3 +253,12 @@ def test_a_queue_schedule_needs_a_valid_cron_a_unique_name_and_a_priority_in_ran
     ):
         with pytest.raises(ConfigError, match=reason):
             parse_config(cfg(*bad))
+
+
+def test_the_workflow_queue_takes_no_submit_keys(configs: Configs) -> None:
+    runner = {"type": "python", "function": "connectors.workflows.tools:run_step"}
+    # A submit key there would let its holder run any python step's code.
+    with pytest.raises(ConfigError, match="takes no submit_keys"):
+        parse_config(configs.text(queues=[configs.queue("workflows", executor=runner)]))
+    parsed = parse_config(configs.text(queues=[configs.queue("wf", keys=(), executor=runner)]))
+    assert parsed.queues[0].submit_keys == ()
