@@ -338,7 +338,9 @@ def _run_workflow(out: Console, kafka: KafkaSettings, key: str, gateway: str) ->
 
     entry, _ = apply_playbook(kafka, PLAYBOOK.read_text())
     out.print(f"playbook {entry.path} version {entry.version} applied from {PLAYBOOK}")
-    answer = call_gateway(gateway, key, "/v1/workflows/runs", {"path": entry.path})
+    # The version just applied: a gateway that has not read it yet reads the catalog first.
+    run_of = {"path": entry.path, "version": entry.version}
+    answer = call_gateway(gateway, key, "/v1/workflows/runs", run_of)
     eid = answer["id"]
     run: dict[str, Any] = {}
     deadline = time.monotonic() + 120

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import urllib.error
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,16 @@ RUN_BEARER = {"Authorization": f"Bearer {RUN_KEY}"}
 
 
 def workflow_pipeline(
-    configs: Configs, broker: str, prefix: str, root: Path, concurrency: int = 20, **env: str
+    configs: Configs,
+    broker: str,
+    prefix: str,
+    root: Path,
+    concurrency: int = 20,
+    queues: Sequence[dict[str, Any]] = (),
+    **env: str,
 ) -> Pipeline:
     queues = [
+        *queues,
         configs.queue(
             "workflows",
             keys=(),

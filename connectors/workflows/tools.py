@@ -92,6 +92,19 @@ async def _drain(stream: asyncio.StreamReader | None, keep: bytearray) -> None:
             del keep[: len(keep) - MAX_LOG_BYTES]
 
 
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """The exit status of `proc` once it exited, whoever still holds its pipes.
+
+    (`Process.wait()` of Python 3.11 also waits for the pipes to close, which a child the
+    step left behind keeps open.)
+    """
+    delay = 0.002
+    while proc.returncode is None:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return proc.returncode
+
+
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
@@ -126,6 +139,9 @@ async def run_python(tool: dict[str, Any], timeout_s: float, settings: WorkflowS
             start_new_session=True,
         )
         logs = bytearray()
+        # The pipes are read while the step runs; the step is done when its process exits
+        # (what it started and left behind may hold the pipes: it goes with the group).
+        readers = asyncio.gather(_drain(proc.stdout, logs), _drain(proc.stderr, logs))
         try:
             async with asyncio.timeout(timeout_s):
                 assert proc.stdin is not None
@@ -134,8 +150,7 @@ async def run_python(tool: dict[str, Any], timeout_s: float, settings: WorkflowS
                 with contextlib.suppress(ConnectionResetError, BrokenPipeError):
                     await proc.stdin.drain()
                 proc.stdin.close()
-                await asyncio.gather(_drain(proc.stdout, logs), _drain(proc.stderr, logs))
-                status = await proc.wait()
+                status = await _exited(proc)
         except TimeoutError:
             raise ToolFailed(f"timeout: the python step ran over {timeout_s:g} s") from None
         finally:
@@ -143,6 +158,8 @@ async def run_python(tool: dict[str, Any], timeout_s: float, settings: WorkflowS
             _kill(proc.pid)
             if proc.returncode is None:
                 await proc.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(readers, 2)
         try:
             outcome = orjson.loads(out_file.read_bytes())
         except (OSError, orjson.JSONDecodeError):
@@ -182,6 +199,10 @@ def _auth_headers(credential: Credential | None) -> dict[str, str]:
     if fields is not None and isinstance(fields.get("headers"), dict):
         return {str(k): str(v) for k, v in fields["headers"].items()}
     token = fields.get("token") if fields is not None else credential.value
+    if not isinstance(token, str) or not token:
+        raise ToolFailed(
+            f"credential {credential.name!r} has neither a token nor headers for an http step"
+        )
     return {"Authorization": f"Bearer {token}"}
 
 
@@ -223,7 +244,9 @@ async def run_http(
                 data: Any = orjson.loads(raw) if raw else None
             except orjson.JSONDecodeError:
                 data = raw.decode("utf-8", "replace")
-            result = {"status": resp.status, "headers": dict(resp.headers), "data": data}
+            # Header names as plain text (multidict's are a str subclass JSON refuses).
+            headers_out = {str(k): v for k, v in resp.headers.items()}
+            result = {"status": resp.status, "headers": headers_out, "data": data}
             if not 200 <= resp.status < 300:
                 raise ToolFailed(
                     f"HTTP {resp.status}", {"http": {"status": resp.status}, "data": data}
@@ -231,6 +254,10 @@ async def run_http(
             return result
     except TimeoutError:
         raise ToolFailed(f"timeout: no answer from {url} within {timeout_s:g} s") from None
+    except aiohttp.ClientConnectorError as exc:
+        # The resolver's refusal of a private address is the OS error's message.
+        reason = str(exc.os_error) if exc.os_error is not None else str(exc)
+        raise ToolFailed(f"{method} {url}: {type(exc).__name__}: {reason}") from None
     except aiohttp.ClientError as exc:
         raise ToolFailed(f"{method} {url}: {type(exc).__name__}: {exc}") from None
 
@@ -238,10 +265,15 @@ async def run_http(
 # --- SQL -----------------------------------------------------------------------------
 
 
+def _too_big(value: Any) -> bool:
+    """An integer past 64 bits (HUGEINT, NUMERIC): as a JSON number it does not survive."""
+    return isinstance(value, int) and not -(2**63) <= value < 2**64
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
-    if isinstance(value, decimal.Decimal | uuid.UUID | dt.timedelta):
+    if isinstance(value, decimal.Decimal | uuid.UUID | dt.timedelta) or _too_big(value):
         return str(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).hex()
@@ -499,7 +531,10 @@ async def run_step(payload: Any, job: JobContext) -> dict[str, Any]:
     started = time.monotonic()
     try:
         result = await run_tool(step["tool"], timeout_s, runner.settings, runner.jobs)
-        size = len(orjson.dumps(result, default=str))
+        try:
+            size = len(orjson.dumps(result, default=str))
+        except TypeError as exc:
+            raise ToolFailed(f"the result is not JSON: {exc}") from None
         if size > runner.settings.max_result_bytes:
             raise ToolFailed(
                 f"the result is {size} bytes, over {runner.settings.max_result_bytes}"

@@ -96,8 +96,10 @@ def _secrets(value: str, fields: dict[str, Any] | None) -> tuple[str, ...]:
     if fields is not None:
         found.update(_strings(fields))
     else:
-        for match in re.finditer(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", value):
-            found.add(match.group(1).strip("'"))
+        # A keyword DSN's password (quoted or not), and a URI's `password=` parameter.
+        for pattern in (r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", r"password=([^\s&#]+)"):
+            for match in re.finditer(pattern, value):
+                found.update({match.group(1).strip("'"), unquote(match.group(1))})
         if "://" in value:
             try:
                 url = urlsplit(value)

@@ -144,6 +144,7 @@ class Run:
     inbox: dict[str, int] = field(default_factory=dict)
     commands: dict[str, Command] = field(default_factory=dict)
     cancel_requested: bool = False
+    # The step (not `end`) that completed last: its result is the run's unless `end` has one.
     last_exited: str | None = None
     result: Any = None
     error: str | None = None
@@ -424,7 +425,8 @@ def _step_exit(run: Run, evt: dict[str, Any], at: int) -> None:
         else:
             step.result = step.units[None].result if None in step.units else None
         run.results[step.name] = step.result
-        run.last_exited = step.name
+        if step.name != END:
+            run.last_exited = step.name
     for key, value in (evt.get("set") or {}).items():
         run.ctx[key.removeprefix("ctx.")] = value
     for target in evt.get("next") or ():
@@ -540,7 +542,11 @@ class _Decider:
             if not progressed:
                 break
         if not any(s.state == RUNNING for s in run.steps.values()) and not run.inbox:
-            result = run.results.get(END, run.results.get(run.last_exited or "", None))
+            # The run's result: the `end` step's, else (an `end` that only closes the run)
+            # the result of the step that finished last before it.
+            result = run.results.get(END)
+            if result is None and run.last_exited is not None:
+                result = run.results.get(run.last_exited)
             self._end(COMPLETED, result=result)
         return self.out
 

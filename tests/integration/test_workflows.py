@@ -561,3 +561,27 @@ def test_the_runs_api_refuses_what_it_cannot_take(
             http_json(jobs, step, headers=headers)
         refused.value.close()
         assert refused.value.code in (401, 403)
+
+
+def test_the_example_playbook_of_the_demo_runs_as_shipped(
+    configs: Configs, broker: str, prefix: str, tmp_path: Path
+) -> None:
+    root = Path(__file__).parents[2]
+    primes = configs.queue(
+        "primes",
+        priorities=1,
+        partitions=2,
+        executor={"type": "command", "argv": [str(root / "build" / "jobs" / "sieve")]},
+    )
+    pipe = workflow_pipeline(configs, broker, prefix, tmp_path, queues=[primes])
+    pipe.env["SLUICE_JOBS_COMMANDS"] = str(root / "build" / "jobs")
+    pipe.start("gateway", "jobs", "orchestrator")
+    apply(pipe, (root / "examples" / "workflows" / "primes-report.yaml").read_text())
+    run = wait_run(pipe, start_run(pipe, "examples/primes-report"))
+    assert run["status"] == "COMPLETED", run
+    limits = [100_000, 1_000_000, 5_000_000]
+    assert run["steps"]["count_primes"]["items_done"] == 3
+    assert run["result"] == {
+        "primes_up_to": {"100000": 9592, "1000000": 78498, "5000000": 348513},
+        "sum_below_largest": sum(range(max(limits))),
+    }

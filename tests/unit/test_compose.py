@@ -19,7 +19,7 @@ def _services() -> dict[str, Any]:
 
 def test_the_stack_has_broker_warehouse_and_every_sluice_role() -> None:
     services = _services()
-    roles = ("topics", "gateway", "worker", "sink", "deliver", "jobs")
+    roles = ("topics", "gateway", "worker", "sink", "deliver", "jobs", "orchestrator")
     assert {"kafka", "clickhouse", *roles} <= set(services)
     commands = {name: services[name]["command"] for name in roles}
     assert commands == {
@@ -29,6 +29,7 @@ def test_the_stack_has_broker_warehouse_and_every_sluice_role() -> None:
         "sink": ["sink"],
         "deliver": ["deliver"],
         "jobs": ["jobs", "work"],
+        "orchestrator": ["workflow", "orchestrate"],
     }
 
 
@@ -52,7 +53,7 @@ def test_sluice_environment_names_match_the_settings_models() -> None:
 def test_sluice_services_reach_the_broker_and_warehouse_by_service_name() -> None:
     services = _services()
     kafka_listeners = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-    for name in ("topics", "gateway", "worker", "sink", "deliver", "jobs"):
+    for name in ("topics", "gateway", "worker", "sink", "deliver", "jobs", "orchestrator"):
         bootstrap = services[name]["environment"]["SLUICE_KAFKA_BOOTSTRAP_SERVERS"]
         assert f"INTERNAL://{bootstrap}" in kafka_listeners
         assert services[name]["depends_on"]
@@ -64,7 +65,14 @@ def test_prometheus_scrapes_every_sluice_role_on_an_address_it_can_reach() -> No
     compose = yaml.safe_load(COMPOSE.read_text())
     scrape = yaml.safe_load(compose["configs"]["prometheus"]["content"])["scrape_configs"]
     targets = {t for job in scrape for conf in job["static_configs"] for t in conf["targets"]}
-    assert targets == {"gateway:8080", "sink:8124", "deliver:8125", "worker:9464", "jobs:8126"}
+    assert targets == {
+        "gateway:8080",
+        "sink:8124",
+        "deliver:8125",
+        "worker:9464",
+        "jobs:8126",
+        "orchestrator:8127",
+    }
     env = {name: s.get("environment") or {} for name, s in compose["services"].items()}
     # Each listens on all interfaces: 127.0.0.1 inside a container is unreachable from others.
     assert env["gateway"]["SLUICE_GATEWAY_HOST"] == "0.0.0.0"
@@ -72,6 +80,9 @@ def test_prometheus_scrapes_every_sluice_role_on_an_address_it_can_reach() -> No
     assert env["deliver"]["SLUICE_DELIVERY_HOST"] == "0.0.0.0"
     assert env["worker"]["SLUICE_WORKER_METRICS_HOST"] == "0.0.0.0"
     assert env["jobs"]["SLUICE_JOBS_HOST"] == "0.0.0.0"
+    assert env["orchestrator"]["SLUICE_WORKFLOWS_HOST"] == "0.0.0.0"
+    # The job worker runs warehouse steps against the sink's query endpoint.
+    assert env["jobs"]["SLUICE_WAREHOUSE_QUERY_HOST"] == "sink"
 
 
 def test_only_the_gateway_is_published_beyond_this_host_and_no_password_is_written_in() -> None:

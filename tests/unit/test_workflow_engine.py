@@ -122,6 +122,8 @@ def test_diamond_join_runs_once_with_both_results() -> None:
     assert len(enters) == 1
     assert run.results["join"] == ["L", 2]
     assert run.results["right"] == 2
+    # An `end` without a tool closes the run: the run's result is the join's.
+    assert run.result == ["L", 2]
 
 
 LOOP = """
