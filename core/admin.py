@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,20 +68,54 @@ def apply_topics(
             operation_timeout=timeout,
             request_timeout=timeout,
         )
+        created: list[str] = []
+        raced: list[str] = []
         for name, fut in futures.items():
             try:
                 fut.result()
             except KafkaException as exc:
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                     raise TopicError(f"cannot create topic {name}: {exc}") from exc
+                raced.append(name)  # made by someone else meanwhile: aligned below
+                continue
+            created.append(name)
             changes.append(TopicChange(name, "created"))
+        existing = _wait_usable(admin, [*created, *raced], timeout)
+    done = {c.topic for c in changes}
     for spec in specs:
-        if spec.name in existing:
+        if spec.name in existing and spec.name not in done:
             changes.append(_align(admin, spec, len(existing[spec.name].partitions), timeout))
     if on_change:
         for change in changes:
             on_change(change)
     return changes
+
+
+def _wait_usable(admin: AdminClient, names: list[str], timeout: float) -> dict[str, Any]:
+    """The cluster's topics once every one of `names` has a leader for each partition.
+
+    A created topic is in the controller's metadata before every broker serves it: until
+    then its clients see "unknown topic" or "not leader" for a moment.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            topics = admin.list_topics(timeout=max(1.0, deadline - time.monotonic())).topics
+        except KafkaException as exc:
+            raise TopicError(f"cannot read the topics back: {exc}") from exc
+        waiting = [
+            name
+            for name in names
+            if name not in topics
+            or topics[name].error is not None
+            or not topics[name].partitions
+            or any(p.leader < 0 or p.error is not None for p in topics[name].partitions.values())
+        ]
+        if not waiting:
+            return topics
+        if time.monotonic() > deadline:
+            raise TopicError(f"topics without a leader after {timeout:.0f} s: {', '.join(waiting)}")
+        time.sleep(0.1)
 
 
 def _align(admin: AdminClient, spec: TopicSpec, partitions: int, timeout: float) -> TopicChange:

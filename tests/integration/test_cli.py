@@ -24,8 +24,10 @@ def test_topics_apply_creates_then_changes_nothing(
     monkeypatch.setenv("SLUICE_KAFKA_TOPIC_PREFIX", kafka.topic_prefix)
     first = runner.invoke(app, ["topics", "apply", "--config", str(config)])
     assert first.exit_code == 0, first.output
-    assert first.output.count("created") == 10
+    # 10 of the pipeline (with the config's destination and its tiers), 3 of workflows.
+    assert first.output.count("created") == 13
     assert f"{kafka.topic_prefix}.dest.warehouse.retry.3s" in first.output
+    assert f"{kafka.topic_prefix}.workflows.events" in first.output
     second = runner.invoke(app, ["topics", "apply", "--config", str(config)])
     assert second.exit_code == 0
-    assert second.output.count("unchanged") == 10
+    assert second.output.count("unchanged") == 13
