@@ -16,8 +16,7 @@ class TopicSpec:
 
     name: str
     partitions: int
-    # None: what the cluster holds (`core.admin.replication`), decided when it is applied.
-    replication_factor: int | None
+    replication_factor: int
     config: dict[str, str] = field(default_factory=dict)
 
 
