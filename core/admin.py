@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -54,15 +54,25 @@ def apply_topics(
     """Make the cluster hold every topic in `specs`; safe to run again and again."""
     admin = admin_client(kafka)
     try:
-        existing = admin.list_topics(timeout=timeout).topics
+        cluster = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         raise TopicError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}") from exc
+    existing = cluster.topics
     changes: list[TopicChange] = []
+    rf, isr = replication(kafka, len(cluster.brokers))
+    specs = [
+        replace(
+            s,
+            replication_factor=s.replication_factor or rf,
+            config={"min.insync.replicas": str(isr), **s.config},
+        )
+        for s in specs
+    ]
     missing = [s for s in specs if s.name not in existing]
     if missing:
         futures = admin.create_topics(
             [
-                NewTopic(s.name, s.partitions, s.replication_factor, config=s.config)
+                NewTopic(s.name, s.partitions, s.replication_factor or rf, config=s.config)
                 for s in missing
             ],
             operation_timeout=timeout,
@@ -89,6 +99,24 @@ def apply_topics(
         for change in changes:
             on_change(change)
     return changes
+
+
+def replication(kafka: KafkaSettings, brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of Sluice's topics on `brokers` brokers:
+    the settings where given, else 3 and 2 on three or more brokers, `brokers` and 1 below."""
+    rf = kafka.replication_factor or min(3, max(1, brokers))
+    isr = kafka.min_insync_replicas or (2 if rf >= 3 else 1)
+    if isr > rf:
+        raise TopicError(
+            f"min.insync.replicas {isr} is more than the replication factor {rf}:"
+            " no write could ever be acknowledged (SLUICE_KAFKA_MIN_INSYNC_REPLICAS)"
+        )
+    if rf > brokers:
+        raise TopicError(
+            f"replication factor {rf} needs {rf} brokers; the cluster has {brokers}"
+            " (SLUICE_KAFKA_REPLICATION_FACTOR)"
+        )
+    return rf, isr
 
 
 def _wait_usable(admin: AdminClient, names: list[str], timeout: float) -> dict[str, Any]:

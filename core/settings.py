@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -21,7 +21,11 @@ class KafkaSettings(BaseSettings):
     bootstrap_servers: str = "127.0.0.1:9092"
     topic_prefix: str = "sluice"
     partitions: int = 4
-    replication_factor: int = 1
+    # Replicas of each of Sluice's topics, and how many must have a write before it counts
+    # (acks=all). None: from the cluster `sluice topics apply` talks to: 3 and 2 on 3 or
+    # more brokers, else one replica per broker and 1.
+    replication_factor: int | None = Field(default=None, ge=1)
+    min_insync_replicas: int | None = Field(default=None, ge=1)
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -47,8 +51,13 @@ class BrokerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SLUICE_BROKER_", frozen=True)
 
-    version: str = "3.9.1"
+    # The newest Apache Kafka 4.x that resolves from Maven Central; 3.9.x still runs
+    # (SLUICE_BROKER_VERSION=3.9.1).
+    version: str = "4.4.0"
     scala_version: str = "2.13"
+    # Nodes of the local cluster (`sluice kafka start --brokers 3`): node i listens on
+    # port + 2(i-1) and controller_port + 2(i-1), its state in state_dir/node-<i>.
+    brokers: int = Field(default=1, ge=1, le=9)
     cache_dir: Path = Path.home() / ".cache" / "sluice" / "kafka"
     state_dir: Path = Path(".sluice") / "kafka"
     host: str = "127.0.0.1"

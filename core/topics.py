@@ -16,7 +16,8 @@ class TopicSpec:
 
     name: str
     partitions: int
-    replication_factor: int
+    # None: what the cluster holds (`core.admin.replication`), decided when it is applied.
+    replication_factor: int | None
     config: dict[str, str] = field(default_factory=dict)
 
 

@@ -1,8 +1,13 @@
-"""A local single-node Apache Kafka broker (KRaft) from the official jars on Maven Central.
+"""Local Apache Kafka (KRaft) from the official jars on Maven Central: one node or a cluster.
 
 `ensure_jars` resolves `org.apache.kafka:kafka_<scala>:<version>` with Maven into a cache
-outside the project, `start_broker` formats the storage once and starts broker and
-controller in one JVM on 127.0.0.1, `stop_broker` stops it gracefully.
+outside the project. `start_broker` formats each node's storage once (one cluster id for
+all of them) and starts every node, each a broker and a controller in one JVM on
+127.0.0.1; `stop_broker` stops them gracefully. One node (`SLUICE_BROKER_BROKERS=1`, the
+default) listens on `port` and `controller_port` with its state in `state_dir`; node i of
+a cluster on `port + 2(i-1)` and `controller_port + 2(i-1)`, its state in
+`state_dir/node-<i>`, every node a voter of the controller quorum. `start_node` and
+`kill_node` start and SIGKILL one node of a cluster (failover tests, rolling restarts).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import signal
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import KafkaException
@@ -112,36 +118,93 @@ def _state(settings: BrokerSettings) -> Path:
     return settings.state_dir.expanduser().resolve()
 
 
-def server_properties(settings: BrokerSettings) -> str:
-    """The broker+controller configuration of the local single node."""
+@dataclass(frozen=True)
+class Node:
+    """One node of the local cluster: its id, its client and controller ports, its folder."""
+
+    node_id: int
+    host: str
+    port: int
+    controller_port: int
+    state: Path
+
+    @property
+    def address(self) -> str:
+        """Its client address."""
+        return f"{self.host}:{self.port}"
+
+
+def nodes(settings: BrokerSettings) -> list[Node]:
+    """Every node of the configured cluster (one: the single broker of `state_dir`)."""
     state = _state(settings)
+    if settings.brokers == 1:
+        return [Node(1, settings.host, settings.port, settings.controller_port, state)]
+    found = [
+        Node(
+            i,
+            settings.host,
+            settings.port + 2 * (i - 1),
+            settings.controller_port + 2 * (i - 1),
+            state / f"node-{i}",
+        )
+        for i in range(1, settings.brokers + 1)
+    ]
+    ports = [p for n in found for p in (n.port, n.controller_port)]
+    if len(set(ports)) != len(ports):
+        raise BrokerError(
+            f"the ports of {settings.brokers} nodes overlap: node i takes port + 2(i-1) and"
+            " controller_port + 2(i-1) (SLUICE_BROKER_PORT, SLUICE_BROKER_CONTROLLER_PORT)"
+        )
+    return found
+
+
+def _node(settings: BrokerSettings, node_id: int) -> Node:
+    for node in nodes(settings):
+        if node.node_id == node_id:
+            return node
+    raise BrokerError(
+        f"no node {node_id}: the cluster has {settings.brokers} (1 to {settings.brokers})"
+    )
+
+
+def server_properties(settings: BrokerSettings, node_id: int = 1) -> str:
+    """The broker+controller configuration of one node of the local cluster."""
+    all_nodes = nodes(settings)
+    node = _node(settings, node_id)
     host = settings.host
+    size = len(all_nodes)
+    # Kafka's own topics (offsets, transactions) replicated like Sluice's (`topics apply`).
+    rf, isr = min(3, size), 2 if size >= 3 else 1
+    voters = ",".join(f"{n.node_id}@{host}:{n.controller_port}" for n in all_nodes)
     return "\n".join(
         [
             "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@{host}:{settings.controller_port}",
-            f"listeners=PLAINTEXT://{host}:{settings.port},CONTROLLER://{host}:{settings.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{host}:{settings.port}",
+            f"node.id={node.node_id}",
+            f"controller.quorum.voters={voters}",
+            f"listeners=PLAINTEXT://{host}:{node.port},CONTROLLER://{host}:{node.controller_port}",
+            f"advertised.listeners=PLAINTEXT://{host}:{node.port}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
             "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            f"log.dirs={state / 'data'}",
+            f"log.dirs={node.state / 'data'}",
             "num.partitions=4",
-            "offsets.topic.replication.factor=1",
+            f"default.replication.factor={rf}",
+            f"min.insync.replicas={isr}",
+            f"offsets.topic.replication.factor={rf}",
             "offsets.topic.num.partitions=4",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
+            f"transaction.state.log.replication.factor={rf}",
+            f"transaction.state.log.min.isr={isr}",
             "transaction.state.log.num.partitions=4",
             "group.initial.rebalance.delay.ms=0",
             "auto.create.topics.enable=true",
+            # A node that comes back takes its partitions' leadership back soon.
+            "leader.imbalance.check.interval.seconds=10",
             "",
         ]
     )
 
 
-def _log_config(settings: BrokerSettings) -> tuple[str, str]:
-    state = _state(settings)
+def _log_config(settings: BrokerSettings, state: Path) -> tuple[str, str]:
     if _major(settings) >= 4:
         text = f"""Configuration:
   Appenders:
@@ -162,40 +225,46 @@ log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
     return "log4j.properties", text
 
 
-def _java_args(settings: BrokerSettings, libs: Path) -> list[str]:
+def _java_args(settings: BrokerSettings, libs: Path, state: Path) -> list[str]:
     java = _require(
         "java",
         "Java 17+ is required to run the Kafka broker: install a JDK (Debian: apt-get install openjdk-17-jre-headless)",
     )
-    name, _ = _log_config(settings)
+    name, _ = _log_config(settings, state)
     log_prop = "log4j2.configurationFile" if _major(settings) >= 4 else "log4j.configuration"
     return [
         java,
         f"-Xmx{settings.heap}",
         f"-Xms{settings.heap}",
         "-XX:+UseG1GC",
-        f"-D{log_prop}=file:{_state(settings) / name}",
+        f"-D{log_prop}=file:{state / name}",
         "-cp",
         f"{libs}/*",
     ]
 
 
-def _pid_file(settings: BrokerSettings) -> Path:
-    return _state(settings) / "broker.pid"
-
-
-def broker_pid(settings: BrokerSettings) -> int | None:
-    """The pid of the broker this state folder belongs to, if it runs."""
+def node_pid(node: Node) -> int | None:
+    """The pid of a node's process, if it runs."""
+    pid_file = node.state / "broker.pid"
     try:
-        pid = int(_pid_file(settings).read_text().strip())
+        pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        _pid_file(settings).unlink(missing_ok=True)
+        pid_file.unlink(missing_ok=True)
         return None
     return pid
+
+
+def broker_pid(settings: BrokerSettings) -> int | None:
+    """The pid of the first running node of the cluster this state folder belongs to."""
+    for node in nodes(settings):
+        pid = node_pid(node)
+        if pid is not None:
+            return pid
+    return None
 
 
 def wait_for_broker(bootstrap: str, timeout: float) -> bool:
@@ -213,8 +282,8 @@ def wait_for_broker(bootstrap: str, timeout: float) -> bool:
 
 
 def bootstrap(settings: BrokerSettings) -> str:
-    """The client address of the local broker."""
-    return f"{settings.host}:{settings.port}"
+    """The client addresses of the local cluster (every node: any one of them may be down)."""
+    return ",".join(node.address for node in nodes(settings))
 
 
 def new_cluster_id() -> str:
@@ -225,25 +294,36 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-def start_broker(settings: BrokerSettings, console: Console | None = None) -> int:
-    """Start the broker unless it runs; returns its pid once it answers metadata requests."""
-    console = console or Console(stderr=True)
-    running = broker_pid(settings)
-    if running is not None and wait_for_broker(bootstrap(settings), 5):
-        console.print(f"kafka    already running, pid {running}, {bootstrap(settings)}")
-        return running
-    libs = ensure_jars(settings, console)
-    java = _java_args(settings, libs)
-    state = _state(settings)
-    state.mkdir(parents=True, exist_ok=True)
-    props = state / "server.properties"
-    props.write_text(server_properties(settings))
-    name, text = _log_config(settings)
-    (state / name).write_text(text)
-    if not (state / "data" / "meta.properties").exists():
-        cluster_id = new_cluster_id()
+def _cluster_id(settings: BrokerSettings) -> str:
+    """The cluster's id: made once, shared by every node's storage."""
+    path = _state(settings) / "cluster-id"
+    if settings.brokers == 1:
+        return new_cluster_id()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(new_cluster_id())
+    return path.read_text().strip()
+
+
+def _launch(settings: BrokerSettings, libs: Path, node: Node) -> int:
+    """Write a node's configuration, format its storage the first time, start its JVM."""
+    java = _java_args(settings, libs, node.state)
+    node.state.mkdir(parents=True, exist_ok=True)
+    props = node.state / "server.properties"
+    props.write_text(server_properties(settings, node.node_id))
+    name, text = _log_config(settings, node.state)
+    (node.state / name).write_text(text)
+    if not (node.state / "data" / "meta.properties").exists():
         fmt = subprocess.run(  # noqa: S603
-            [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+            [
+                *java,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                _cluster_id(settings),
+                "-c",
+                str(props),
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -252,31 +332,103 @@ def start_broker(settings: BrokerSettings, console: Console | None = None) -> in
             raise BrokerError(
                 f"formatting Kafka storage failed: {(fmt.stderr or fmt.stdout).strip()[-300:]}"
             )
-    pid = spawn_detached([*java, "kafka.Kafka", str(props)], state / "broker.out")
-    _pid_file(settings).write_text(str(pid))
-    starting = f"starting Kafka {settings.version} on {bootstrap(settings)}"
+    pid = spawn_detached([*java, "kafka.Kafka", str(props)], node.state / "broker.out")
+    (node.state / "broker.pid").write_text(str(pid))
+    return pid
+
+
+def _check_layout(settings: BrokerSettings) -> None:
+    state = _state(settings)
+    single = (state / "data" / "meta.properties").exists()
+    cluster = any(state.glob("node-*/data/meta.properties"))
+    if settings.brokers > 1 and single:
+        raise BrokerError(
+            f"{state} holds a single broker's data: stop it and remove the folder (make clean)"
+            " before starting a cluster there, or use another SLUICE_BROKER_STATE_DIR"
+        )
+    if settings.brokers == 1 and cluster:
+        raise BrokerError(
+            f"{state} holds a cluster's nodes: start it with --brokers"
+            f" {len(list(state.glob('node-*')))}, or use another SLUICE_BROKER_STATE_DIR"
+        )
+
+
+def start_broker(settings: BrokerSettings, console: Console | None = None) -> int:
+    """Start every node that does not run; returns the first node's pid once every node
+    answers metadata requests."""
+    console = console or Console(stderr=True)
+    _check_layout(settings)
+    cluster = nodes(settings)
+    running = {n.node_id: node_pid(n) for n in cluster}
+    if all(running.values()) and all(wait_for_broker(n.address, 5) for n in cluster):
+        console.print(f"kafka    already running, pid {running[1]}, {bootstrap(settings)}")
+        return running[1] or 0
+    libs = ensure_jars(settings, console)
+    for node in cluster:
+        if running[node.node_id] is None:
+            running[node.node_id] = _launch(settings, libs, node)
+    for node in cluster:
+        _wait_node(settings, node, console)
+    first = running[1] or 0
+    if len(cluster) == 1:
+        console.print(
+            f"kafka    running, pid {first}, {bootstrap(settings)}, log {cluster[0].state / 'broker.log'}"
+        )
+    else:
+        console.print(
+            f"kafka    running, {len(cluster)} brokers, {bootstrap(settings)}, logs"
+            f" {_state(settings)}/node-*/broker.log"
+        )
+    return first
+
+
+def start_node(settings: BrokerSettings, node_id: int, console: Console | None = None) -> int:
+    """Start one node of the cluster (a no-op when it runs); its pid once it answers."""
+    console = console or Console(stderr=True)
+    node = _node(settings, node_id)
+    pid = node_pid(node)
+    if pid is None:
+        pid = _launch(settings, ensure_jars(settings, console), node)
+    _wait_node(settings, node, console)
+    return pid
+
+
+def kill_node(settings: BrokerSettings, node_id: int) -> bool:
+    """SIGKILL one node (a crash: no clean shutdown); False when it was not running."""
+    node = _node(settings, node_id)
+    pid = node_pid(node)
+    if pid is None:
+        return False
+    os.killpg(pid, signal.SIGKILL)
+    while alive(pid):
+        time.sleep(0.05)
+    (node.state / "broker.pid").unlink(missing_ok=True)
+    return True
+
+
+def _wait_node(settings: BrokerSettings, node: Node, console: Console) -> None:
+    pid = node_pid(node)
+    assert pid is not None, "launched before it is waited for"
+    starting = f"starting Kafka {settings.version} on {node.address}"
     with console.status(f"{starting} ...") as status:
         deadline = time.monotonic() + settings.start_timeout_s
         recovered: tuple[int, int] | None = None
         while time.monotonic() < deadline:
             if not alive(pid):
-                _pid_file(settings).unlink(missing_ok=True)
-                raise BrokerError(f"the broker exited: {_last_error(state)}")
-            progress = log_recovery(state / "broker.log")
+                (node.state / "broker.pid").unlink(missing_ok=True)
+                raise BrokerError(f"the broker exited: {_last_error(node.state)}")
+            progress = log_recovery(node.state / "broker.log")
             if progress is not None and progress != recovered:
                 # Loading many partitions after an unclean stop takes a while: as long as it
                 # moves, the wait goes on, and the operator sees how far it got.
                 recovered = progress
                 deadline = time.monotonic() + settings.start_timeout_s
                 status.update(f"{starting}: loading logs, {progress[0]}/{progress[1]} partitions")
-            if wait_for_broker(bootstrap(settings), 1.0):
-                console.print(
-                    f"kafka    running, pid {pid}, {bootstrap(settings)}, log {state / 'broker.log'}"
-                )
-                return pid
+            if wait_for_broker(node.address, 1.0):
+                return
     stop_broker(settings, console)
     raise BrokerError(
-        f"the broker did not answer within {settings.start_timeout_s:.0f}s; see {state / 'broker.log'}"
+        f"the broker did not answer within {settings.start_timeout_s:.0f}s; see {node.state / 'broker.log'}"
     )
 
 
@@ -313,32 +465,110 @@ def _last_error(state: Path) -> str:
 def stop_broker(
     settings: BrokerSettings, console: Console | None = None, timeout: float = 30.0
 ) -> bool:
-    """SIGTERM the broker and wait (SIGKILL after `timeout`); False when it was not running."""
+    """SIGTERM every node and wait (SIGKILL after `timeout`); False when none was running."""
     console = console or Console(stderr=True)
-    pid = broker_pid(settings)
-    if pid is None:
+    pids = [(n, pid) for n in nodes(settings) if (pid := node_pid(n)) is not None]
+    if not pids:
         console.print("kafka    was not running")
         return False
-    os.killpg(pid, signal.SIGTERM)
+    for _, pid in pids:
+        os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(pid) for _, pid in pids):
+        time.sleep(0.1)
+    for node, pid in pids:
+        if alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+            while alive(pid):
+                time.sleep(0.1)
+        (node.state / "broker.pid").unlink(missing_ok=True)
+    shown = ", ".join(str(pid) for _, pid in pids)
+    console.print(f"kafka    stopped (pid {shown})")
+    return True
+
+
+def stop_node(settings: BrokerSettings, node_id: int, console: Console | None = None) -> bool:
+    """SIGTERM one node and wait for it (a rolling restart's step); False when it was down."""
+    console = console or Console(stderr=True)
+    node = _node(settings, node_id)
+    pid = node_pid(node)
+    if pid is None:
+        console.print(f"kafka    node {node_id} was not running")
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and alive(pid):
         time.sleep(0.1)
     if alive(pid):
         os.killpg(pid, signal.SIGKILL)
         while alive(pid):
             time.sleep(0.1)
-    _pid_file(settings).unlink(missing_ok=True)
-    console.print(f"kafka    stopped (pid {pid})")
+    (node.state / "broker.pid").unlink(missing_ok=True)
+    console.print(f"kafka    node {node_id} stopped (pid {pid})")
     return True
+
+
+def cluster_nodes_on_disk(settings: BrokerSettings) -> int | None:
+    """How many nodes the state folder holds a cluster of (None: none, or one broker)."""
+    found = list(_state(settings).glob("node-*/server.properties"))
+    return len(found) or None
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One node as `sluice kafka status` shows it."""
+
+    node: Node
+    pid: int | None
+    answering: bool
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """The local cluster: its nodes, its controller, its topics and their replication."""
+
+    nodes: list[NodeStatus]
+    controller: int | None
+    topics: int | None
+    under_replicated: list[str]
+    offline: list[str]
 
 
 def broker_status(settings: BrokerSettings) -> tuple[int | None, int | None]:
     """(pid, number of topics) of the local broker; (None, None) when it is not running."""
-    pid = broker_pid(settings)
-    if pid is None:
-        return None, None
-    admin = AdminClient({"bootstrap.servers": bootstrap(settings), "log_level": 0})
+    status = cluster_status(settings)
+    pid = next((n.pid for n in status.nodes if n.pid is not None), None)
+    return (None, None) if pid is None else (pid, status.topics)
+
+
+def cluster_status(settings: BrokerSettings) -> ClusterStatus:
+    """Every node (running, answering), the active controller, and the partitions whose
+    replicas are not all in sync (under-replicated) or that have no leader (offline)."""
+    shown = []
+    for node in nodes(settings):
+        pid = node_pid(node)
+        shown.append(NodeStatus(node, pid, pid is not None and wait_for_broker(node.address, 2)))
+    reachable = ",".join(n.node.address for n in shown if n.answering)
+    if not reachable:
+        return ClusterStatus(shown, None, None, [], [])
+    admin = AdminClient({"bootstrap.servers": reachable, "log_level": 0})
     try:
-        return pid, len(admin.list_topics(timeout=5).topics)
+        meta = admin.list_topics(timeout=5)
+        controller = admin.describe_cluster(request_timeout=5).result(timeout=5).controller
     except KafkaException:
-        return pid, None
+        return ClusterStatus(shown, None, None, [], [])
+    under, offline = [], []
+    for topic in meta.topics.values():
+        for p in topic.partitions.values():
+            name = f"{topic.topic}[{p.id}]"
+            if p.leader < 0:
+                offline.append(name)
+            elif len(p.isrs) < len(p.replicas):
+                under.append(name)
+    return ClusterStatus(
+        shown,
+        None if controller is None else int(controller.id),
+        len(meta.topics),
+        sorted(under),
+        sorted(offline),
+    )

@@ -18,6 +18,7 @@ only after the DLQ confirmed its writes.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from confluent_kafka import (
 from connectors.errors import DestinationUnavailable
 from connectors.warehouse.buffer import PartitionBuffer, replayed_from
 from connectors.warehouse.clickhouse import Warehouse
-from connectors.warehouse.consumer import records_behind, sink_consumer
+from connectors.warehouse.consumer import group_coordinator, records_behind, sink_consumer
 from connectors.warehouse.copies import RecentIds, recent_event_ids
 from connectors.warehouse.dead_letters import DeadLetters
 from connectors.warehouse.loader import Batch
@@ -48,6 +49,11 @@ from core.ranges import merge_ranges
 from core.settings import KafkaSettings, WarehouseSettings
 from core.watchdog import StallWatchdog
 from schemas.codec import AvroCodec
+
+# Fencings of the sink's static member taken for a coordinator's failover and joined again;
+# more within the window is another sink with the same instance id, and the loop ends.
+MAX_FENCED = 3
+FENCED_WINDOW_S = 300.0
 
 log = structlog.get_logger("sluice.sink")
 
@@ -91,6 +97,9 @@ class WarehouseSink:
         self._resolve_at = 0.0
         self._lag_at = 0.0
         self._consumer = sink_consumer(kafka, settings)
+        self.kafka = kafka
+        self._fenced: list[float] = []
+        self._coordinator: int | None = None
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -147,6 +156,8 @@ class WarehouseSink:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._epoch += 1
+        # Who coordinates the group now: a fencing under another one is a failover's.
+        self._coordinator = group_coordinator(self.kafka, self.settings)
         self.metrics.rebalances.labels("assigned").inc(len(partitions))
         committed = consumer.committed(partitions, timeout=30)
         fresh: list[PartitionBuffer] = []
@@ -184,22 +195,11 @@ class WarehouseSink:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                if self._new_targets is not None:
-                    self._retarget()
-                if not self.targets:
-                    self.watchdog.lag(0)
-                    self._stop.wait(0.2)
-                    continue
-                self._resolve()
-                if self._held:
-                    batch, self._held = self._held, []
-                else:
-                    messages = self._consumer.consume(2000, timeout=0.2)
-                    batch = [(self._epoch, msg) for msg in messages]
-                for epoch, msg in batch:
-                    self._add(msg, epoch)
-                self._flush_due(force=False)
-                self._measure_lag()
+                try:
+                    self._turn()
+                except KafkaException as exc:
+                    if not self._rejoin_after(exc):
+                        raise
             self._flush_due(force=True)
         except Exception as exc:
             reason = f"warehouse sink loop died: {type(exc).__name__}: {exc}"
@@ -209,6 +209,63 @@ class WarehouseSink:
                 self._on_death(reason)
         finally:
             self._consumer.close()
+
+    def _rejoin_after(self, exc: KafkaException) -> bool:
+        """A static member fenced while the group's coordinator moved (a broker failed over)
+        is not a second sink: drop what is not committed, join again with a new consumer.
+
+        True when it rejoined; False for another fatal error, for a fencing under the same
+        coordinator as at the last assignment (another member with the same instance id
+        took the place), or a fencing again and again (`MAX_FENCED` in `FENCED_WINDOW_S`).
+        """
+        err = exc.args[0] if exc.args else None
+        if not isinstance(err, KafkaError) or "fenced" not in err.str().lower():
+            return False
+        now = time.monotonic()
+        self._fenced = [t for t in self._fenced if now - t < FENCED_WINDOW_S] + [now]
+        if len(self._fenced) > MAX_FENCED:
+            return False
+        coordinator, deadline = None, now + 30
+        while coordinator is None and time.monotonic() < deadline and not self._stop.is_set():
+            coordinator = group_coordinator(self.kafka, self.settings)
+            if coordinator is None:
+                self._stop.wait(1.0)  # no coordinator to ask yet: it is failing over
+        if coordinator is not None and coordinator == self._coordinator:
+            return False
+        log.warning("sink consumer fenced; joining the group again", error=err.str())
+        self.metrics.rebalances.labels("fenced").inc()
+        with contextlib.suppress(Exception):
+            self._consumer.close()
+        # Uncommitted rows are dropped as on a revoke: the pending marker rebuilds the batch.
+        self._buffers.clear()
+        self._held = []
+        self._paused = False
+        self._stop.wait(1.0)
+        self._consumer = sink_consumer(self.kafka, self.settings)
+        if self.targets:
+            self._consumer.subscribe(
+                list(self.targets), on_assign=self._on_assign, on_revoke=self._on_revoke
+            )
+        return True
+
+    def _turn(self) -> None:
+        """One turn of the loop: targets, failures, a fetch, the flushes that are due."""
+        if self._new_targets is not None:
+            self._retarget()
+        if not self.targets:
+            self.watchdog.lag(0)
+            self._stop.wait(0.2)
+            return
+        self._resolve()
+        if self._held:
+            batch, self._held = self._held, []
+        else:
+            messages = self._consumer.consume(2000, timeout=0.2)
+            batch = [(self._epoch, msg) for msg in messages]
+        for epoch, msg in batch:
+            self._add(msg, epoch)
+        self._flush_due(force=False)
+        self._measure_lag()
 
     def _add(self, msg: Message, epoch: int) -> None:
         err = msg.error()

@@ -307,7 +307,7 @@ def test_orchestrator_killed_twice_mid_run_resumes_and_rebuilds_equal(
         pipe.start("orchestrator")
     for eid in ids:
         run = wait_run(pipe, eid, timeout=180)
-        assert run["status"] == "COMPLETED", run
+        assert run["status"] == "COMPLETED", (run["error"], run["steps"])
         assert run["result"] == sum(n + 1 for n in items)
         log = events_of(pipe, eid)
         # No step and no loop item completed twice, and each command once.
@@ -413,7 +413,7 @@ def test_postgres_steps_use_a_credential_that_no_topic_ever_holds(
             ),
         )
         run = wait_run(pipe, start_run(pipe, "tests/postgres"))
-        assert run["status"] == "COMPLETED", run
+        assert run["status"] == "COMPLETED", (run["error"], run["steps"])
         rows = [c["rows"] for c in run["steps"]["start"]["result"].values() if c.get("rows")]
         assert rows == [[{"id": 1, "name": "ada"}, {"id": 2, "name": "grace"}]]
         (count,) = [c["rows"] for c in run["result"].values() if c.get("rows")]

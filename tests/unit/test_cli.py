@@ -99,8 +99,9 @@ def test_missing_java_or_maven_is_named(tmp_path: Path, monkeypatch: pytest.Monk
     empty_cache = BrokerSettings(cache_dir=tmp_path / "cache", state_dir=tmp_path / "state")
     with pytest.raises(BrokerError, match="Maven is required"):
         start_broker(empty_cache)
-    (tmp_path / "cache" / "2.13-3.9.1").mkdir(parents=True)
-    (tmp_path / "cache" / "2.13-3.9.1" / "complete").write_text("3.9.1")
+    cached = tmp_path / "cache" / f"2.13-{empty_cache.version}"
+    cached.mkdir(parents=True)
+    (cached / "complete").write_text(empty_cache.version)
     with pytest.raises(BrokerError, match="Java 17\\+ is required"):
         start_broker(empty_cache)
 
@@ -113,3 +114,40 @@ def test_kafka_status_of_a_stopped_broker(tmp_path: Path, monkeypatch: pytest.Mo
     stop = runner.invoke(app, ["kafka", "stop"])
     assert stop.exit_code == 0
     assert "was not running" in stop.output
+
+
+def test_a_three_node_cluster_has_its_own_ports_folders_and_one_quorum(tmp_path: Path) -> None:
+    from ops.kafka_broker import bootstrap, nodes  # noqa: PLC0415
+
+    settings = BrokerSettings(brokers=3, port=19100, controller_port=19101, state_dir=tmp_path)
+    assert [(n.port, n.controller_port) for n in nodes(settings)] == [
+        (19100, 19101),
+        (19102, 19103),
+        (19104, 19105),
+    ]
+    assert bootstrap(settings) == "127.0.0.1:19100,127.0.0.1:19102,127.0.0.1:19104"
+    props = server_properties(settings, 2)
+    assert "node.id=2" in props
+    assert "controller.quorum.voters=1@127.0.0.1:19101,2@127.0.0.1:19103,3@127.0.0.1:19105" in props
+    assert f"log.dirs={tmp_path.resolve() / 'node-2' / 'data'}" in props
+    assert "offsets.topic.replication.factor=3" in props
+    assert "transaction.state.log.min.isr=2" in props
+    overlapping = BrokerSettings(brokers=2, port=19100, controller_port=19102, state_dir=tmp_path)
+    with pytest.raises(BrokerError, match="overlap"):
+        nodes(overlapping)
+
+
+def test_replication_follows_the_cluster_unless_set() -> None:
+    from core.admin import replication  # noqa: PLC0415
+    from core.errors import TopicError  # noqa: PLC0415
+    from core.settings import KafkaSettings  # noqa: PLC0415
+
+    assert replication(KafkaSettings(), 1) == (1, 1)
+    assert replication(KafkaSettings(), 2) == (2, 1)
+    assert replication(KafkaSettings(), 3) == (3, 2)
+    assert replication(KafkaSettings(), 5) == (3, 2)
+    assert replication(KafkaSettings(replication_factor=2, min_insync_replicas=2), 3) == (2, 2)
+    with pytest.raises(TopicError, match="needs 3 brokers"):
+        replication(KafkaSettings(replication_factor=3), 1)
+    with pytest.raises(TopicError, match="more than the replication factor"):
+        replication(KafkaSettings(replication_factor=1, min_insync_replicas=2), 3)

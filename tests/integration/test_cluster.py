@@ -1,0 +1,264 @@
+"""A 3-broker KRaft cluster of the test's own: Sluice's guarantees while brokers fail.
+
+The cluster (`sluice kafka start --brokers 3`, its own ports and folders) runs beside the
+suite's broker for this module. Sluice's topics on it have 3 replicas and
+`min.insync.replicas=2`, so one broker down loses no acknowledged write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+from core.settings import BrokerSettings, KafkaSettings
+from ops.baseline_services import BASE_DIR
+from ops.kafka_broker import (
+    bootstrap,
+    cluster_status,
+    kill_node,
+    start_broker,
+    start_node,
+    stop_broker,
+    stop_node,
+)
+from ops.traffic import basic_auth
+from tests.integration.test_exactly_once import _event_ids
+from tests.pipeline import Pipeline, pipeline_with_topics, until
+
+pytestmark = pytest.mark.integration
+
+
+def _free_block(size: int) -> int:
+    """A port p with p .. p + size - 1 all free on 127.0.0.1."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        if base + size >= 65535:
+            continue
+        taken = False
+        for port in range(base, base + size):
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    taken = True
+                    break
+        if not taken:
+            return base
+    raise AssertionError("no block of free ports")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[BrokerSettings]:
+    base = _free_block(6)
+    state = (BASE_DIR / f"cluster-{uuid.uuid4().hex[:8]}").resolve()
+    settings = BrokerSettings(
+        brokers=3, port=base, controller_port=base + 1, state_dir=state, heap="512m"
+    )
+    start_broker(settings)
+    try:
+        yield settings
+    finally:
+        stop_broker(settings)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _in_sync(settings: BrokerSettings, timeout: float = 90) -> None:
+    """Wait until every node answers and no partition is under-replicated or leaderless."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = cluster_status(settings)
+        if (
+            all(n.answering for n in found.nodes)
+            and not found.under_replicated
+            and not found.offline
+            and found.topics is not None
+        ):
+            return
+        assert time.monotonic() < deadline, (
+            f"not in sync: {found.under_replicated[:5]} {found.offline[:5]}"
+        )
+        time.sleep(0.5)
+
+
+@dataclass
+class Load:
+    """Events posted at a steady rate, each batch's answer kept."""
+
+    pipe: Pipeline
+    confirmed: set[str] = field(default_factory=set)
+    sent: set[str] = field(default_factory=set)
+    statuses: dict[int, int] = field(default_factory=dict)
+    missing_retry_after: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, per_s: float = 100, batch: int = 10) -> None:
+        headers = {"Authorization": basic_auth(self.pipe.write_key)}
+        timeout = aiohttp.ClientTimeout(total=30)
+        n = 0
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while not self.stop.is_set():
+                ids = [f"cl-{n + i}" for i in range(batch)]
+                n += batch
+                body = {
+                    "batch": [
+                        {"type": "track", "event": "Clustered", "userId": "u", "messageId": i}
+                        for i in ids
+                    ]
+                }
+                self.sent.update(ids)
+                started = time.monotonic()
+                try:
+                    async with session.post(
+                        f"{self.pipe.gateway_url}/v1/batch", json=body, headers=headers
+                    ) as resp:
+                        await resp.read()
+                        self.statuses[resp.status] = self.statuses.get(resp.status, 0) + 1
+                        if resp.status == 200:
+                            self.confirmed.update(ids)
+                        elif resp.status == 503 and not resp.headers.get("Retry-After"):
+                            self.missing_retry_after += 1
+                except (aiohttp.ClientError, TimeoutError):
+                    self.statuses[0] = self.statuses.get(0, 0) + 1
+                await asyncio.sleep(max(0.0, batch / per_s - (time.monotonic() - started)))
+
+
+def _landed(pipe: Pipeline) -> tuple[int, set[str]]:
+    rows = pipe.query("SELECT count(), uniqExact(event_id) FROM events")
+    ids = {r[0] for r in pipe.query("SELECT event_id FROM events")}
+    assert rows[0][0] == rows[0][1], f"duplicates in the warehouse: {rows}"
+    return int(rows[0][0]), ids
+
+
+async def _drained(load: Load, within_s: float = 180) -> None:
+    """Every confirmed event in the warehouse exactly once; nothing there that was not sent."""
+    deadline = time.monotonic() + within_s
+    while True:
+        count, ids = await asyncio.to_thread(_landed, load.pipe)
+        if load.confirmed <= ids:
+            assert ids <= load.sent, "rows of events nobody sent"
+            return
+        assert time.monotonic() < deadline, (
+            f"{len(load.confirmed - ids)} confirmed events not in the warehouse ({count} rows)"
+        )
+        await asyncio.sleep(1)
+
+
+def _cluster_pipeline(settings: BrokerSettings, root: Path) -> Pipeline:
+    pipe = pipeline_with_topics(root, bootstrap(settings), f"c{uuid.uuid4().hex[:8]}")
+    pipe.env["SLUICE_GATEWAY_PRODUCE_TIMEOUT_S"] = "5"
+    return pipe
+
+
+def test_sluice_topics_on_the_cluster_have_three_replicas_and_two_in_sync(
+    cluster: BrokerSettings, tmp_path: Path
+) -> None:
+    pipe = _cluster_pipeline(cluster, tmp_path)
+    admin = AdminClient({"bootstrap.servers": bootstrap(cluster), "log_level": 0})
+    topics = admin.list_topics(timeout=10).topics
+    ingest = f"{pipe.prefix}.events.ingest"
+    assert {len(p.replicas) for p in topics[ingest].partitions.values()} == {3}
+    resource = ConfigResource(ConfigResource.Type.TOPIC, ingest)
+    config = admin.describe_configs([resource])[resource].result(10)
+    assert config["min.insync.replicas"].value == "2"
+    found = cluster_status(cluster)
+    assert [n.answering for n in found.nodes] == [True, True, True]
+    assert found.controller in (1, 2, 3)
+
+
+async def test_brokers_killed_one_after_another_under_load_lose_and_duplicate_nothing(
+    cluster: BrokerSettings, tmp_path: Path
+) -> None:
+    pipe = _cluster_pipeline(cluster, tmp_path)
+    pipe.start("gateway", "worker", "sink")
+    load = Load(pipe)
+    sender = asyncio.create_task(load.run())
+    try:
+        await asyncio.sleep(5)
+        for node in (1, 2):
+            # A crash: no controlled shutdown, its partitions' leaders move on election.
+            assert await asyncio.to_thread(kill_node, cluster, node)
+            await asyncio.sleep(8)
+            await asyncio.to_thread(start_node, cluster, node)
+            await asyncio.to_thread(_in_sync, cluster)
+            await asyncio.sleep(3)
+    finally:
+        load.stop.set()
+        await sender
+    assert set(load.statuses) <= {200, 503}, load.statuses
+    assert load.missing_retry_after == 0
+    assert load.statuses.get(200, 0) > 20, load.statuses
+    await _drained(load)
+
+
+async def test_a_rolling_restart_under_load_loses_and_duplicates_nothing(
+    cluster: BrokerSettings, tmp_path: Path
+) -> None:
+    pipe = _cluster_pipeline(cluster, tmp_path)
+    pipe.start("gateway", "worker", "sink")
+    load = Load(pipe)
+    sender = asyncio.create_task(load.run())
+    try:
+        await asyncio.sleep(3)
+        for node in (1, 2, 3):
+            # A controlled shutdown: leadership moves before the node goes.
+            assert await asyncio.to_thread(stop_node, cluster, node)
+            await asyncio.to_thread(start_node, cluster, node)
+            await asyncio.to_thread(_in_sync, cluster)
+    finally:
+        load.stop.set()
+        await sender
+    assert set(load.statuses) <= {200, 503}, load.statuses
+    assert load.missing_retry_after == 0
+    assert load.statuses.get(200, 0) > 20, load.statuses
+    await _drained(load)
+
+
+async def test_exactly_once_on_the_cluster_with_a_broker_killed_keeps_the_input_multiset(
+    cluster: BrokerSettings, tmp_path: Path
+) -> None:
+    pipe = _cluster_pipeline(cluster, tmp_path)
+    pipe.env["SLUICE_WORKER_PROCESSING_GUARANTEE"] = "exactly_once"
+    kafka = KafkaSettings(bootstrap_servers=bootstrap(cluster), topic_prefix=pipe.prefix)
+    ingest, output = f"{pipe.prefix}.events.ingest", f"{pipe.prefix}.dest.warehouse"
+    pipe.start("gateway", "worker")
+    load = Load(pipe)
+    sender = asyncio.create_task(load.run())
+    try:
+        await asyncio.sleep(5)
+        # The node that leads most of the output's partitions: its transactions are open.
+        assert await asyncio.to_thread(kill_node, cluster, _busiest(cluster, output))
+        await asyncio.sleep(8)
+    finally:
+        load.stop.set()
+        await sender
+    for node in (1, 2, 3):
+        await asyncio.to_thread(start_node, cluster, node)
+    assert load.statuses.get(200, 0) > 20, load.statuses
+
+    def same() -> bool:
+        source = _event_ids(kafka, ingest, "read_committed")
+        return sum(source.values()) > 0 and _event_ids(kafka, output, "read_committed") == source
+
+    await until(same, 180, "the read_committed output equal to the input")
+    source = _event_ids(kafka, ingest, "read_committed")
+    assert load.confirmed <= set(source), "a confirmed event is not on the ingest topic"
+
+
+def _busiest(settings: BrokerSettings, topic: str) -> int:
+    admin = AdminClient({"bootstrap.servers": bootstrap(settings), "log_level": 0})
+    leaders = [
+        p.leader for p in admin.list_topics(topic, timeout=10).topics[topic].partitions.values()
+    ]
+    return max(set(leaders), key=leaders.count)
