@@ -554,8 +554,8 @@ def cluster_status(settings: BrokerSettings) -> ClusterStatus:
     admin = AdminClient({"bootstrap.servers": reachable, "log_level": 0})
     try:
         meta = admin.list_topics(timeout=5)
-        controller = admin.describe_cluster(request_timeout=5).result(timeout=5).controller
-    except KafkaException:
+        controller = admin.describe_cluster(request_timeout=5).result(timeout=10).controller
+    except (KafkaException, TimeoutError):
         return ClusterStatus(shown, None, None, [], [])
     under, offline = [], []
     for topic in meta.topics.values():

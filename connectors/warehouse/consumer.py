@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from confluent_kafka import Consumer, KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer
 
 from core.settings import KafkaSettings, WarehouseSettings
 
@@ -49,13 +48,3 @@ def _static_membership(settings: WarehouseSettings) -> dict[str, str]:
     if instance is None and settings.dsn.startswith("chdb:"):
         instance = f"{settings.consumer_group}-embedded"
     return {"group.instance.id": instance} if instance else {}
-
-
-def group_coordinator(kafka: KafkaSettings, settings: WarehouseSettings) -> int | None:
-    """The broker id of the sink group's coordinator (None when no broker can say now)."""
-    admin = AdminClient(kafka.client_config() | {"log_level": 0})
-    try:
-        found = admin.describe_consumer_groups([settings.consumer_group], request_timeout=10)
-        return int(found[settings.consumer_group].result(timeout=15).coordinator.id)
-    except (KafkaException, TimeoutError, AttributeError):
-        return None

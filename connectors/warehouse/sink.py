@@ -36,7 +36,7 @@ from confluent_kafka import (
 from connectors.errors import DestinationUnavailable
 from connectors.warehouse.buffer import PartitionBuffer, replayed_from
 from connectors.warehouse.clickhouse import Warehouse
-from connectors.warehouse.consumer import group_coordinator, records_behind, sink_consumer
+from connectors.warehouse.consumer import records_behind, sink_consumer
 from connectors.warehouse.copies import RecentIds, recent_event_ids
 from connectors.warehouse.dead_letters import DeadLetters
 from connectors.warehouse.loader import Batch
@@ -99,7 +99,6 @@ class WarehouseSink:
         self._consumer = sink_consumer(kafka, settings)
         self.kafka = kafka
         self._fenced: list[float] = []
-        self._coordinator: int | None = None
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -156,8 +155,6 @@ class WarehouseSink:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._epoch += 1
-        # Who coordinates the group now: a fencing under another one is a failover's.
-        self._coordinator = group_coordinator(self.kafka, self.settings)
         self.metrics.rebalances.labels("assigned").inc(len(partitions))
         committed = consumer.committed(partitions, timeout=30)
         fresh: list[PartitionBuffer] = []
@@ -211,26 +208,24 @@ class WarehouseSink:
             self._consumer.close()
 
     def _rejoin_after(self, exc: KafkaException) -> bool:
-        """A static member fenced while the group's coordinator moved (a broker failed over)
-        is not a second sink: drop what is not committed, join again with a new consumer.
+        """A fenced static member joins the group again with a new consumer, dropping what
+        it had not committed (the pending marker rebuilds the batch).
 
-        True when it rejoined; False for another fatal error, for a fencing under the same
-        coordinator as at the last assignment (another member with the same instance id
-        took the place), or a fencing again and again (`MAX_FENCED` in `FENCED_WINDOW_S`).
+        Fencings come without a second sink: after a session timeout while a broker failed
+        over, or while the group's coordinator moved, librdkafka's static member can be
+        fenced by its own earlier registration. True when it rejoined; False for another
+        error, or for fencings again and again (more than `MAX_FENCED` within
+        `FENCED_WINDOW_S`: another member with the same instance id keeps taking the place,
+        and the loop ends with the reason).
         """
-        err = exc.args[0] if exc.args else None
-        if not isinstance(err, KafkaError) or "fenced" not in err.str().lower():
+        # librdkafka's only fatal consumer error is a static member's fencing (its text may
+        # say only "Commit failed: Local: Fatal error").
+        if not fatal(exc):
             return False
+        err = exc.args[0]
         now = time.monotonic()
         self._fenced = [t for t in self._fenced if now - t < FENCED_WINDOW_S] + [now]
         if len(self._fenced) > MAX_FENCED:
-            return False
-        coordinator, deadline = None, now + 30
-        while coordinator is None and time.monotonic() < deadline and not self._stop.is_set():
-            coordinator = group_coordinator(self.kafka, self.settings)
-            if coordinator is None:
-                self._stop.wait(1.0)  # no coordinator to ask yet: it is failing over
-        if coordinator is not None and coordinator == self._coordinator:
             return False
         log.warning("sink consumer fenced; joining the group again", error=err.str())
         self.metrics.rebalances.labels("fenced").inc()

@@ -12,7 +12,7 @@ import urllib.error
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from gateway.envelope import build_event, partition_key
 from ops.traffic import sample_events
@@ -231,22 +231,34 @@ def test_a_sink_whose_loop_dies_exits_with_status_1_and_says_why(pipeline: Pipel
 
         _wait(loaded, 120)
         group = pipeline.env["SLUICE_WAREHOUSE_CONSUMER_GROUP"]
-        usurper = Consumer(
-            {
-                "bootstrap.servers": pipeline.bootstrap,
-                "group.id": group,
-                "group.instance.id": f"{group}-embedded",
-                "session.timeout.ms": 10_000,
-                "partition.assignment.strategy": "cooperative-sticky",
-            }
-        )
-        usurper.subscribe([topic])
+
+        def usurper() -> Consumer:
+            member = Consumer(
+                {
+                    "bootstrap.servers": pipeline.bootstrap,
+                    "group.id": group,
+                    "group.instance.id": f"{group}-embedded",
+                    "session.timeout.ms": 10_000,
+                    "partition.assignment.strategy": "cooperative-sticky",
+                }
+            )
+            member.subscribe([topic])
+            return member
+
+        # Another member with the sink's instance id that, like a second sink, joins again
+        # each time it is fenced: the sink rejoins a few times (a fencing can be spurious),
+        # then gives up and exits with the reason.
+        member = usurper()
         try:
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 150
             while proc.poll() is None and time.monotonic() < deadline:
-                usurper.poll(0.5)
+                msg = member.poll(0.5)
+                err = None if msg is None else msg.error()
+                if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
+                    member.close()
+                    member = usurper()
         finally:
-            usurper.close()
+            member.close()
         assert proc.wait(timeout=30) == 1, log_file.read_text()[-3000:]
     finally:
         if proc.poll() is None:
@@ -255,3 +267,4 @@ def test_a_sink_whose_loop_dies_exits_with_status_1_and_says_why(pipeline: Pipel
     output = log_file.read_text("utf-8", "replace")
     assert "fenced" in output, output[-3000:]
     assert "sink exits: its loop died" in output, output[-3000:]
+    assert "joining the group again" in output, output[-3000:]
