@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from confluent_kafka import Consumer, KafkaError
 
 from core.admin import apply_topics
 from core.config import parse_config
@@ -338,3 +339,37 @@ async def until(check: Callable[[], object], within: float, what: str = "the con
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {within}s")
         await asyncio.sleep(0.5)
+
+
+class Usurper:
+    """A second group member with a sink's static instance id, which fences the sink.
+
+    Like a second sink started by mistake, it joins again each time it is fenced itself,
+    so the sink's own rejoins (a fencing after a broker failover can be spurious) run out.
+    """
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        self._config = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "group.instance.id": f"{group}-embedded",
+            "session.timeout.ms": 10_000,
+            "partition.assignment.strategy": "cooperative-sticky",
+        }
+        self._topic = topic
+        self._member = self._join()
+
+    def _join(self) -> Consumer:
+        member = Consumer(self._config)
+        member.subscribe([self._topic])
+        return member
+
+    def poll(self, timeout: float = 0.5) -> None:
+        msg = self._member.poll(timeout)
+        err = None if msg is None else msg.error()
+        if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
+            self._member.close()
+            self._member = self._join()
+
+    def close(self) -> None:
+        self._member.close()

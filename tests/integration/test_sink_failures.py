@@ -22,7 +22,6 @@ import clickhouse_connect
 import pytest
 from aiohttp import web
 from clickhouse_connect.driver.exceptions import ClickHouseError, ProgrammingError
-from confluent_kafka import Consumer
 
 from connectors.errors import DestinationUnavailable, WarehouseRefused
 from connectors.warehouse.clickhouse import Warehouse, warehouse_error
@@ -34,6 +33,7 @@ from core.topics import required_topics
 from ops.traffic import sample_events
 from tests.pipeline import (
     CONFIG,
+    Usurper,
     envelope_records,
     free_port,
     group_lag,
@@ -181,18 +181,9 @@ async def test_a_dead_sink_loop_makes_ready_fail_with_the_reason(
     await until(lambda: sink.rows("SELECT count() FROM events") == [[50]], 60, "rows")
     assert await sink.ready() == (200, {"status": "ready"})
 
-    # A second member with the sink's static instance id fences the sink for good.
-    group = sink.settings.consumer_group
-    usurper = Consumer(
-        {
-            "bootstrap.servers": broker,
-            "group.id": group,
-            "group.instance.id": f"{group}-embedded",
-            "session.timeout.ms": 10_000,
-            "partition.assignment.strategy": "cooperative-sticky",
-        }
-    )
-    usurper.subscribe([topic])
+    # A second member with the sink's static instance id fences the sink, again each time
+    # the sink joins again, until the sink gives up.
+    usurper = Usurper(broker, sink.settings.consumer_group, topic)
     try:
 
         def dead() -> bool:
@@ -200,7 +191,7 @@ async def test_a_dead_sink_loop_makes_ready_fail_with_the_reason(
             status, body = sink.ready_now()
             return status == 503 and "loop died" in body.get("reason", "")
 
-        await until(dead, 90, "/ready 503 after the loop died")
+        await until(dead, 150, "/ready 503 after the loop died")
     finally:
         usurper.close()
     status, body = await sink.ready()

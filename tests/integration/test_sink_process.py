@@ -12,13 +12,13 @@ import urllib.error
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from gateway.envelope import build_event, partition_key
 from ops.traffic import sample_events
 from schemas.codec import event_codec
 from tests.conftest import scaled
-from tests.pipeline import Pipeline, http_json, http_text
+from tests.pipeline import Pipeline, Usurper, http_json, http_text
 
 pytestmark = pytest.mark.integration
 
@@ -232,33 +232,16 @@ def test_a_sink_whose_loop_dies_exits_with_status_1_and_says_why(pipeline: Pipel
         _wait(loaded, 120)
         group = pipeline.env["SLUICE_WAREHOUSE_CONSUMER_GROUP"]
 
-        def usurper() -> Consumer:
-            member = Consumer(
-                {
-                    "bootstrap.servers": pipeline.bootstrap,
-                    "group.id": group,
-                    "group.instance.id": f"{group}-embedded",
-                    "session.timeout.ms": 10_000,
-                    "partition.assignment.strategy": "cooperative-sticky",
-                }
-            )
-            member.subscribe([topic])
-            return member
-
         # Another member with the sink's instance id that, like a second sink, joins again
         # each time it is fenced: the sink rejoins a few times (a fencing can be spurious),
         # then gives up and exits with the reason.
-        member = usurper()
+        usurper = Usurper(pipeline.bootstrap, group, topic)
         try:
             deadline = time.monotonic() + 150
             while proc.poll() is None and time.monotonic() < deadline:
-                msg = member.poll(0.5)
-                err = None if msg is None else msg.error()
-                if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
-                    member.close()
-                    member = usurper()
+                usurper.poll(0.5)
         finally:
-            member.close()
+            usurper.close()
         assert proc.wait(timeout=30) == 1, log_file.read_text()[-3000:]
     finally:
         if proc.poll() is None:
