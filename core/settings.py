@@ -65,6 +65,10 @@ class BrokerSettings(BaseSettings):
     controller_port: int = 9093
     heap: str = "1g"
     start_timeout_s: float = 60.0
+    # Authenticated mode: clients log in with SASL/SCRAM-SHA-512, one user per role, and the
+    # broker authorizes every request by ACLs (`sluice kafka start --sasl`). Decided when the
+    # state folder is first formatted; its credentials live there.
+    sasl: bool = False
 
 
 class GatewaySettings(BaseSettings):

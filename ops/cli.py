@@ -319,7 +319,11 @@ def replay(
 def _mount_kafka() -> None:
     from ops.cli_kafka import kafka_app  # noqa: PLC0415
 
-    app.add_typer(kafka_app, name="kafka", help="Run a local single-node Apache Kafka broker.")
+    app.add_typer(
+        kafka_app,
+        name="kafka",
+        help="Run a local Apache Kafka broker or cluster; its users and ACLs.",
+    )
 
 
 _mount_kafka()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from core.settings import BrokerSettings
+from core.acls import ROLES as ACL_ROLES
+from core.acls import Names, apply_acls, bindings, role_grants
+from core.config import PipelineConfig
+from core.errors import SluiceError
+from core.settings import AppSettings, BrokerSettings, KafkaSettings, TransformSettings
 from ops.errors import BrokerError
 from ops.kafka_broker import (
     cluster_nodes_on_disk,
@@ -37,8 +42,20 @@ NodeOption = Annotated[
 ]
 
 
-def _settings(brokers: int | None) -> BrokerSettings:
+SaslOption = Annotated[
+    bool,
+    typer.Option(
+        "--sasl",
+        help="Authenticated mode: SASL/SCRAM users per role and ACLs (when the state folder is"
+        " first formatted; credentials in <state>/credentials/<role>.env).",
+    ),
+]
+
+
+def _settings(brokers: int | None, sasl: bool = False) -> BrokerSettings:
     settings = BrokerSettings()
+    if sasl:
+        settings = settings.model_copy(update={"sasl": True})
     if brokers is not None:
         return settings.model_copy(update={"brokers": brokers})
     on_disk = cluster_nodes_on_disk(settings)
@@ -46,11 +63,11 @@ def _settings(brokers: int | None) -> BrokerSettings:
 
 
 @kafka_app.command()
-def start(brokers: BrokersOption = None, node: NodeOption = None) -> None:
+def start(brokers: BrokersOption = None, node: NodeOption = None, sasl: SaslOption = False) -> None:
     """Start the broker, or every node of a cluster (resolving the jars on first use); a
     no-op for what runs."""
     try:
-        settings = _settings(brokers)
+        settings = _settings(brokers, sasl)
         if node is not None:
             pid = start_node(settings, node, console)
             console.print(f"kafka    node {node} running, pid {pid}")
@@ -111,4 +128,67 @@ def status() -> None:
     console.print(
         f"partitions without a leader: {len(found.offline)}"
         + (f" ({', '.join(found.offline[:10])} ...)" if found.offline else "")
+    )
+
+
+acls_app = typer.Typer(no_args_is_help=True)
+kafka_app.add_typer(
+    acls_app, name="acls", help="Least-privilege ACLs of Sluice's roles (authenticated mode)."
+)
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="The pipeline YAML (default: SLUICE_CONFIG_FILE)."),
+]
+RoleOption = Annotated[
+    list[str] | None,
+    typer.Option("--role", help="Only these roles (repeat; default: every role)."),
+]
+
+
+def _grants_of(config: Path | None, roles: list[str] | None) -> tuple[list[str], PipelineConfig]:
+    from core.config import load_config  # noqa: PLC0415
+
+    unknown = sorted(set(roles or ()) - set(ACL_ROLES))
+    if unknown:
+        fail(f"no role {', '.join(unknown)}: one of {', '.join(ACL_ROLES)}")
+    try:
+        cfg = load_config(config or AppSettings().config_file, TransformSettings())
+    except SluiceError as exc:
+        fail(str(exc))
+    return list(roles or ACL_ROLES), cfg
+
+
+@acls_app.command("show")
+def acls_show(config: ConfigOption = None, role: RoleOption = None) -> None:
+    """The ACLs each role needs for the pipeline: topics, groups, transactional ids."""
+    roles, cfg = _grants_of(config, role)
+    kafka, names = KafkaSettings(), Names.from_env()
+    print_rows(
+        ["role (user)", "operation", "resource"],
+        [[r, g.operation, g.shown()] for r in roles for g in role_grants(r, cfg, kafka, names)],
+        title=f"ACLs for prefix {kafka.topic_prefix}; admin is a super user",
+    )
+
+
+@acls_app.command("apply")
+def acls_apply(
+    config: ConfigOption = None,
+    role: RoleOption = None,
+    user: Annotated[
+        list[str] | None,
+        typer.Option("--user", help="role=user when a role logs in under another name (repeat)."),
+    ] = None,
+) -> None:
+    """Create the ACLs of every role (as the admin user of SLUICE_KAFKA_*); safe to repeat."""
+    roles, cfg = _grants_of(config, role)
+    users = dict(pair.split("=", 1) for pair in user or () if "=" in pair)
+    if len(users) != len(user or ()):
+        fail("--user takes role=user")
+    kafka = KafkaSettings()
+    try:
+        count = apply_acls(kafka, bindings(cfg, kafka, Names.from_env(), users, roles))
+    except SluiceError as exc:
+        fail(str(exc))
+    console.print(
+        f"acls     {count} ACLs of {len(roles)} roles in place at {kafka.bootstrap_servers}"
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -23,10 +24,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
+from core.acls import ROLES as ACL_ROLES
 from core.settings import BrokerSettings
 from ops.errors import BrokerError
 from ops.processes import alive, spawn_detached
@@ -181,11 +184,7 @@ def server_properties(settings: BrokerSettings, node_id: int = 1) -> str:
             "process.roles=broker,controller",
             f"node.id={node.node_id}",
             f"controller.quorum.voters={voters}",
-            f"listeners=PLAINTEXT://{host}:{node.port},CONTROLLER://{host}:{node.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{host}:{node.port}",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            *_listener_properties(settings, node),
             f"log.dirs={node.state / 'data'}",
             "num.partitions=4",
             f"default.replication.factor={rf}",
@@ -202,6 +201,112 @@ def server_properties(settings: BrokerSettings, node_id: int = 1) -> str:
             "",
         ]
     )
+
+
+def _listener_properties(settings: BrokerSettings, node: Node) -> list[str]:
+    host = settings.host
+    listeners = [
+        f"advertised.listeners={{}}://{host}:{node.port}",
+        "controller.listener.names=CONTROLLER",
+    ]
+    if not sasl_enabled(settings):
+        return [
+            f"listeners=PLAINTEXT://{host}:{node.port},CONTROLLER://{host}:{node.controller_port}",
+            listeners[0].format("PLAINTEXT"),
+            listeners[1],
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        ]
+    users = credentials(settings)
+    scram = 'org.apache.kafka.common.security.scram.ScramLoginModule required username="{}" password="{}";'
+    plain = 'org.apache.kafka.common.security.plain.PlainLoginModule required username="{0}" password="{1}" user_{0}="{1}";'
+    return [
+        f"listeners=SASL_PLAINTEXT://{host}:{node.port},CONTROLLER://{host}:{node.controller_port}",
+        listeners[0].format("SASL_PLAINTEXT"),
+        listeners[1],
+        "inter.broker.listener.name=SASL_PLAINTEXT",
+        "listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+        # Clients and brokers: SCRAM users (made when the storage is formatted, more by the
+        # admin later). Controllers talk PLAIN to each other: SCRAM needs the metadata log
+        # they serve.
+        f"sasl.enabled.mechanisms={MECHANISM}",
+        f"sasl.mechanism.inter.broker.protocol={MECHANISM}",
+        f"listener.name.sasl_plaintext.{MECHANISM.lower()}.sasl.jaas.config="
+        + scram.format("broker", users["broker"]),
+        "sasl.mechanism.controller.protocol=PLAIN",
+        "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config="
+        + plain.format("controller", users["controller"]),
+        # Every request is checked against ACLs; none found is a refusal.
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found=false",
+        "super.users=User:broker;User:controller;User:admin",
+    ]
+
+
+# Authenticated mode: the SASL mechanism of clients and brokers.
+MECHANISM = "SCRAM-SHA-512"
+# The users Sluice's parts log in as, one per role; each gets the ACLs of its role
+# (core/acls.py) but admin, a super user (topics, ACLs, users, the config topic).
+ROLES = ("admin", *ACL_ROLES)
+
+
+def sasl_enabled(settings: BrokerSettings) -> bool:
+    """Whether the local cluster runs in authenticated mode (asked for, or formatted so)."""
+    return settings.sasl or (_state(settings) / "credentials.json").exists()
+
+
+def credentials(settings: BrokerSettings) -> dict[str, str]:
+    """The passwords of the local cluster's users, made once and kept (mode 0600) in its
+    state folder: one per role, the brokers' own and the controllers'."""
+    path = _state(settings) / "credentials.json"
+    if path.exists():
+        found: dict[str, str] = orjson.loads(path.read_bytes())
+        return found
+    made = {name: secrets.token_urlsafe(24) for name in (*ROLES, "broker", "controller")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        out.write(orjson.dumps(made))
+    env_dir = path.parent / "credentials"
+    env_dir.mkdir(mode=0o700, exist_ok=True)
+    for role in ROLES:
+        lines = [f"{k}={v}" for k, v in role_env(settings, role).items()]
+        target = env_dir / f"{role}.env"
+        with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write("\n".join(lines) + "\n")
+    return made
+
+
+def role_env(settings: BrokerSettings, role: str) -> dict[str, str]:
+    """The `SLUICE_KAFKA_*` settings a service of `role` reaches the local cluster with."""
+    env = {"SLUICE_KAFKA_BOOTSTRAP_SERVERS": bootstrap(settings)}
+    if sasl_enabled(settings):
+        env |= {
+            "SLUICE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "SLUICE_KAFKA_SASL_MECHANISM": MECHANISM,
+            "SLUICE_KAFKA_SASL_USERNAME": role,
+            "SLUICE_KAFKA_SASL_PASSWORD": credentials(settings)[role],
+        }
+    return env
+
+
+def client_config(
+    settings: BrokerSettings, role: str = "admin"
+) -> dict[str, str | int | float | bool]:
+    """librdkafka properties of a client of the local cluster, logged in as `role`."""
+    env = role_env(settings, role)
+    conf: dict[str, str | int | float | bool] = {
+        "bootstrap.servers": bootstrap(settings),
+        "log_level": 0,
+    }
+    if "SLUICE_KAFKA_SASL_USERNAME" in env:
+        conf |= {
+            "security.protocol": env["SLUICE_KAFKA_SECURITY_PROTOCOL"],
+            "sasl.mechanism": env["SLUICE_KAFKA_SASL_MECHANISM"],
+            "sasl.username": env["SLUICE_KAFKA_SASL_USERNAME"],
+            "sasl.password": env["SLUICE_KAFKA_SASL_PASSWORD"],
+        }
+    return conf
 
 
 def _log_config(settings: BrokerSettings, state: Path) -> tuple[str, str]:
@@ -267,9 +372,12 @@ def broker_pid(settings: BrokerSettings) -> int | None:
     return None
 
 
-def wait_for_broker(bootstrap: str, timeout: float) -> bool:
-    """Whether a broker at `bootstrap` answers a metadata request within `timeout` seconds."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+def wait_for_broker(
+    bootstrap: str, timeout: float, auth: dict[str, str | int | float | bool] | None = None
+) -> bool:
+    """Whether a broker at `bootstrap` answers a metadata request within `timeout` seconds
+    (`auth`: the client properties to log in with)."""
+    admin = AdminClient({**(auth or {}), "bootstrap.servers": bootstrap, "log_level": 0})
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -311,6 +419,7 @@ def _launch(settings: BrokerSettings, libs: Path, node: Node) -> int:
     node.state.mkdir(parents=True, exist_ok=True)
     props = node.state / "server.properties"
     props.write_text(server_properties(settings, node.node_id))
+    props.chmod(0o600)  # the brokers' and controllers' passwords in authenticated mode
     name, text = _log_config(settings, node.state)
     (node.state / name).write_text(text)
     if not (node.state / "data" / "meta.properties").exists():
@@ -323,6 +432,7 @@ def _launch(settings: BrokerSettings, libs: Path, node: Node) -> int:
                 _cluster_id(settings),
                 "-c",
                 str(props),
+                *_scram_users(settings),
             ],
             capture_output=True,
             text=True,
@@ -337,6 +447,18 @@ def _launch(settings: BrokerSettings, libs: Path, node: Node) -> int:
     return pid
 
 
+def _scram_users(settings: BrokerSettings) -> list[str]:
+    """The format tool's arguments that create every SCRAM user with the storage."""
+    if not sasl_enabled(settings):
+        return []
+    users = credentials(settings)
+    return [
+        arg
+        for name in (*ROLES, "broker")
+        for arg in ("--add-scram", f"{MECHANISM}=[name={name},password={users[name]}]")
+    ]
+
+
 def _check_layout(settings: BrokerSettings) -> None:
     state = _state(settings)
     single = (state / "data" / "meta.properties").exists()
@@ -345,6 +467,12 @@ def _check_layout(settings: BrokerSettings) -> None:
         raise BrokerError(
             f"{state} holds a single broker's data: stop it and remove the folder (make clean)"
             " before starting a cluster there, or use another SLUICE_BROKER_STATE_DIR"
+        )
+    formatted = single or cluster
+    if settings.sasl and formatted and not (state / "credentials.json").exists():
+        raise BrokerError(
+            f"{state} holds a cluster formatted without authentication: stop it and remove the"
+            " folder (make clean) to start it with --sasl, or use another SLUICE_BROKER_STATE_DIR"
         )
     if settings.brokers == 1 and cluster:
         raise BrokerError(
@@ -360,7 +488,9 @@ def start_broker(settings: BrokerSettings, console: Console | None = None) -> in
     _check_layout(settings)
     cluster = nodes(settings)
     running = {n.node_id: node_pid(n) for n in cluster}
-    if all(running.values()) and all(wait_for_broker(n.address, 5) for n in cluster):
+    if all(running.values()) and all(
+        wait_for_broker(n.address, 5, client_config(settings)) for n in cluster
+    ):
         console.print(f"kafka    already running, pid {running[1]}, {bootstrap(settings)}")
         return running[1] or 0
     libs = ensure_jars(settings, console)
@@ -424,7 +554,7 @@ def _wait_node(settings: BrokerSettings, node: Node, console: Console) -> None:
                 recovered = progress
                 deadline = time.monotonic() + settings.start_timeout_s
                 status.update(f"{starting}: loading logs, {progress[0]}/{progress[1]} partitions")
-            if wait_for_broker(node.address, 1.0):
+            if wait_for_broker(node.address, 1.0, client_config(settings)):
                 return
     stop_broker(settings, console)
     raise BrokerError(
@@ -545,13 +675,16 @@ def cluster_status(settings: BrokerSettings) -> ClusterStatus:
     """Every node (running, answering), the active controller, and the partitions whose
     replicas are not all in sync (under-replicated) or that have no leader (offline)."""
     shown = []
+    auth = client_config(settings)
     for node in nodes(settings):
         pid = node_pid(node)
-        shown.append(NodeStatus(node, pid, pid is not None and wait_for_broker(node.address, 2)))
+        shown.append(
+            NodeStatus(node, pid, pid is not None and wait_for_broker(node.address, 2, auth))
+        )
     reachable = ",".join(n.node.address for n in shown if n.answering)
     if not reachable:
         return ClusterStatus(shown, None, None, [], [])
-    admin = AdminClient({"bootstrap.servers": reachable, "log_level": 0})
+    admin = AdminClient({**auth, "bootstrap.servers": reachable})
     try:
         meta = admin.list_topics(timeout=5)
         controller = admin.describe_cluster(request_timeout=5).result(timeout=10).controller

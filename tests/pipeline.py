@@ -37,6 +37,25 @@ def free_port() -> int:
         return port
 
 
+def free_ports(size: int) -> int:
+    """A port p with p .. p + size - 1 all free on 127.0.0.1 (a local cluster's block)."""
+    for _ in range(200):
+        base = free_port()
+        if base + size >= 65535:
+            continue
+        taken = False
+        for port in range(base, base + size):
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    taken = True
+                    break
+        if not taken:
+            return base
+    raise AssertionError("no block of free ports")
+
+
 def http_json(
     url: str,
     body: dict[str, Any] | None = None,
@@ -86,6 +105,8 @@ class Pipeline:
     query_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     env: dict[str, str] = field(default_factory=dict)
     config: str = CONFIG
+    # Settings of one service only, over `env` (its Kafka login, say).
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         LIVE.append(self)
@@ -94,6 +115,7 @@ class Pipeline:
         self.delivery_port = free_port()
         self.worker_metrics_port = free_port()
         self.orchestrator_port = free_port()
+        self.registry_port = free_port()
         config = self.root / "sluice.yaml"
         config.write_text(self.config.replace(KEY, self.write_key))
         self.env = {
@@ -115,6 +137,7 @@ class Pipeline:
             "SLUICE_JOBS_MODULES": "tests.job_functions,connectors.jobs.builtin",
             "SLUICE_JOBS_SESSION_TIMEOUT_MS": "6000",
             "SLUICE_WORKFLOWS_PORT": str(self.orchestrator_port),
+            "SLUICE_REGISTRY_PORT": str(self.registry_port),
             # The tests' transforms are the only ones a test's services may import.
             "SLUICE_TRANSFORM_MODULES": "tests.transforms",
             **self.env,
@@ -123,7 +146,15 @@ class Pipeline:
         self.job_ports = {name: free_port() for name in JOB_WORKERS}
         self.services = {
             name: BackgroundProcess(name, self.root / "run")
-            for name in ("gateway", "worker", "sink", "deliver", "orchestrator", *JOB_WORKERS)
+            for name in (
+                "gateway",
+                "worker",
+                "sink",
+                "deliver",
+                "orchestrator",
+                "registry",
+                *JOB_WORKERS,
+            )
         }
         # `start()` runs the delivery process only when there is something to deliver.
         cfg = parse_config(self.config.replace(KEY, self.write_key))
@@ -141,13 +172,14 @@ class Pipeline:
         (the gateway: until it is ready, unless `wait_ready` is False)."""
         names = names or self.defaults
         for name in names:
+            env = self.env | self.service_env.get(name, {})
             if name in self.job_ports:
-                env = self.env | {"SLUICE_JOBS_PORT": str(self.job_ports[name])}
+                env |= {"SLUICE_JOBS_PORT": str(self.job_ports[name])}
                 self.services[name].start(["jobs", "work"], env)
             elif name == "orchestrator":
-                self.services[name].start(["workflow", "orchestrate"], self.env)
+                self.services[name].start(["workflow", "orchestrate"], env)
             else:
-                self.services[name].start([name], self.env)
+                self.services[name].start([name], env)
         for name in names:
             if name in self.job_ports:
                 self._wait(f"http://127.0.0.1:{self.job_ports[name]}/health", name)
@@ -155,6 +187,8 @@ class Pipeline:
             self._wait(f"http://127.0.0.1:{self.query_port}/health", "sink")
         if "orchestrator" in names:
             self._wait(f"http://127.0.0.1:{self.orchestrator_port}/ready", "orchestrator")
+        if "registry" in names:
+            self._wait(f"http://127.0.0.1:{self.registry_port}/subjects", "registry")
         if "deliver" in names:
             self._wait(f"http://127.0.0.1:{self.delivery_port}/health", "deliver")
         if "gateway" in names:

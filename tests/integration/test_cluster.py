@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,35 +32,14 @@ from ops.kafka_broker import (
 )
 from ops.traffic import basic_auth
 from tests.integration.test_exactly_once import _event_ids
-from tests.pipeline import Pipeline, pipeline_with_topics, until
+from tests.pipeline import Pipeline, free_ports, pipeline_with_topics, until
 
 pytestmark = pytest.mark.integration
 
 
-def _free_block(size: int) -> int:
-    """A port p with p .. p + size - 1 all free on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        if base + size >= 65535:
-            continue
-        taken = False
-        for port in range(base, base + size):
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError:
-                    taken = True
-                    break
-        if not taken:
-            return base
-    raise AssertionError("no block of free ports")
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[BrokerSettings]:
-    base = _free_block(6)
+    base = free_ports(6)
     state = (BASE_DIR / f"cluster-{uuid.uuid4().hex[:8]}").resolve()
     settings = BrokerSettings(
         brokers=3, port=base, controller_port=base + 1, state_dir=state, heap="512m"

@@ -151,3 +151,32 @@ def test_replication_follows_the_cluster_unless_set() -> None:
         replication(KafkaSettings(replication_factor=3), 1)
     with pytest.raises(TopicError, match="more than the replication factor"):
         replication(KafkaSettings(replication_factor=1, min_insync_replicas=2), 3)
+
+
+def test_authenticated_mode_logs_in_every_listener_and_keeps_passwords_private(
+    tmp_path: Path,
+) -> None:
+    from ops.kafka_broker import ROLES, client_config, credentials, role_env  # noqa: PLC0415
+
+    settings = BrokerSettings(port=19200, controller_port=19201, state_dir=tmp_path, sasl=True)
+    props = server_properties(settings)
+    assert "listeners=SASL_PLAINTEXT://127.0.0.1:19200,CONTROLLER://127.0.0.1:19201" in props
+    assert "PLAINTEXT:PLAINTEXT" not in props  # no listener without a login
+    assert "allow.everyone.if.no.acl.found=false" in props
+    assert "super.users=User:broker;User:controller;User:admin" in props
+    users = credentials(settings)
+    assert set(users) == {*ROLES, "broker", "controller"}
+    assert len(set(users.values())) == len(users)
+    assert credentials(settings) == users  # made once
+    assert (tmp_path / "credentials.json").stat().st_mode & 0o077 == 0
+    env_file = tmp_path / "credentials" / "gateway.env"
+    assert env_file.stat().st_mode & 0o077 == 0
+    assert f"SLUICE_KAFKA_SASL_PASSWORD={users['gateway']}" in env_file.read_text()
+    assert role_env(settings, "sink")["SLUICE_KAFKA_SASL_USERNAME"] == "sink"
+    assert client_config(settings, "jobs")["sasl.password"] == users["jobs"]
+    # A folder formatted without authentication is not started with it.
+    plain = tmp_path / "plain"
+    (plain / "data").mkdir(parents=True)
+    (plain / "data" / "meta.properties").write_text("")
+    with pytest.raises(BrokerError, match="without authentication"):
+        start_broker(BrokerSettings(state_dir=plain, sasl=True))
