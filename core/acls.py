@@ -22,6 +22,10 @@ from confluent_kafka.admin import (
     AclPermissionType,
     ResourcePatternType,
     ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialAlteration,
+    UserScramCredentialUpsertion,
 )
 
 from core.admin import admin_client
@@ -31,6 +35,7 @@ from core.settings import (
     DeliverySettings,
     JobSettings,
     KafkaSettings,
+    KafkaUsersSettings,
     WarehouseSettings,
     WorkerSettings,
     WorkflowSettings,
@@ -268,3 +273,28 @@ def apply_acls(kafka: KafkaSettings, found: list[AclBinding], timeout: float = 3
     except KafkaException as exc:
         raise TopicError(f"creating ACLs at {kafka.bootstrap_servers} failed: {exc}") from exc
     return len(found)
+
+
+def apply_users(
+    kafka: KafkaSettings, users: KafkaUsersSettings, timeout: float = 30.0
+) -> list[str]:
+    """Create or update the SCRAM user of every role with a password; the roles done."""
+    passwords = users.passwords()
+    if not passwords:
+        return []
+    mechanism = (
+        ScramMechanism.SCRAM_SHA_512
+        if users.mechanism == "SCRAM-SHA-512"
+        else ScramMechanism.SCRAM_SHA_256
+    )
+    upserts: list[UserScramCredentialAlteration] = [
+        UserScramCredentialUpsertion(role, ScramCredentialInfo(mechanism, 8192), password.encode())
+        for role, password in sorted(passwords.items())
+    ]
+    admin = admin_client(kafka)
+    try:
+        for future in admin.alter_user_scram_credentials(upserts, request_timeout=timeout).values():
+            future.result(timeout)
+    except KafkaException as exc:
+        raise TopicError(f"creating users at {kafka.bootstrap_servers} failed: {exc}") from exc
+    return sorted(passwords)

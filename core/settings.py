@@ -46,6 +46,31 @@ class KafkaSettings(BaseSettings):
         return conf
 
 
+class KafkaUsersSettings(BaseSettings):
+    """The SCRAM users of Sluice's roles on a cluster Sluice did not format
+    (`sluice kafka users apply`, run as the admin): a role without a password is skipped."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_KAFKA_USERS_", frozen=True)
+
+    mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    gateway_password: SecretStr | None = None
+    worker_password: SecretStr | None = None
+    sink_password: SecretStr | None = None
+    delivery_password: SecretStr | None = None
+    jobs_password: SecretStr | None = None
+    registry_password: SecretStr | None = None
+    workflows_password: SecretStr | None = None
+
+    def passwords(self) -> dict[str, str]:
+        """Role -> password, for the roles that have one."""
+        found = {
+            name.removesuffix("_password"): value
+            for name, value in self.__dict__.items()
+            if name.endswith("_password") and value is not None
+        }
+        return {role: secret.get_secret_value() for role, secret in found.items()}
+
+
 class BrokerSettings(BaseSettings):
     """The local single-node Apache Kafka broker that `sluice kafka` manages."""
 
@@ -365,6 +390,7 @@ class AppSettings(BaseSettings):
 
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     KafkaSettings,
+    KafkaUsersSettings,
     BrokerSettings,
     GatewaySettings,
     RegistrySettings,

@@ -9,10 +9,16 @@ import typer
 from rich.console import Console
 
 from core.acls import ROLES as ACL_ROLES
-from core.acls import Names, apply_acls, bindings, role_grants
+from core.acls import Names, apply_acls, apply_users, bindings, role_grants
 from core.config import PipelineConfig
 from core.errors import SluiceError
-from core.settings import AppSettings, BrokerSettings, KafkaSettings, TransformSettings
+from core.settings import (
+    AppSettings,
+    BrokerSettings,
+    KafkaSettings,
+    KafkaUsersSettings,
+    TransformSettings,
+)
 from ops.errors import BrokerError
 from ops.kafka_broker import (
     cluster_nodes_on_disk,
@@ -129,6 +135,26 @@ def status() -> None:
         f"partitions without a leader: {len(found.offline)}"
         + (f" ({', '.join(found.offline[:10])} ...)" if found.offline else "")
     )
+
+
+users_app = typer.Typer(no_args_is_help=True)
+kafka_app.add_typer(
+    users_app, name="users", help="SCRAM users of Sluice's roles on a cluster of your own."
+)
+
+
+@users_app.command("apply")
+def users_apply() -> None:
+    """Create or update the SCRAM user of each role with a password in
+    SLUICE_KAFKA_USERS_<ROLE>_PASSWORD (as the admin user of SLUICE_KAFKA_*); safe to repeat."""
+    kafka = KafkaSettings()
+    try:
+        done = apply_users(kafka, KafkaUsersSettings())
+    except SluiceError as exc:
+        fail(str(exc))
+    if not done:
+        fail("no SLUICE_KAFKA_USERS_<ROLE>_PASSWORD set: no user to create")
+    console.print(f"users    {', '.join(done)} in place at {kafka.bootstrap_servers}")
 
 
 acls_app = typer.Typer(no_args_is_help=True)

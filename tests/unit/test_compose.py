@@ -10,6 +10,17 @@ import yaml
 from core.settings import env_names
 
 COMPOSE = Path(__file__).parents[2] / "docker-compose.kafka.yml"
+BROKERS = ("kafka-1", "kafka-2", "kafka-3")
+# Each long-running Sluice service and the Kafka user (its role, core/acls.py) it logs in as.
+SERVICE_USERS = {
+    "gateway": "gateway",
+    "worker": "worker",
+    "sink": "sink",
+    "deliver": "delivery",
+    "jobs": "jobs",
+    "orchestrator": "workflows",
+    "registry": "registry",
+}
 
 
 def _services() -> dict[str, Any]:
@@ -19,11 +30,14 @@ def _services() -> dict[str, Any]:
 
 def test_the_stack_has_broker_warehouse_and_every_sluice_role() -> None:
     services = _services()
-    roles = ("topics", "gateway", "worker", "sink", "deliver", "jobs", "orchestrator")
-    assert {"kafka", "clickhouse", *roles} <= set(services)
+    roles = (*SERVICE_USERS, "kafka-users", "topics", "acls")
+    assert {*BROKERS, "clickhouse", *roles} <= set(services)
     commands = {name: services[name]["command"] for name in roles}
     assert commands == {
+        "kafka-users": ["kafka", "users", "apply"],
         "topics": ["topics", "apply"],
+        "acls": ["kafka", "acls", "apply"],
+        "registry": ["registry"],
         "gateway": ["gateway"],
         "worker": ["worker"],
         "sink": ["sink"],
@@ -52,10 +66,13 @@ def test_sluice_environment_names_match_the_settings_models() -> None:
 
 def test_sluice_services_reach_the_broker_and_warehouse_by_service_name() -> None:
     services = _services()
-    kafka_listeners = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-    for name in ("topics", "gateway", "worker", "sink", "deliver", "jobs", "orchestrator"):
-        bootstrap = services[name]["environment"]["SLUICE_KAFKA_BOOTSTRAP_SERVERS"]
-        assert f"INTERNAL://{bootstrap}" in kafka_listeners
+    for name in (*SERVICE_USERS, "kafka-users", "topics", "acls"):
+        bootstrap = services[name]["environment"]["SLUICE_KAFKA_BOOTSTRAP_SERVERS"].split(",")
+        # Every broker, so that any one of them may be down when a service starts.
+        assert len(bootstrap) == len(BROKERS)
+        for node, address in zip(BROKERS, bootstrap, strict=True):
+            listeners = services[node]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+            assert f"INTERNAL://{address}" in listeners.split(",")
         assert services[name]["depends_on"]
     assert services["sink"]["environment"]["SLUICE_WAREHOUSE_DSN"] == "http://clickhouse:8123"
     assert services["gateway"]["environment"]["SLUICE_GATEWAY_HOST"] == "0.0.0.0"
@@ -105,3 +122,55 @@ def test_the_image_has_the_spawn_server_next_to_its_python() -> None:
     assert "COPY --from=native /out/sluice-launch /usr/local/bin/sluice-launch" in dockerfile
     python = next(line for line in dockerfile.splitlines() if line.startswith("FROM python:"))
     assert dockerfile.index(python) < dockerfile.index("COPY --from=native /out/sluice-launch")
+
+
+def test_three_brokers_replicate_everything_three_times_and_a_write_needs_two() -> None:
+    services = _services()
+    ids = set()
+    for node in BROKERS:
+        env = services[node]["environment"]
+        ids.add(env["KAFKA_NODE_ID"])
+        assert len(env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")) == len(BROKERS)
+        for key in (
+            "KAFKA_DEFAULT_REPLICATION_FACTOR",
+            "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+            "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        ):
+            assert env[key] == 3, f"{node} {key}"
+        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == 2
+        assert env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == 2
+        assert services["kafka-users"]["depends_on"][node] == {"condition": "service_healthy"}
+    assert ids == {1, 2, 3}
+
+
+def test_no_listener_takes_a_client_without_a_login_and_acls_decide() -> None:
+    for node in BROKERS:
+        env = _services()[node]["environment"]
+        protocols = {
+            pair.split(":")[1] for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+        }
+        assert protocols == {"SASL_PLAINTEXT"}
+        assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+        assert env["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+        assert env["KAFKA_SUPER_USERS"] == "User:broker;User:admin"
+
+
+def test_every_service_logs_in_as_its_own_role_and_only_one_shots_as_admin() -> None:
+    services = _services()
+    for name, user in SERVICE_USERS.items():
+        env = services[name]["environment"]
+        assert env["SLUICE_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512", name
+        assert env["SLUICE_KAFKA_SASL_USERNAME"] == user, name
+        variable = f"SLUICE_KAFKA_USERS_{user.upper()}_PASSWORD"
+        assert env["SLUICE_KAFKA_SASL_PASSWORD"].startswith(f"${{{variable}:?"), name
+        # The user is made with that same password.
+        assert services["kafka-users"]["environment"][variable] == env["SLUICE_KAFKA_SASL_PASSWORD"]
+        assert services[name]["depends_on"]["acls"] == {
+            "condition": "service_completed_successfully"
+        }
+    admins = {
+        name
+        for name, service in services.items()
+        if (service.get("environment") or {}).get("SLUICE_KAFKA_SASL_USERNAME") == "admin"
+    }
+    assert admins == {"kafka-users", "topics", "acls"}
