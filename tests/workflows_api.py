@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from core.settings import KafkaSettings
@@ -126,6 +127,11 @@ def wait_run(pipe: Pipeline, eid: str, timeout: float = 120) -> dict[str, Any]:
             return run
         time.sleep(0.2)
     raise AssertionError(f"run {eid} did not end within {timeout} s: {run}")
+
+
+def shown(run: dict[str, Any]) -> str:
+    """A run in full for an assertion's message (pytest cuts a long dict short)."""
+    return orjson.dumps(run, option=orjson.OPT_INDENT_2).decode()
 
 
 def events_of(pipe: Pipeline, eid: str) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from ops.traffic import sample_events, send_batches
 from tests.configs import KEY, Configs
 from tests.jobs_api import BEARER, status_of
 from tests.pipeline import Pipeline, free_port, free_ports, http_json, until, webhook_receiver
-from tests.workflows_api import RUN_KEY, playbook, start_run, wait_run
+from tests.workflows_api import RUN_KEY, playbook, shown, start_run, wait_run
 
 pytestmark = pytest.mark.integration
 
@@ -252,7 +252,7 @@ async def test_end_to_end_with_every_service_on_its_own_role(
             await asyncio.to_thread(apply_playbook, _kafka(secured, pipe.prefix), text)
             eid = await asyncio.to_thread(start_run, pipe, "tests/auth", {"n": 3})
             run = await asyncio.to_thread(wait_run, pipe, eid)
-            assert run["status"] == "COMPLETED", run
+            assert run["status"] == "COMPLETED", shown(run)
             assert run["steps"]["start"]["result"] == {"n": 3}
 
             # The registry, on its own user, wrote and read back its built-in subjects.

@@ -34,6 +34,7 @@ from tests.workflows_api import (
     events_of,
     kafka_of,
     playbook,
+    shown,
     start_run,
     wait_run,
     workflow_pipeline,
@@ -73,7 +74,7 @@ def test_job_steps_and_set_values_reach_downstream(
     )
     eid = start_run(pipe, "tests/route", {"n": 7})
     run = wait_run(pipe, eid)
-    assert run["status"] == "COMPLETED", run
+    assert run["status"] == "COMPLETED", shown(run)
     assert run["steps"]["start"]["result"] == {"n": 7}
     assert "small" not in run["steps"]
     assert run["result"] == "big-7"
@@ -138,7 +139,7 @@ def test_diamond_join_runs_once_with_both_results(
     )
     eid = start_run(pipe, "tests/diamond")
     run = wait_run(pipe, eid)
-    assert run["status"] == "COMPLETED", run
+    assert run["status"] == "COMPLETED", shown(run)
     assert run["steps"]["join"]["result"] == ["L", "R!"]
     log = events_of(pipe, eid)
     enters = [e for e in log if e["type"] == ev.STEP_ENTER and e["step"] == "join"]
@@ -176,7 +177,7 @@ def test_loop_of_100_never_runs_more_than_5_and_keeps_item_order(
     )
     eid = start_run(pipe, "tests/loop", {"items": list(range(100))})
     run = wait_run(pipe, eid, timeout=180)
-    assert run["status"] == "COMPLETED", run
+    assert run["status"] == "COMPLETED", shown(run)
     log = events_of(pipe, eid)
     # The orchestrator's view: commands issued and not yet answered, in log order.
     running, most = 0, 0
@@ -250,7 +251,7 @@ def test_a_step_failing_twice_then_succeeding_under_a_retry_policy(
     )
     eid = start_run(pipe, "tests/retry", {"counter": str(tmp_path / "counter")})
     run = wait_run(pipe, eid)
-    assert run["status"] == "COMPLETED", run
+    assert run["status"] == "COMPLETED", shown(run)
     assert run["result"] == {"attempts": 3}
     assert run["steps"]["start"]["attempts"] == 3
     log = events_of(pipe, eid)
@@ -536,7 +537,7 @@ def test_a_sub_playbook_returns_its_step_result_to_the_parent(
         ),
     )
     run = wait_run(pipe, start_run(pipe, "tests/parent", {"x": 21}))
-    assert run["status"] == "COMPLETED", run
+    assert run["status"] == "COMPLETED", shown(run)
     assert run["steps"]["start"]["result"] == 42
     assert run["result"] == 43
 
@@ -590,7 +591,7 @@ def test_the_example_playbook_of_the_demo_runs_as_shipped(
     pipe.start("gateway", "jobs", "orchestrator")
     apply(pipe, (root / "examples" / "workflows" / "primes-report.yaml").read_text())
     run = wait_run(pipe, start_run(pipe, "examples/primes-report"))
-    assert run["status"] == "COMPLETED", run
+    assert run["status"] == "COMPLETED", shown(run)
     limits = [100_000, 1_000_000, 5_000_000]
     assert run["steps"]["count_primes"]["items_done"] == 3
     assert run["result"] == {
