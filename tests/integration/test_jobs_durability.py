@@ -20,7 +20,7 @@ import pytest
 
 from tests.configs import SUBMIT_KEY, Configs
 from tests.job_functions import read_ledger
-from tests.jobs_api import BEARER, all_in, queue_pipeline, status_of, submit
+from tests.jobs_api import BEARER, all_in, queue_pipeline, states_of, status_of, submit
 from tests.pipeline import Pipeline, http_json, until
 
 pytestmark = pytest.mark.integration
@@ -235,6 +235,10 @@ async def test_a_schedule_every_second_fires_once_per_tick_with_three_workers(
         starts = Counter(line["id"] for line in lines if line["what"] == "start")
         assert all(n == 1 for n in starts.values()), starts.most_common(3)
         assert all(n == 1 for n in done.values())
+        # A job's COMPLETED reaches the gateway through the status topic a moment after the
+        # job wrote its ledger line: the last ones may still be on their way.
+        ids = list(done)
+        await until(lambda: len(states_of(pipe, ids)) == len(ids), 30, "every job's status")
         # One job per tick: every second from a little after the start to the end.
         fired = {}
         for job_id in done:
